@@ -1,0 +1,2 @@
+"""upstream-ops."""
+from upstream_ops._version import __version__

@@ -1,0 +1,47 @@
+"""The numbers users tune, in one place.
+
+Every limit, queue size and header name that a user may want to change is defined here and documented
+in ``docs/configuration.md``. Modules import these names instead of repeating literals.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+#: Events kept per request; older ones are dropped (and counted) so memory stays bounded.
+MAX_EVENTS_PER_REQUEST: Final = 16
+
+#: Byte limits applied by the sanitizer to stored strings.
+MESSAGE_MAX_BYTES: Final = 2048
+DETAIL_MAX_BYTES: Final = 8192
+#: Short labels (platform, model, account name, kind, request ids, URLs ...).
+LABEL_MAX_BYTES: Final = 512
+
+#: Dispatcher: bounded memory queue, batch size and the longest a record waits for its batch.
+QUEUE_SIZE: Final = 10_000
+BATCH_SIZE: Final = 256
+BATCH_INTERVAL_S: Final = 0.2
+#: A failing ``sink.write`` is tried this many times in all, backing off exponentially with jitter.
+WRITE_ATTEMPTS: Final = 4
+RETRY_BACKOFF_S: Final = 0.1
+RETRY_BACKOFF_MAX_S: Final = 2.0
+#: How long ``flush()`` waits by default, and how long the interpreter-exit drain may take.
+FLUSH_TIMEOUT_S: Final = 5.0
+#: A full queue warns at most this often (seconds).
+DROP_WARNING_INTERVAL_S: Final = 60.0
+
+#: Request id: the incoming header is trusted when it matches this rule, else a new one is made.
+REQUEST_ID_HEADER: Final = "X-Request-ID"
+REQUEST_ID_MAX_LENGTH: Final = 128
+
+#: Where records go when no sink is given.
+SINK_ENV_VAR: Final = "UPSTREAM_OPS_SINK"
+DEFAULT_SINK_URL: Final = "sqlite:///upstream_ops.db"
+
+#: JsonlSink rotation: the file is rotated past this size, keeping this many old files.
+JSONL_MAX_BYTES: Final = 64 * 1024 * 1024
+JSONL_BACKUPS: Final = 5
+
+#: Query API default and ceiling for the number of rows returned.
+QUERY_LIMIT: Final = 100
+QUERY_LIMIT_MAX: Final = 500

@@ -1,0 +1,151 @@
+"""One failed upstream attempt: the event model and its JSON shape.
+
+The JSON keys and the rule "empty fields are omitted" follow the Go reference design
+(``OpsUpstreamErrorEvent``), so records are interchangeable with gateways that already store that shape.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Final
+
+# Canonical kinds. Other strings are accepted: gateways invent their own.
+HTTP_ERROR: Final = "http_error"
+REQUEST_ERROR: Final = "request_error"
+RETRY: Final = "retry"
+RETRY_EXHAUSTED: Final = "retry_exhausted"
+FAILOVER: Final = "failover"
+STREAM_ERROR: Final = "stream_error"
+CIRCUIT_OPEN: Final = "circuit_open"
+KINDS: Final = (
+    HTTP_ERROR,
+    REQUEST_ERROR,
+    RETRY,
+    RETRY_EXHAUSTED,
+    FAILOVER,
+    STREAM_ERROR,
+    CIRCUIT_OPEN,
+)
+
+# Who produced the error: an intermediate gateway, or the upstream service itself.
+ORIGIN_GATEWAY: Final = "gateway"
+ORIGIN_UPSTREAM: Final = "upstream"
+
+
+@dataclass(slots=True)
+class UpstreamErrorEvent:
+    """One failed upstream attempt (an HTTP error, a transport error, a retry, a failover ...).
+
+    Field order is the JSON order: the Go reference fields first, then the optional extensions.
+    Construction validates types and raises ``ValueError`` naming the field; it does not sanitize
+    (``append_upstream_error`` does that before anything is stored).
+    """
+
+    at_unix_ms: int = 0
+    platform: str = ""
+    account_id: int = 0
+    upstream_status_code: int = 0
+    upstream_request_id: str = ""
+    kind: str = ""
+    message: str = ""
+    detail: str = ""
+    account_name: str = ""
+    model: str = ""
+    method: str = ""
+    upstream_url: str = ""
+    attempt: int = 0
+    duration_ms: float = 0.0
+    error_class: str = ""
+    error_type: str = ""
+    phase: str = ""
+    retryable: bool | None = None
+    retry_after_ms: int = 0
+    provider_error_type: str = ""
+    provider_error_code: str = ""
+    origin: str = ""
+
+    def __post_init__(self) -> None:
+        for name, expected in _FIELD_TYPES:
+            value = getattr(self, name)
+            if type(value) is expected:
+                continue
+            setattr(self, name, _coerce(name, expected, value))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready dict: empty strings, zeros and ``None`` are omitted (``retryable=False`` is kept)."""
+        out: dict[str, Any] = {}
+        for name in _FIELD_NAMES:
+            value = getattr(self, name)
+            if value is None or value == "" or (value == 0 and value is not False):
+                continue
+            out[name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> UpstreamErrorEvent:
+        """Rebuild an event from its dict; unknown keys (from newer writers) are ignored."""
+        return cls(**{k: v for k, v in data.items() if k in _FIELD_SET})
+
+
+_FIELD_NAMES: Final = tuple(f.name for f in fields(UpstreamErrorEvent))
+_FIELD_SET: Final = frozenset(_FIELD_NAMES)
+_FIELD_TYPES: Final = tuple(
+    (f.name, {"int": int, "str": str, "float": float}.get(str(f.type), bool))
+    for f in fields(UpstreamErrorEvent)
+)
+
+#: Public: the event field names, in JSON order.
+EVENT_FIELDS: Final = _FIELD_NAMES
+
+
+def _coerce(name: str, expected: type, value: object) -> object:
+    """Accept the obvious spellings (``"42"`` for an int, ``None`` for empty); reject the rest clearly."""
+    if value is None:
+        return None if expected is bool else expected()
+    if expected is str:
+        if isinstance(value, bytes):
+            return value.decode("utf-8", "replace")
+        if isinstance(value, str):
+            return str(value)
+    elif expected is bool:
+        if isinstance(value, bool):
+            return value
+    elif isinstance(value, bool):
+        pass  # True is not an account id
+    elif expected is int:
+        if isinstance(value, int):
+            return int(value)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value.strip())
+    elif expected is float:
+        if isinstance(value, int | float):
+            return float(value)
+    raise ValueError(
+        f"UpstreamErrorEvent.{name} must be {_TYPE_WORDS[expected]}, got {type(value).__name__} "
+        f"{value!r:.60}"
+    )
+
+
+_TYPE_WORDS: Final = {int: "an integer", str: "a string", float: "a number", bool: "a bool or None"}
+
+
+def marshal_upstream_errors(events: Iterable[UpstreamErrorEvent]) -> str | None:
+    """The events as one compact JSON array, or ``None`` when there are none (like the Go helper)."""
+    items = [event.to_dict() for event in events]
+    if not items:
+        return None
+    return json.dumps(items, ensure_ascii=False, separators=(",", ":"))
+
+
+def unmarshal_upstream_errors(text: str | None) -> list[UpstreamErrorEvent]:
+    """Parse what ``marshal_upstream_errors`` wrote; ``None`` or an empty string gives ``[]``."""
+    if not text:
+        return []
+    data = json.loads(text)
+    if not isinstance(data, list):
+        raise ValueError("upstream_errors must be a JSON array")
+    return [UpstreamErrorEvent.from_dict(item) for item in data]
