@@ -1,2 +1,73 @@
-"""upstream-ops."""
+"""upstream-ops: make failed upstream calls visible.
+
+A request-scoped collector gathers one event per failed upstream attempt; when the response is finished
+the middleware builds one ``RequestRecord`` and a background dispatcher writes it to a sink.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from upstream_ops._version import __version__
+from upstream_ops.collector import (
+    Collector,
+    append_upstream_error,
+    current_collector,
+    get_upstream_errors,
+    set_upstream_error,
+    wrap_context,
+)
+from upstream_ops.dispatcher import Dispatcher, DispatcherStats, flush
+from upstream_ops.events import (
+    CIRCUIT_OPEN,
+    FAILOVER,
+    HTTP_ERROR,
+    REQUEST_ERROR,
+    RETRY,
+    RETRY_EXHAUSTED,
+    STREAM_ERROR,
+    UpstreamErrorEvent,
+    marshal_upstream_errors,
+)
+from upstream_ops.record import RequestRecord
+from upstream_ops.sanitize import sanitize_headers, sanitize_message
+from upstream_ops.wsgi import UpstreamOpsWSGIMiddleware
+
+if TYPE_CHECKING:
+    from upstream_ops.asgi import UpstreamOpsMiddleware
+
+__all__ = [
+    "CIRCUIT_OPEN",
+    "FAILOVER",
+    "HTTP_ERROR",
+    "REQUEST_ERROR",
+    "RETRY",
+    "RETRY_EXHAUSTED",
+    "STREAM_ERROR",
+    "Collector",
+    "Dispatcher",
+    "DispatcherStats",
+    "RequestRecord",
+    "UpstreamErrorEvent",
+    "UpstreamOpsMiddleware",
+    "UpstreamOpsWSGIMiddleware",
+    "__version__",
+    "append_upstream_error",
+    "current_collector",
+    "flush",
+    "get_upstream_errors",
+    "marshal_upstream_errors",
+    "sanitize_headers",
+    "sanitize_message",
+    "set_upstream_error",
+    "wrap_context",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # The ASGI middleware imports Starlette and anyio; load it only when asked for.
+    if name == "UpstreamOpsMiddleware":
+        from upstream_ops.asgi import UpstreamOpsMiddleware
+
+        return UpstreamOpsMiddleware
+    raise AttributeError(f"module 'upstream_ops' has no attribute {name!r}")

@@ -45,3 +45,6 @@ JSONL_BACKUPS: Final = 5
 #: Query API default and ceiling for the number of rows returned.
 QUERY_LIMIT: Final = 100
 QUERY_LIMIT_MAX: Final = 500
+
+#: Sanitized URLs are cut to this many bytes (query strings run longer than other labels).
+URL_MAX_BYTES: Final = 2048

@@ -121,9 +121,8 @@ def _coerce(name: str, expected: type, value: object) -> object:
             return int(value)
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
             return int(value.strip())
-    elif expected is float:
-        if isinstance(value, int | float):
-            return float(value)
+    elif expected is float and isinstance(value, int | float):
+        return float(value)
     raise ValueError(
         f"UpstreamErrorEvent.{name} must be {_TYPE_WORDS[expected]}, got {type(value).__name__} "
         f"{value!r:.60}"

@@ -49,7 +49,8 @@ class RequestRecord:
         values = {k: v for k, v in data.items() if k in _RECORD_FIELD_SET}
         events = values.get("upstream_errors") or []
         values["upstream_errors"] = [
-            e if isinstance(e, UpstreamErrorEvent) else UpstreamErrorEvent.from_dict(e) for e in events
+            e if isinstance(e, UpstreamErrorEvent) else UpstreamErrorEvent.from_dict(e)
+            for e in events
         ]
         for required in ("id", "request_id"):
             if not isinstance(values.get(required), str) or not values[required]:

@@ -1,0 +1,218 @@
+"""ASGI middleware (FastAPI, Starlette, any ASGI app): one collector and one record per HTTP request.
+
+Shaped like Starlette's ``GZipMiddleware``: the middleware holds configuration only; each request gets
+its own ``_HTTPRequestRecording`` that wraps ``receive`` and ``send`` and owns that request's state.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anyio
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from upstream_ops.collector import Collector, _activate, _deactivate
+from upstream_ops.defaults import FLUSH_TIMEOUT_S, MAX_EVENTS_PER_REQUEST, REQUEST_ID_HEADER
+from upstream_ops.dispatcher import Dispatcher
+from upstream_ops.recorder import Recorder, RecordFilter, RecordHook, RequestFacts, now_ms
+from upstream_ops.sinks.base import Sink
+
+__all__ = ["UpstreamOpsMiddleware"]
+
+#: Status recorded when the client went away before the response was complete (nginx's convention).
+CLIENT_CLOSED_REQUEST = 499
+
+
+class UpstreamOpsMiddleware:
+    """Records every failed upstream attempt of each HTTP request and flushes one record per request.
+
+    ``sink`` is a sink object or URL (default: ``$UPSTREAM_OPS_SINK``, else ``sqlite:///upstream_ops.db``);
+    ``should_record`` replaces the rule for which requests are stored; ``before_flush`` may enrich or
+    drop a record. Non-HTTP scopes pass through; lifespan shutdown drains the queue.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        sink: Sink | str | None = None,
+        dispatcher: Dispatcher | None = None,
+        service: str = "",
+        request_id_header: str | None = REQUEST_ID_HEADER,
+        should_record: RecordFilter | None = None,
+        before_flush: RecordHook | None = None,
+        max_events: int = MAX_EVENTS_PER_REQUEST,
+        shutdown_timeout: float = FLUSH_TIMEOUT_S,
+    ) -> None:
+        self.app = app
+        self.recorder = Recorder(
+            sink=sink,
+            dispatcher=dispatcher,
+            service=service,
+            request_id_header=request_id_header,
+            should_record=should_record,
+            before_flush=before_flush,
+            max_events=max_events,
+        )
+        self.shutdown_timeout = shutdown_timeout
+        header = request_id_header.lower().encode("latin-1") if request_id_header else None
+        self._header_name = header
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        return self.recorder.dispatcher
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await _HTTPRequestRecording(self, scope, receive, send).run()
+        elif scope["type"] == "lifespan":
+            await self.app(scope, receive, self._lifespan_send(send))
+        else:
+            await self.app(scope, receive, send)
+
+    def _lifespan_send(self, send: Send) -> Send:
+        async def send_after_draining(message: Message) -> None:
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                await anyio.to_thread.run_sync(self.dispatcher.flush, self.shutdown_timeout)
+            await send(message)
+
+        return send_after_draining
+
+
+class _HTTPRequestRecording:
+    """The state of one HTTP request: status sent, completion, disconnect, and its collector."""
+
+    __slots__ = (
+        "_collector",
+        "_disconnected",
+        "_middleware",
+        "_receive",
+        "_request_id",
+        "_response_complete",
+        "_response_ended_at",
+        "_scope",
+        "_send",
+        "_status_code",
+    )
+
+    def __init__(
+        self, middleware: UpstreamOpsMiddleware, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        self._middleware = middleware
+        self._scope = scope
+        self._receive = receive
+        self._send = send
+        self._status_code = 0
+        self._response_complete = False
+        self._response_ended_at = 0.0
+        self._disconnected = False
+        self._request_id = ""
+        self._collector: Collector | None = None
+
+    async def run(self) -> None:
+        middleware = self._middleware
+        recorder = middleware.recorder
+        scope = self._scope
+        started_at_ms = now_ms()
+        started = time.perf_counter()
+        path = scope.get("path", "")
+        root_path = scope.get("root_path", "")
+        self._request_id = recorder.request_id_for(self._incoming_request_id())
+        collector = self._collector = recorder.start(self._request_id)
+        state = scope.setdefault("state", {})
+        if isinstance(state, dict):
+            state["upstream_ops"] = collector
+        token = _activate(collector)
+        error: BaseException | None = None
+        try:
+            await middleware.app(scope, self.receive, self.send)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            _deactivate(token)
+            ended = self._response_ended_at or time.perf_counter()
+            recorder.finish(
+                collector,
+                RequestFacts(
+                    method=scope.get("method", ""),
+                    path=path,
+                    route=_route_template(scope, root_path),
+                    status_code=self._final_status(error),
+                    started_at_ms=started_at_ms,
+                    duration_ms=(ended - started) * 1000.0,
+                    error=None if _is_cancellation(error) else error,
+                ),
+            )
+
+    def _incoming_request_id(self) -> str | None:
+        name = self._middleware._header_name or b"x-request-id"
+        for key, value in self._scope.get("headers", ()):
+            if key.lower() == name:
+                try:
+                    return str(value.decode("latin-1"))
+                except (AttributeError, UnicodeDecodeError):
+                    return None
+        return None
+
+    def _final_status(self, error: BaseException | None) -> int:
+        if self._response_complete:
+            return self._status_code
+        if self._disconnected or _is_cancellation(error):
+            return CLIENT_CLOSED_REQUEST
+        if self._status_code:
+            return self._status_code
+        return 500 if error is not None else self._status_code
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.disconnect" and not self._response_complete:
+            self._disconnected = True
+        return message
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self._status_code = message.get("status", 0)
+            header = self._middleware._header_name
+            if header is not None:
+                message = _with_header(message, header, self._request_id.encode("latin-1"))
+        elif kind in _BODY_MESSAGES and not message.get("more_body", False):
+            self._response_complete = True
+            self._response_ended_at = time.perf_counter()
+        try:
+            await self._send(message)
+        except OSError:
+            if not self._response_complete:
+                self._disconnected = True
+            raise
+
+
+_BODY_MESSAGES = frozenset(
+    ("http.response.body", "http.response.pathsend", "http.response.zerocopysend")
+)
+
+
+def _with_header(message: Message, name: bytes, value: bytes) -> Message:
+    headers: list[Any] = list(message.get("headers", ()))
+    for key, _ in headers:
+        if key.lower() == name:
+            return message
+    headers.append((name, value))
+    return {**message, "headers": headers}
+
+
+def _route_template(scope: Scope, entry_root_path: str) -> str | None:
+    """The route template the framework matched (Starlette/FastAPI set ``scope["route"]``)."""
+    route = scope.get("route")
+    template = getattr(route, "path", None)
+    if not isinstance(template, str):
+        return None
+    root_path = scope.get("root_path", "")
+    mount_prefix = root_path[len(entry_root_path) :] if isinstance(root_path, str) else ""
+    return mount_prefix + template
+
+
+def _is_cancellation(error: BaseException | None) -> bool:
+    return error is not None and isinstance(error, anyio.get_cancelled_exc_class())

@@ -1,0 +1,242 @@
+"""The request-scoped collector: the Python analogue of the Gin context keys of the Go design.
+
+The middleware puts one fresh ``Collector`` per request into a ``ContextVar``. Code anywhere below it
+(endpoints, the threadpool, background tasks, capture transports) appends events through the module
+functions, which find the collector through that variable. The collector is a mutable object, so it is
+shared by every context copied from the request's (tasks, threads); the variable itself is set once and
+never relied on to propagate upwards. Outside a request every function is a silent no-op.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import copy
+import functools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
+
+from upstream_ops.defaults import MAX_EVENTS_PER_REQUEST
+from upstream_ops.events import UpstreamErrorEvent
+from upstream_ops.sanitize import sanitize_detail, sanitize_label, sanitize_message, sanitize_url
+
+__all__ = [
+    "Collector",
+    "append_upstream_error",
+    "current_collector",
+    "get_upstream_errors",
+    "set_upstream_error",
+    "wrap_context",
+]
+
+logger = logging.getLogger("upstream_ops")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+EventListener = Callable[[UpstreamErrorEvent], None]
+
+_current: contextvars.ContextVar[Collector | None] = contextvars.ContextVar(
+    "upstream_ops_collector", default=None
+)
+
+# Short event fields: bounded and redacted like labels. ``message``, ``detail`` and ``upstream_url``
+# have their own rules.
+_LABEL_FIELDS = (
+    "platform",
+    "upstream_request_id",
+    "kind",
+    "account_name",
+    "model",
+    "method",
+    "error_class",
+    "error_type",
+    "phase",
+    "provider_error_type",
+    "provider_error_code",
+    "origin",
+)
+
+
+class Collector:
+    """Everything one request learns about its upstreams, until the middleware builds the record.
+
+    Thread-safe: endpoints in the threadpool and concurrent tasks may append at once. Keeps the last
+    ``max_events`` events and counts the ones it dropped, so a retry storm cannot grow memory.
+    """
+
+    __slots__ = (
+        "_attempts",
+        "_events",
+        "_finished",
+        "_lock",
+        "dropped_events",
+        "listeners",
+        "request_id",
+        "upstream_error_detail",
+        "upstream_error_message",
+        "upstream_status_code",
+    )
+
+    def __init__(self, request_id: str = "", *, max_events: int = MAX_EVENTS_PER_REQUEST) -> None:
+        if max_events < 1:
+            raise ValueError(f"max_events must be at least 1, got {max_events!r}")
+        self.request_id = request_id
+        self._events: deque[UpstreamErrorEvent] = deque(maxlen=max_events)
+        self._lock = threading.Lock()
+        self._finished = False
+        self._attempts = 0
+        self.dropped_events = 0
+        self.upstream_status_code: int | None = None
+        self.upstream_error_message: str | None = None
+        self.upstream_error_detail: str | None = None
+        #: Called with each stored event (telemetry hooks in here); a failing listener is logged.
+        self.listeners: list[EventListener] = []
+
+    @property
+    def events(self) -> list[UpstreamErrorEvent]:
+        """A copy of the events kept so far, oldest first."""
+        with self._lock:
+            return list(self._events)
+
+    @property
+    def finished(self) -> bool:
+        """True once the record was built; later appends are ignored."""
+        return self._finished
+
+    def append(self, event: UpstreamErrorEvent) -> UpstreamErrorEvent | None:
+        """Sanitize and store ``event``; returns the stored copy, or ``None`` when it was empty."""
+        if self._finished:
+            return None
+        stored = _clean_event(event)
+        if not stored.upstream_status_code and not stored.message and not stored.detail:
+            return None
+        with self._lock:
+            if len(self._events) == self._events.maxlen:
+                self.dropped_events += 1
+            self._events.append(stored)
+        for listener in self.listeners:
+            try:
+                listener(stored)
+            except Exception:
+                logger.exception("upstream_ops: an event listener failed")
+        return stored
+
+    def set_summary(self, status_code: int, message: str = "", detail: str = "") -> None:
+        """The request's summary of its upstream failure; non-positive status and blank text ignored."""
+        if self._finished:
+            return
+        if isinstance(status_code, int) and not isinstance(status_code, bool) and status_code > 0:
+            self.upstream_status_code = status_code
+        if message := sanitize_message(message):
+            self.upstream_error_message = message
+        if detail := sanitize_detail(detail):
+            self.upstream_error_detail = detail
+
+    def next_attempt(self) -> int:
+        """The 1-based number of the next upstream attempt in this request (capture integrations)."""
+        with self._lock:
+            self._attempts += 1
+            return self._attempts
+
+    def finish(self) -> None:
+        """Close the collector: the record is being built from it."""
+        self._finished = True
+
+
+def _clean_event(event: UpstreamErrorEvent) -> UpstreamErrorEvent:
+    """A sanitized, trimmed copy of ``event`` with its timestamp filled in."""
+    clean = copy.copy(event)
+    if clean.at_unix_ms <= 0:
+        clean.at_unix_ms = time.time_ns() // 1_000_000
+    for name in _LABEL_FIELDS:
+        value = getattr(clean, name)
+        if value:
+            setattr(clean, name, sanitize_label(value))
+    if clean.method:
+        clean.method = clean.method.upper()
+    if clean.upstream_url:
+        clean.upstream_url = sanitize_url(clean.upstream_url)
+    if clean.message:
+        clean.message = sanitize_message(clean.message)
+    if clean.detail:
+        clean.detail = sanitize_detail(clean.detail)
+    return clean
+
+
+def current_collector() -> Collector | None:
+    """The collector of the request being served here, or ``None`` outside a request."""
+    return _current.get()
+
+
+def append_upstream_error(
+    event: UpstreamErrorEvent | None = None, /, **fields: Any
+) -> UpstreamErrorEvent | None:
+    """Record one failed upstream attempt on the current request.
+
+    Pass an ``UpstreamErrorEvent`` or its fields as keywords (or both: keywords override). Fills
+    ``at_unix_ms``, trims and sanitizes every string, and drops an event with no status, no message and
+    no detail. Never raises into the app: an invalid field is logged as a warning naming it and the event
+    is skipped. Returns the stored (sanitized) event, or ``None``.
+    """
+    collector = _current.get()
+    if collector is None:
+        return None
+    try:
+        if event is None:
+            event = UpstreamErrorEvent(**fields)
+        elif fields:
+            event = copy.copy(event)
+            for name, value in fields.items():
+                if not hasattr(event, name):
+                    raise TypeError(f"UpstreamErrorEvent has no field {name!r}")
+                setattr(event, name, value)
+            event.__post_init__()
+        return collector.append(event)
+    except (TypeError, ValueError) as exc:
+        logger.warning("upstream_ops: event not recorded: %s", exc)
+        return None
+
+
+def set_upstream_error(status_code: int, message: str = "", detail: str = "") -> None:
+    """Set the current request's upstream failure summary (``upstream_status_code`` etc. on the record)."""
+    collector = _current.get()
+    if collector is not None:
+        collector.set_summary(status_code, message, detail)
+
+
+def get_upstream_errors() -> list[UpstreamErrorEvent]:
+    """The events recorded so far in the current request (a copy); ``[]`` outside a request."""
+    collector = _current.get()
+    return [] if collector is None else collector.events
+
+
+def wrap_context(fn: Callable[P, R]) -> Callable[P, R]:
+    """Bind ``fn`` to the current request so it can record from a ``ThreadPoolExecutor`` or a thread.
+
+    The context is captured when ``wrap_context`` is called; every call runs in its own copy of it, so
+    the wrapped function may run in several threads at once.
+    """
+    context = contextvars.copy_context()
+
+    @functools.wraps(fn)
+    def run_in_request_context(*args: P.args, **kwargs: P.kwargs) -> R:
+        return context.copy().run(fn, *args, **kwargs)
+
+    return run_in_request_context
+
+
+def _activate(collector: Collector | None) -> contextvars.Token[Collector | None]:
+    """Make ``collector`` current (integrations only)."""
+    return _current.set(collector)
+
+
+def _deactivate(token: contextvars.Token[Collector | None]) -> None:
+    """Undo ``_activate``; tolerate being called from another context (WSGI iteration in a thread)."""
+    try:
+        _current.reset(token)
+    except ValueError:
+        _current.set(None)

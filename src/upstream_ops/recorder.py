@@ -1,0 +1,181 @@
+"""What the ASGI and WSGI middleware share: request ids, the record rule, building and enqueueing.
+
+The middleware classes only adapt a protocol; every decision about a request's record lives here, so
+the two integrations cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from opentelemetry import trace
+
+from upstream_ops.collector import Collector
+from upstream_ops.defaults import (
+    DEFAULT_SINK_URL,
+    MAX_EVENTS_PER_REQUEST,
+    REQUEST_ID_HEADER,
+    REQUEST_ID_MAX_LENGTH,
+    SINK_ENV_VAR,
+)
+from upstream_ops.dispatcher import Dispatcher
+from upstream_ops.record import RequestRecord
+from upstream_ops.sanitize import sanitize_label, sanitize_message
+from upstream_ops.sinks.base import Sink
+
+__all__ = ["RecordFilter", "RecordHook", "Recorder", "default_should_record"]
+
+logger = logging.getLogger("upstream_ops")
+
+RecordFilter = Callable[[RequestRecord], bool]
+RecordHook = Callable[[RequestRecord], "RequestRecord | None"]
+
+_REQUEST_ID_RE = re.compile(rf"[A-Za-z0-9._:-]{{1,{REQUEST_ID_MAX_LENGTH}}}")
+_HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def default_should_record(record: RequestRecord) -> bool:
+    """Record a request that saw upstream trouble, failed with 5xx, or raised."""
+    return bool(
+        record.upstream_errors
+        or record.dropped_events
+        or record.upstream_status_code is not None
+        or record.upstream_error_message
+        or record.upstream_error_detail
+        or record.status_code >= 500
+        or record.error
+    )
+
+
+def resolve_sink(sink: Sink | str | None) -> Sink:
+    """A sink object, a sink URL, or ``None`` for ``$UPSTREAM_OPS_SINK`` or the SQLite default."""
+    from upstream_ops.sinks.url import sink_from_url
+
+    if sink is None:
+        sink = os.environ.get(SINK_ENV_VAR) or DEFAULT_SINK_URL
+    if isinstance(sink, str):
+        return sink_from_url(sink)
+    if not callable(getattr(sink, "write", None)):
+        raise ValueError(f"sink must have a write(records) method, got {type(sink).__name__}")
+    return sink
+
+
+@dataclass(slots=True)
+class RequestFacts:
+    """What the protocol adapter learned about the request and its response."""
+
+    method: str
+    path: str
+    route: str | None
+    status_code: int
+    started_at_ms: int
+    duration_ms: float
+    error: BaseException | None = None
+
+
+class Recorder:
+    """Configuration of one middleware instance; holds no per-request state."""
+
+    def __init__(
+        self,
+        *,
+        sink: Sink | str | None = None,
+        dispatcher: Dispatcher | None = None,
+        service: str = "",
+        request_id_header: str | None = REQUEST_ID_HEADER,
+        should_record: RecordFilter | None = None,
+        before_flush: RecordHook | None = None,
+        max_events: int = MAX_EVENTS_PER_REQUEST,
+    ) -> None:
+        if request_id_header is not None and not _HEADER_NAME_RE.fullmatch(request_id_header):
+            raise ValueError(f"request_id_header is not a valid header name: {request_id_header!r}")
+        if not isinstance(max_events, int) or isinstance(max_events, bool) or max_events < 1:
+            raise ValueError(f"max_events must be a positive integer, got {max_events!r}")
+        if dispatcher is not None and sink is not None:
+            raise ValueError("pass either sink or dispatcher, not both")
+        if should_record is not None and not callable(should_record):
+            raise ValueError("should_record must be a callable taking a RequestRecord")
+        if before_flush is not None and not callable(before_flush):
+            raise ValueError("before_flush must be a callable taking a RequestRecord")
+        self.dispatcher = dispatcher if dispatcher is not None else Dispatcher(resolve_sink(sink))
+        self.service = sanitize_label(service)
+        self.request_id_header = request_id_header
+        self.should_record = should_record or default_should_record
+        self.before_flush = before_flush
+        self.max_events = max_events
+
+    def request_id_for(self, incoming: str | None) -> str:
+        """The incoming id when it is 1..128 chars of ``[A-Za-z0-9._:-]``, else a new uuid4 hex."""
+        if incoming and _REQUEST_ID_RE.fullmatch(incoming):
+            return incoming
+        return uuid.uuid4().hex
+
+    def start(self, request_id: str) -> Collector:
+        return Collector(request_id, max_events=self.max_events)
+
+    def finish(self, collector: Collector, facts: RequestFacts) -> RequestRecord | None:
+        """Build the record, apply the rule and the hook, enqueue. Never raises into the app."""
+        try:
+            collector.finish()
+            record = self._build(collector, facts)
+            if not self.should_record(record):
+                return None
+            if self.before_flush is not None:
+                hooked = self.before_flush(record)
+                if hooked is None:
+                    return None
+                record = hooked
+            self.dispatcher.submit(record)
+            return record
+        except Exception:
+            logger.exception("upstream_ops: could not record the request")
+            return None
+
+    def _build(self, collector: Collector, facts: RequestFacts) -> RequestRecord:
+        events = collector.events
+        summary_status = collector.upstream_status_code
+        has_upstream_trouble = bool(events or summary_status or collector.dropped_events)
+        trace_id = span_id = None
+        span_context = trace.get_current_span().get_span_context()
+        if span_context.is_valid:
+            trace_id = format(span_context.trace_id, "032x")
+            span_id = format(span_context.span_id, "016x")
+        error = facts.error
+        return RequestRecord(
+            id=uuid.uuid4().hex,
+            request_id=collector.request_id,
+            service=self.service,
+            method=sanitize_label(facts.method).upper(),
+            path=sanitize_message(facts.path),
+            route=sanitize_message(facts.route) if facts.route else None,
+            status_code=facts.status_code,
+            duration_ms=round(facts.duration_ms, 3),
+            started_at_ms=facts.started_at_ms,
+            upstream_status_code=summary_status,
+            upstream_error_message=collector.upstream_error_message,
+            upstream_error_detail=collector.upstream_error_detail,
+            upstream_errors=events,
+            dropped_events=collector.dropped_events,
+            error=sanitize_label(_qualified_name(error)) if error is not None else None,
+            recovered=has_upstream_trouble and 0 < facts.status_code < 400,
+            trace_id=trace_id,
+            span_id=span_id,
+        )
+
+
+def _qualified_name(exc: BaseException) -> str:
+    cls = type(exc)
+    module = cls.__module__
+    return (
+        cls.__qualname__ if module in ("builtins", "__main__") else f"{module}.{cls.__qualname__}"
+    )
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000

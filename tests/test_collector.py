@@ -1,0 +1,164 @@
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from upstream_ops import (
+    UpstreamErrorEvent,
+    append_upstream_error,
+    current_collector,
+    get_upstream_errors,
+    set_upstream_error,
+    wrap_context,
+)
+from upstream_ops.collector import Collector, _activate, _deactivate
+
+SECRET = "sk-proj-abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+@pytest.fixture
+def collector() -> Iterator[Collector]:
+    c = Collector("req-1", max_events=4)
+    token = _activate(c)
+    yield c
+    _deactivate(token)
+
+
+def test_outside_a_request_everything_is_a_silent_no_op() -> None:
+    assert current_collector() is None
+    assert append_upstream_error(upstream_status_code=504, message="x") is None
+    set_upstream_error(504, "x")
+    assert get_upstream_errors() == []
+
+
+def test_append_fills_time_trims_and_sanitizes_message_and_detail(collector: Collector) -> None:
+    before = time.time_ns() // 1_000_000
+    stored = append_upstream_error(
+        platform="  openai ",
+        upstream_status_code=401,
+        kind="http_error",
+        message=f"  bad key {SECRET}  ",
+        detail=f'{{"error": "invalid", "api_key": "{SECRET}"}}',
+        upstream_url=f"https://user:pw@api.example.com/v1?key={SECRET}&max_tokens=5",
+        method="post",
+    )
+    assert stored is not None
+    assert stored.at_unix_ms >= before
+    assert stored.platform == "openai"
+    assert stored.method == "POST"
+    assert SECRET not in stored.message and stored.message.startswith("bad key")
+    assert SECRET not in stored.detail and "invalid" in stored.detail
+    assert SECRET not in stored.upstream_url and "pw" not in stored.upstream_url
+    assert "max_tokens=5" in stored.upstream_url
+    assert get_upstream_errors() == [stored]
+
+
+def test_event_object_is_copied_not_mutated(collector: Collector) -> None:
+    event = UpstreamErrorEvent(upstream_status_code=500, message=f" {SECRET} ")
+    stored = append_upstream_error(event, kind="http_error")
+    assert stored is not None and stored is not event
+    assert event.message == f" {SECRET} " and event.kind == ""
+    assert stored.kind == "http_error"
+
+
+def test_empty_events_are_dropped(collector: Collector) -> None:
+    assert append_upstream_error(kind="retry", platform="x", message="   ") is None
+    assert get_upstream_errors() == []
+
+
+def test_keeps_the_last_n_and_counts_the_dropped(collector: Collector) -> None:
+    for i in range(10):
+        append_upstream_error(upstream_status_code=500, message=f"m{i}")
+    assert [e.message for e in get_upstream_errors()] == ["m6", "m7", "m8", "m9"]
+    assert collector.dropped_events == 6
+
+
+def test_invalid_field_is_logged_not_raised(
+    collector: Collector, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="upstream_ops"):
+        assert append_upstream_error(upstream_status_code="abc") is None
+        assert append_upstream_error(no_such_field=1) is None
+        ok = UpstreamErrorEvent(upstream_status_code=500)
+        assert append_upstream_error(ok, bogus=1) is None
+    assert "upstream_status_code" in caplog.text
+    assert "no_such_field" in caplog.text
+    assert "bogus" in caplog.text
+    assert get_upstream_errors() == []
+
+
+def test_set_upstream_error_ignores_non_positive_status_and_blanks(collector: Collector) -> None:
+    set_upstream_error(0, "   ", "")
+    assert collector.upstream_status_code is None
+    assert collector.upstream_error_message is None
+    set_upstream_error(504, f" timeout {SECRET} ", f"Authorization: Bearer {SECRET}")
+    assert collector.upstream_status_code == 504
+    assert collector.upstream_error_message is not None
+    assert collector.upstream_error_message.startswith("timeout")
+    assert SECRET not in collector.upstream_error_message
+    assert SECRET not in (collector.upstream_error_detail or "")
+    set_upstream_error(-1, "", "")
+    assert collector.upstream_status_code == 504
+
+
+def test_thread_safe_appends(collector: Collector) -> None:
+    big = Collector("req-2", max_events=10_000)
+    token = _activate(big)
+    try:
+
+        def work(n: int) -> None:
+            for i in range(200):
+                append_upstream_error(upstream_status_code=500, message=f"{n}-{i}")
+
+        threads = [threading.Thread(target=wrap_context(work), args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len({e.message for e in big.events}) == 1600
+    finally:
+        _deactivate(token)
+
+
+def test_wrap_context_carries_the_collector_into_a_thread_pool(collector: Collector) -> None:
+    def fail(i: int) -> str | None:
+        stored = append_upstream_error(upstream_status_code=502, message=f"attempt {i}")
+        return stored.message if stored else None
+
+    with ThreadPoolExecutor(4) as pool:
+        plain = list(pool.map(fail, range(2)))
+        wrapped = list(pool.map(wrap_context(fail), range(2, 4)))
+    assert plain == [None, None]
+    assert wrapped == ["attempt 2", "attempt 3"]
+    assert [e.message for e in get_upstream_errors()] == ["attempt 2", "attempt 3"]
+
+
+def test_finished_collector_ignores_late_appends(collector: Collector) -> None:
+    collector.finish()
+    assert append_upstream_error(upstream_status_code=500) is None
+    assert collector.events == []
+
+
+def test_listeners_see_stored_events_and_failures_are_contained(collector: Collector) -> None:
+    seen: list[UpstreamErrorEvent] = []
+
+    def broken(event: UpstreamErrorEvent) -> None:
+        raise RuntimeError("listener bug")
+
+    collector.listeners.extend([broken, seen.append])
+    stored = append_upstream_error(upstream_status_code=500)
+    assert seen == [stored]
+
+
+def test_next_attempt_counts_from_one(collector: Collector) -> None:
+    assert [collector.next_attempt() for _ in range(3)] == [1, 2, 3]
+
+
+def test_max_events_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_events"):
+        Collector(max_events=0)
