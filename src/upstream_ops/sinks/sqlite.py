@@ -1,0 +1,336 @@
+"""A sink and store on one SQLite file (stdlib ``sqlite3``): the default home of records."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import sqlite3
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Final, TypeVar
+
+from upstream_ops.defaults import QUERY_LIMIT
+from upstream_ops.events import UpstreamErrorEvent
+from upstream_ops.record import RequestRecord
+from upstream_ops.sinks._query import (
+    SCHEMA_TABLE_DDL,
+    SCHEMA_VERSION,
+    SELECT_SCHEMA_VERSION,
+    SET_SCHEMA_VERSION,
+    event_from_row,
+    event_rows,
+    events_select,
+    insert_event_sql,
+    insert_record_sql,
+    record_from_row,
+    record_row,
+    records_select,
+    schema_ddl,
+    validate_query,
+)
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+_TYPES: Final = {"text": "TEXT", "bigint": "INTEGER", "double": "REAL", "bool": "INTEGER"}
+#: Statements that bring the schema from version ``n - 1`` to ``n``. Append, never edit.
+_MIGRATIONS: Final = {1: schema_ddl(_TYPES)}
+
+#: How long one statement waits for another connection's lock (SQLite's busy handler) ...
+_BUSY_TIMEOUT_S: Final = 5.0
+#: ... and how often an operation that still found the database locked is tried in all.
+_LOCKED_ATTEMPTS: Final = 4
+
+#: Errors caused by one record's values (a type or an int SQLite cannot bind, a lone surrogate, a
+#: NULL id ...). Anything else (locked, disk full, I/O, a closed connection) is the database's.
+_RECORD_ERRORS: Final = (
+    sqlite3.InterfaceError,
+    sqlite3.ProgrammingError,
+    sqlite3.IntegrityError,
+    sqlite3.DataError,
+    OverflowError,
+    UnicodeError,
+    TypeError,
+    ValueError,
+)
+#: Ids of unstorable records already logged, so the dispatcher's retries do not repeat the log.
+_REPORTED_MAX: Final = 1024
+
+
+class SQLiteSink:
+    """Writes records to a SQLite file and answers ``Store`` queries over it.
+
+    The file (and its directory) is opened on the first write or query. It runs in WAL mode with
+    ``synchronous=NORMAL`` and a busy timeout, so readers never block the writer and several
+    processes can write one file; an operation that still finds the database locked is retried.
+    Connections are per thread (``sqlite3`` requires it); ``close()`` closes them all, and a later
+    call opens new ones. Call ``close()`` when no write or query is running.
+
+    Each batch is one transaction. Inserting a record ignores an id already stored (``ON
+    CONFLICT (id) DO NOTHING``, see ``insert_record_sql``), so a retried batch is harmless, and a
+    record's events are inserted only when its row was new. Each record sits in its own savepoint:
+    a record the database rejects (see ``_RECORD_ERRORS``) is rolled back alone, logged at ERROR
+    with its full JSON so its data is not lost, and the rest of the batch is committed. If no
+    record of the batch could be stored, ``write`` raises as well, because that looks like a
+    problem with the database or the code rather than with one record, and the dispatcher should
+    retry and report it. Database errors (locked, disk full, I/O) roll back the whole batch and
+    raise: the retried batch then finds nothing half-written.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        if not isinstance(path, str | os.PathLike) or not os.fspath(path):
+            raise ValueError(f"path must be a non-empty file path, got {path!r:.60}")
+        if os.fspath(path) == ":memory:" or os.fspath(path).startswith("file:"):
+            raise ValueError(
+                "path must be a file path: an in-memory or URI database is private to one "
+                "connection and SQLiteSink uses one per thread (use MemorySink, or a file in a "
+                "temporary directory)"
+            )
+        self.path = Path(path)
+        self._insert_record = insert_record_sql("?")
+        self._insert_event = insert_event_sql("?")
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
+        self._abandoned: list[sqlite3.Connection] = []
+        self._generation = 0
+        self._pid = os.getpid()
+        self._schema_ready = False
+        self._reported: OrderedDict[str, None] = OrderedDict()
+
+    def __repr__(self) -> str:
+        return f"SQLiteSink({str(self.path)!r})"
+
+    # --- Sink -------------------------------------------------------------------------------------
+
+    def write(self, records: Sequence[RequestRecord], /) -> None:
+        if not records:
+            return
+        failures = self._retrying(lambda: self._insert(records))
+        if not failures:
+            return
+        for record, error in failures:
+            self._report(record, error)
+        if len(failures) == len(records):
+            error = failures[0][1]
+            error.add_note(f"SQLiteSink stored none of the {len(records)} records of this batch")
+            raise error
+
+    def close(self) -> None:
+        """Close every connection this sink opened; a later write or query opens new ones."""
+        if os.getpid() != self._pid:
+            self._after_fork()
+        with self._lock:
+            self._generation += 1
+            connections, self._connections = self._connections, []
+        for _, connection in connections:
+            connection.close()
+
+    # --- Store ------------------------------------------------------------------------------------
+
+    def query_records(
+        self,
+        start_ms: int,
+        end_ms: int,
+        *,
+        platform: str | None = None,
+        status_code: int | None = None,
+        kind: str | None = None,
+        limit: int = QUERY_LIMIT,
+    ) -> list[RequestRecord]:
+        """Records with ``start_ms <= started_at_ms < end_ms``, newest first (see ``Store``).
+
+        ``status_code`` matches the record's summary status or any event's; ``platform`` and
+        ``kind`` each match when any event of the record has them.
+        """
+        query = validate_query(start_ms, end_ms, platform, status_code, kind, limit)
+        sql, params = records_select(query, "?")
+        rows = self._retrying(lambda: self._connection().execute(sql, params).fetchall())
+        return [record_from_row(row) for row in rows]
+
+    def query_events(
+        self,
+        start_ms: int,
+        end_ms: int,
+        *,
+        platform: str | None = None,
+        status_code: int | None = None,
+        kind: str | None = None,
+        limit: int = QUERY_LIMIT,
+    ) -> list[UpstreamErrorEvent]:
+        """Events with ``start_ms <= at_unix_ms < end_ms``, newest first; filters test the event."""
+        query = validate_query(start_ms, end_ms, platform, status_code, kind, limit)
+        sql, params = events_select(query, "?")
+        rows = self._retrying(lambda: self._connection().execute(sql, params).fetchall())
+        return [event_from_row(row) for row in rows]
+
+    # --- writing ----------------------------------------------------------------------------------
+
+    def _insert(self, records: Sequence[RequestRecord]) -> list[tuple[RequestRecord, Exception]]:
+        """One transaction for the batch; returns the records the database rejected."""
+        connection = self._connection()
+        created_at_ms = time.time_ns() // 1_000_000
+        failures: list[tuple[RequestRecord, Exception]] = []
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            for record in records:
+                error = self._insert_one(connection, record, created_at_ms)
+                if error is not None:
+                    failures.append((record, error))
+            connection.execute("COMMIT")
+        except BaseException:
+            _rollback(connection)
+            raise
+        return failures
+
+    def _insert_one(
+        self, connection: sqlite3.Connection, record: RequestRecord, created_at_ms: int
+    ) -> Exception | None:
+        try:
+            row = record_row(record, created_at_ms)
+            events = event_rows(record, created_at_ms)
+        except _RECORD_ERRORS as exc:
+            return exc
+        connection.execute("SAVEPOINT upstream_ops_record")
+        try:
+            # rowcount 0: the id is already stored (a retried batch), and so are its events.
+            if connection.execute(self._insert_record, row).rowcount == 1 and events:
+                connection.executemany(self._insert_event, events)
+        except _RECORD_ERRORS as exc:
+            connection.execute("ROLLBACK TO upstream_ops_record")
+            connection.execute("RELEASE upstream_ops_record")
+            return exc
+        connection.execute("RELEASE upstream_ops_record")
+        return None
+
+    def _report(self, record: RequestRecord, error: Exception) -> None:
+        key = str(record.id)
+        with self._lock:
+            if key in self._reported:
+                return
+            self._reported[key] = None
+            if len(self._reported) > _REPORTED_MAX:
+                self._reported.popitem(last=False)
+        logger.error(
+            "upstream_ops: SQLiteSink could not store record %s (%s: %s); the record: %s",
+            key,
+            type(error).__name__,
+            error,
+            _as_json(record),
+        )
+
+    # --- connections ------------------------------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        """This thread's connection, opened (and the schema created) on first use."""
+        if os.getpid() != self._pid:
+            self._after_fork()
+        held = getattr(self._local, "held", None)
+        if held is not None and held[0] == self._generation:
+            connection: sqlite3.Connection = held[1]
+            return connection
+        connection = self._open()
+        with self._lock:
+            generation = self._generation
+            alive = []
+            for thread, other in self._connections:
+                if thread.is_alive():
+                    alive.append((thread, other))
+                else:
+                    other.close()  # its thread ended: nobody else uses it
+            alive.append((threading.current_thread(), connection))
+            self._connections = alive
+        self._local.held = (generation, connection)
+        return connection
+
+    def _open(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: no implicit transactions, ``write`` says BEGIN and COMMIT itself.
+        # check_same_thread=False only so that ``close()`` may close other threads' connections.
+        connection = sqlite3.connect(
+            self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
+        try:
+            connection.execute("PRAGMA synchronous = NORMAL")
+            if not self._schema_ready:
+                self._ensure_schema(connection)
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def _ensure_schema(self, connection: sqlite3.Connection) -> None:
+        """Switch the file to WAL and apply missing migrations, once per sink and process."""
+        mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            logger.warning("upstream_ops: %s could not switch to WAL (mode %s)", self.path, mode)
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            connection.execute(SCHEMA_TABLE_DDL)
+            current = int(connection.execute(SELECT_SCHEMA_VERSION).fetchone()[0] or 0)
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[version]:
+                    connection.execute(statement)
+            if current < SCHEMA_VERSION:
+                for statement in SET_SCHEMA_VERSION:
+                    connection.execute(statement)
+            connection.execute("COMMIT")
+        except BaseException:
+            _rollback(connection)
+            raise
+        if current > SCHEMA_VERSION:
+            logger.warning(
+                "upstream_ops: %s has schema version %d, newer than this version's %d",
+                self.path,
+                current,
+                SCHEMA_VERSION,
+            )
+        self._schema_ready = True
+
+    def _after_fork(self) -> None:
+        """In a forked child, forget the parent's connections without touching them (SQLite forbids
+        using a connection across ``fork``; closing it could disturb the parent's WAL)."""
+        self._abandoned.extend(connection for _, connection in self._connections)
+        self._connections = []
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def _retrying(self, operation: Callable[[], _T]) -> _T:
+        """Run ``operation``, again after a short pause while the database stays locked."""
+        for attempt in range(1, _LOCKED_ATTEMPTS + 1):
+            try:
+                return operation()
+            except sqlite3.OperationalError as exc:
+                if attempt == _LOCKED_ATTEMPTS or not _is_locked(exc):
+                    raise
+            time.sleep(0.05 * 2**attempt * random.uniform(0.5, 1.5))
+        raise AssertionError("unreachable")
+
+
+def _is_locked(error: sqlite3.OperationalError) -> bool:
+    text = str(error).lower()
+    return "locked" in text or "busy" in text
+
+
+def _rollback(connection: sqlite3.Connection) -> None:
+    """Roll back if a transaction is open; never mask the error that got us here."""
+    try:
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+    except sqlite3.Error:
+        logger.debug("upstream_ops: rollback failed", exc_info=True)
+
+
+def _as_json(record: RequestRecord) -> str:
+    """The record for a log line: JSON when possible (ASCII, so any handler can write it)."""
+    try:
+        return json.dumps(record.to_dict(), separators=(",", ":"), default=repr)
+    except (TypeError, ValueError):
+        return repr(record)

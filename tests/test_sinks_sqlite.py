@@ -1,0 +1,564 @@
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.sink_records import bare_record, full_event, full_record
+from upstream_ops.defaults import QUERY_LIMIT_MAX
+from upstream_ops.events import UpstreamErrorEvent
+from upstream_ops.record import RECORD_FIELDS, RequestRecord
+from upstream_ops.sinks import SQLiteSink
+from upstream_ops.sinks import sqlite as sqlite_module
+from upstream_ops.sinks._query import EVENT_COLUMNS, RECORD_COLUMNS, SCHEMA_VERSION
+from upstream_ops.sinks.base import Sink
+from upstream_ops.store import Store
+
+ALL_TIME = (0, 2**62)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "ops.db"
+
+
+@pytest.fixture
+def sink(db: Path) -> Iterator[SQLiteSink]:
+    s = SQLiteSink(db)
+    yield s
+    s.close()
+
+
+def raw(db: Path, sql: str, *params: object) -> list[tuple[object, ...]]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def count(db: Path, table: str) -> int:
+    [(n,)] = raw(db, f"SELECT COUNT(*) FROM {table}")
+    assert isinstance(n, int)
+    return n
+
+
+# --- construction -----------------------------------------------------------------------------
+
+
+def test_is_a_sink_and_a_store(sink: SQLiteSink) -> None:
+    assert isinstance(sink, Sink)
+    assert isinstance(sink, Store)
+
+
+def test_no_io_until_first_use(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "dir" / "ops.db"
+    s = SQLiteSink(path)
+    assert not path.parent.exists()
+    s.write([full_record()])
+    assert path.exists()
+    s.close()
+
+
+def test_query_on_a_fresh_file_creates_the_schema(db: Path) -> None:
+    s = SQLiteSink(db)
+    assert s.query_records(*ALL_TIME) == []
+    assert s.query_events(*ALL_TIME) == []
+    s.close()
+
+
+@pytest.mark.parametrize("path", ["", ":memory:", "file:ops.db?mode=memory", 123, None])
+def test_bad_path(path: object) -> None:
+    with pytest.raises(ValueError, match="path"):
+        SQLiteSink(path)  # type: ignore[arg-type]
+
+
+# --- schema -----------------------------------------------------------------------------------
+
+
+def test_schema_tables_indexes_version_and_pragmas(sink: SQLiteSink, db: Path) -> None:
+    sink.write([full_record()])
+    tables = {name for (name,) in raw(db, "SELECT name FROM sqlite_master WHERE type='table'")}
+    assert tables == {"ops_error_logs", "ops_upstream_error_events", "upstream_ops_schema"}
+    indexes = {
+        name
+        for (name,) in raw(
+            db, "SELECT name FROM sqlite_master WHERE type='index' AND sql IS NOT NULL"
+        )
+    }
+    assert indexes == {
+        "ops_error_logs_started_at_idx",
+        "ops_error_logs_request_id_idx",
+        "ops_error_logs_status_started_idx",
+        "ops_upstream_error_events_at_idx",
+        "ops_upstream_error_events_platform_at_idx",
+        "ops_upstream_error_events_kind_at_idx",
+        "ops_upstream_error_events_status_at_idx",
+        "ops_upstream_error_events_request_id_idx",
+    }
+    assert raw(db, "SELECT version FROM upstream_ops_schema") == [(SCHEMA_VERSION,)]
+    assert raw(db, "PRAGMA journal_mode") == [("wal",)]
+    record_cols = [row[1] for row in raw(db, "PRAGMA table_info(ops_error_logs)")]
+    assert record_cols == [*RECORD_FIELDS, "created_at_ms"]
+    event_cols = [row[1] for row in raw(db, "PRAGMA table_info(ops_upstream_error_events)")]
+    assert event_cols == [c.name for c in EVENT_COLUMNS]
+    pk = [row[1] for row in raw(db, "PRAGMA table_info(ops_upstream_error_events)") if row[5]]
+    assert pk == ["record_id", "seq"]
+
+
+def test_shared_column_list_follows_the_record_model() -> None:
+    assert tuple(c.name for c in RECORD_COLUMNS) == (*RECORD_FIELDS, "created_at_ms")
+
+
+def test_reopening_an_existing_file_keeps_one_version_row(db: Path) -> None:
+    for i in range(3):
+        s = SQLiteSink(db)
+        s.write([full_record(f"rec-{i}")])
+        s.close()
+    assert raw(db, "SELECT version FROM upstream_ops_schema") == [(SCHEMA_VERSION,)]
+    assert count(db, "ops_error_logs") == 3
+
+
+def test_newer_schema_version_warns_and_still_works(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = SQLiteSink(db)
+    first.write([full_record("a")])
+    first.close()
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE upstream_ops_schema SET version = 99")
+    later = SQLiteSink(db)
+    with caplog.at_level(logging.WARNING, logger="upstream_ops.sinks.sqlite"):
+        assert [r.id for r in later.query_records(*ALL_TIME)] == ["a"]
+    later.close()
+    assert "schema version 99" in caplog.text
+
+
+# --- round trip -------------------------------------------------------------------------------
+
+
+def test_round_trip_every_field(sink: SQLiteSink, db: Path) -> None:
+    record = full_record()
+    sink.write([record])
+    [back] = sink.query_records(*ALL_TIME)
+    assert back == record
+    assert back.to_dict() == record.to_dict()
+    # both events have the same time: the later position comes first
+    assert sink.query_events(*ALL_TIME) == list(reversed(record.upstream_errors))
+    # The tables are intact and the injection attempt is stored as text.
+    assert raw(db, "SELECT error FROM ops_error_logs") == [(record.error,)]
+
+
+def test_event_rows_hold_the_full_json_and_null_for_empty_fields(
+    sink: SQLiteSink, db: Path
+) -> None:
+    full = full_event(at_unix_ms=5)
+    sparse = UpstreamErrorEvent(at_unix_ms=6, kind="request_error", message="connect failed")
+    sink.write([full_record("r", events=[full, sparse])])
+    rows = raw(
+        db,
+        "SELECT seq, request_id, platform, account_id, model, upstream_status_code, "
+        "upstream_request_id, kind, error_class, message, detail, event "
+        "FROM ops_upstream_error_events WHERE record_id = ? ORDER BY seq",
+        "r",
+    )
+    assert rows[0][:11] == (
+        0, "req-r", "openai", 42, "gpt-4o", 502, "up-req-1", "http_error",
+        "httpx.ReadTimeout", full.message, full.detail,
+    )  # fmt: skip
+    assert json.loads(str(rows[0][11])) == full.to_dict()
+    assert rows[1][:11] == (1, "req-r", None, None, None, None, None, "request_error", None,
+                            "connect failed", None)  # fmt: skip
+    assert json.loads(str(rows[1][11])) == sparse.to_dict()
+    # the record row keeps the same events as one JSON array
+    [(array,)] = raw(db, "SELECT upstream_errors FROM ops_error_logs WHERE id = 'r'")
+    assert json.loads(str(array)) == [full.to_dict(), sparse.to_dict()]
+
+
+def test_record_without_events_and_optional_fields(sink: SQLiteSink, db: Path) -> None:
+    record = RequestRecord(id="plain", request_id="req", started_at_ms=10)
+    sink.write([record])
+    assert sink.query_records(*ALL_TIME) == [record]
+    assert raw(db, "SELECT upstream_errors, recovered, route FROM ops_error_logs") == [
+        (None, 0, None)
+    ]
+    assert count(db, "ops_upstream_error_events") == 0
+
+
+def test_empty_batch_is_a_no_op_without_io(db: Path) -> None:
+    s = SQLiteSink(db)
+    s.write([])
+    assert not db.exists()
+
+
+# --- idempotency ------------------------------------------------------------------------------
+
+
+def test_writing_a_batch_twice_leaves_one_row_each(sink: SQLiteSink, db: Path) -> None:
+    batch = [full_record(f"rec-{i}", started_at_ms=1000 + i) for i in range(5)]
+    sink.write(batch)
+    sink.write(batch)
+    sink.write(batch[2:] + batch[:1])
+    assert count(db, "ops_error_logs") == 5
+    assert count(db, "ops_upstream_error_events") == 10
+    assert sink.query_records(*ALL_TIME) == list(reversed(batch))
+
+
+def test_duplicate_id_inside_one_batch_keeps_the_first(sink: SQLiteSink, db: Path) -> None:
+    first = full_record("same", path="/first")
+    second = full_record("same", path="/second", events=[full_event(kind="failover")])
+    sink.write([first, second])
+    assert sink.query_records(*ALL_TIME) == [first]
+    assert count(db, "ops_upstream_error_events") == 2
+
+
+# --- bad records ------------------------------------------------------------------------------
+
+
+BAD_RECORDS = {
+    "int too large for SQLite": bare_record("bad-int", 10, status_code=2**70),
+    "unsupported type": bare_record("bad-type", 10, route={"not": "a string"}),
+    "lone surrogate": bare_record("bad-text", 10, error="broken \udc80 text"),
+    "NULL id": RequestRecord(id=None, request_id="req", started_at_ms=10),  # type: ignore[arg-type]
+    "NULL start time": RequestRecord(id="no-time", request_id="req", started_at_ms=None),  # type: ignore[arg-type]
+}
+
+
+@pytest.mark.parametrize("bad", BAD_RECORDS.values(), ids=BAD_RECORDS.keys())
+def test_one_bad_record_does_not_cost_the_batch(
+    sink: SQLiteSink, db: Path, bad: RequestRecord, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = [full_record(f"good-{i}", started_at_ms=100 + i) for i in range(3)]
+    with caplog.at_level(logging.ERROR, logger="upstream_ops.sinks.sqlite"):
+        sink.write([good[0], bad, good[1], good[2]])
+    assert [r.id for r in sink.query_records(*ALL_TIME)] == ["good-2", "good-1", "good-0"]
+    assert count(db, "ops_upstream_error_events") == 6  # no half-written bad record
+    [message] = [r.getMessage() for r in caplog.records]
+    assert f"could not store record {bad.id}" in message
+    logged = json.loads(message.split("the record: ", 1)[1])  # the data is in the log
+    assert logged["request_id"] == bad.request_id
+
+
+def test_a_batch_of_only_bad_records_raises_and_logs_once(
+    sink: SQLiteSink, db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad = [BAD_RECORDS["int too large for SQLite"], BAD_RECORDS["lone surrogate"]]
+    with caplog.at_level(logging.ERROR, logger="upstream_ops.sinks.sqlite"):
+        for _ in range(3):  # the dispatcher's retries
+            with pytest.raises(OverflowError) as info:
+                sink.write(bad)
+    assert "stored none of the 2 records" in " ".join(info.value.__notes__)
+    assert len(caplog.records) == 2  # each bad record logged once, not once per retry
+    assert count(db, "ops_error_logs") == 0
+    sink.write([full_record("after")])  # the sink still works
+    assert count(db, "ops_error_logs") == 1
+
+
+def test_a_batch_of_stored_duplicates_does_not_raise(sink: SQLiteSink) -> None:
+    sink.write([full_record("a")])
+    sink.write([full_record("a")])  # nothing new, but nothing failed either
+
+
+# --- queries ----------------------------------------------------------------------------------
+
+
+def ev(
+    at: int, platform: str = "", status: int = 0, kind: str = "http_error"
+) -> UpstreamErrorEvent:
+    return UpstreamErrorEvent(
+        at_unix_ms=at, platform=platform, upstream_status_code=status, kind=kind
+    )
+
+
+DATASET = [
+    bare_record(
+        "r1",
+        1000,
+        upstream_status_code=502,
+        upstream_errors=[ev(1000, "openai", 429), ev(1001, "anthropic", 502, "failover")],
+    ),
+    bare_record(
+        "r2",
+        2000,
+        upstream_status_code=504,
+        upstream_errors=[ev(2000, "openai", 0, "request_error")],
+    ),
+    bare_record("r3", 3000, status_code=500),
+    bare_record("r4", 3000, upstream_errors=[ev(3000, "gemini", 500)]),
+    bare_record(
+        "r5",
+        4000,
+        upstream_status_code=503,
+        upstream_errors=[
+            ev(3999, "openai", 500, "retry"),
+            ev(4000, "openai", 503, "retry_exhausted"),
+        ],
+    ),
+]
+
+
+@pytest.fixture
+def loaded(sink: SQLiteSink) -> SQLiteSink:
+    sink.write(DATASET[3:])  # two batches, out of time order
+    sink.write(DATASET[:3])
+    return sink
+
+
+@pytest.mark.parametrize(
+    ("window", "filters", "expected"),
+    [
+        (ALL_TIME, {}, ["r5", "r4", "r3", "r2", "r1"]),  # newest first, id DESC on ties
+        ((1000, 3000), {}, ["r2", "r1"]),  # end is exclusive
+        ((1000, 3001), {}, ["r4", "r3", "r2", "r1"]),
+        ((1001, 4000), {}, ["r4", "r3", "r2"]),  # start is inclusive
+        ((3000, 3000), {}, []),
+        (ALL_TIME, {"limit": 2}, ["r5", "r4"]),
+        (ALL_TIME, {"limit": 1}, ["r5"]),
+        (ALL_TIME, {"platform": "openai"}, ["r5", "r2", "r1"]),
+        (ALL_TIME, {"platform": "anthropic"}, ["r1"]),
+        (ALL_TIME, {"platform": "nope"}, []),
+        (ALL_TIME, {"status_code": 502}, ["r1"]),  # summary and event
+        (ALL_TIME, {"status_code": 504}, ["r2"]),  # summary only
+        (ALL_TIME, {"status_code": 429}, ["r1"]),  # event only
+        (ALL_TIME, {"status_code": 500}, ["r5", "r4"]),  # events; r3's 500 is the client status
+        (ALL_TIME, {"kind": "failover"}, ["r1"]),
+        (ALL_TIME, {"kind": "http_error"}, ["r4", "r1"]),
+        (ALL_TIME, {"platform": "openai", "status_code": 500}, ["r5"]),
+        # each filter matches any event of the record, not necessarily the same one
+        (ALL_TIME, {"platform": "openai", "kind": "failover"}, ["r1"]),
+        ((0, 2000), {"platform": "openai", "kind": "http_error", "status_code": 502}, ["r1"]),
+        ((1001, 5000), {"platform": "openai", "limit": 1}, ["r5"]),
+    ],
+)
+def test_query_records(
+    loaded: SQLiteSink, window: tuple[int, int], filters: dict[str, object], expected: list[str]
+) -> None:
+    records = loaded.query_records(*window, **filters)  # type: ignore[arg-type]
+    assert [r.id for r in records] == expected
+    by_id = {r.id: r for r in DATASET}
+    assert records == [by_id[i] for i in expected]  # events come back too
+
+
+@pytest.mark.parametrize(
+    ("window", "filters", "expected"),
+    [
+        (ALL_TIME, {}, [4000, 3999, 3000, 2000, 1001, 1000]),
+        ((1000, 1001), {}, [1000]),
+        ((1001, 3000), {}, [2000, 1001]),
+        ((3000, 3000), {}, []),
+        (ALL_TIME, {"limit": 2}, [4000, 3999]),
+        (ALL_TIME, {"platform": "openai"}, [4000, 3999, 2000, 1000]),
+        (ALL_TIME, {"status_code": 500}, [3999, 3000]),
+        (ALL_TIME, {"status_code": 504}, []),  # a record's summary is not an event's status
+        (ALL_TIME, {"kind": "retry"}, [3999]),
+        (ALL_TIME, {"platform": "openai", "kind": "http_error"}, [1000]),
+        (ALL_TIME, {"platform": "openai", "status_code": 503, "kind": "retry_exhausted"}, [4000]),
+    ],
+)
+def test_query_events(
+    loaded: SQLiteSink, window: tuple[int, int], filters: dict[str, object], expected: list[int]
+) -> None:
+    events = loaded.query_events(*window, **filters)  # type: ignore[arg-type]
+    assert [e.at_unix_ms for e in events] == expected
+    by_time = {e.at_unix_ms: e for r in DATASET for e in r.upstream_errors}
+    assert events == [by_time[t] for t in expected]
+
+
+def test_query_events_ties_order_by_record_then_position(sink: SQLiteSink) -> None:
+    sink.write(
+        [
+            bare_record("a", 1, upstream_errors=[ev(7, "p0"), ev(7, "p1")]),
+            bare_record("b", 1, upstream_errors=[ev(7, "p2"), ev(7, "p3")]),
+        ]
+    )
+    assert [e.platform for e in sink.query_events(*ALL_TIME)] == ["p3", "p2", "p1", "p0"]
+
+
+def test_query_limit_max_is_accepted(loaded: SQLiteSink) -> None:
+    assert len(loaded.query_records(*ALL_TIME, limit=QUERY_LIMIT_MAX)) == 5
+    assert len(loaded.query_events(*ALL_TIME, limit=QUERY_LIMIT_MAX)) == 6
+
+
+BAD_ARGS = [
+    ("start_ms", (True, 10), {}),
+    ("start_ms", ("0", 10), {}),
+    ("start_ms", (1.0, 10), {}),
+    ("start_ms", (None, 10), {}),
+    ("end_ms", (0, 2**63), {}),
+    ("end_ms", (0, False), {}),
+    ("start_ms", (10, 5), {}),  # start after end
+    ("limit", (0, 10), {"limit": 0}),
+    ("limit", (0, 10), {"limit": QUERY_LIMIT_MAX + 1}),
+    ("limit", (0, 10), {"limit": True}),
+    ("limit", (0, 10), {"limit": "5"}),
+    ("status_code", (0, 10), {"status_code": 0}),
+    ("status_code", (0, 10), {"status_code": -502}),
+    ("status_code", (0, 10), {"status_code": "502"}),
+    ("status_code", (0, 10), {"status_code": True}),
+    ("platform", (0, 10), {"platform": ""}),
+    ("platform", (0, 10), {"platform": 5}),
+    ("kind", (0, 10), {"kind": ""}),
+    ("kind", (0, 10), {"kind": ["retry"]}),
+]
+
+
+@pytest.mark.parametrize("method", ["query_records", "query_events"])
+@pytest.mark.parametrize(("name", "args", "kwargs"), BAD_ARGS)
+def test_bad_query_arguments(
+    db: Path, method: str, name: str, args: tuple[object, ...], kwargs: dict[str, object]
+) -> None:
+    s = SQLiteSink(db)
+    with pytest.raises(ValueError, match=name):
+        getattr(s, method)(*args, **kwargs)
+    assert not db.exists()  # validated before any I/O
+
+
+# --- threads and processes --------------------------------------------------------------------
+
+
+def test_worker_thread_writes_while_main_thread_queries(sink: SQLiteSink, db: Path) -> None:
+    small: dict[str, Any] = {"upstream_error_detail": "d", "events": [full_event(detail="d")] * 2}
+    batches = [
+        [full_record(f"t{b:02d}-{i:02d}", started_at_ms=b * 100 + i, **small) for i in range(20)]
+        for b in range(30)
+    ]
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            for batch in batches:
+                sink.write(batch)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    queries = 0
+    while thread.is_alive() or queries == 0:
+        records = sink.query_records(*ALL_TIME, limit=20)
+        times = [r.started_at_ms for r in records]
+        assert times == sorted(times, reverse=True)
+        assert all(len(r.upstream_errors) == 2 for r in records)
+        sink.query_events(*ALL_TIME, platform="openai", limit=10)
+        queries += 1
+    thread.join()
+    assert errors == []
+    assert count(db, "ops_error_logs") == 600
+    assert sink.query_records(*ALL_TIME, limit=1)[0].id == "t29-19"
+
+
+def test_connections_are_per_thread_and_closed(sink: SQLiteSink) -> None:
+    sink.write([full_record()])
+
+    def query() -> None:
+        assert len(sink.query_records(*ALL_TIME)) == 1
+
+    for _ in range(5):
+        t = threading.Thread(target=query)
+        t.start()
+        t.join()
+    # connections of ended threads are closed when the next one opens: no leak per thread
+    assert len(sink._connections) <= 2
+    sink.close()
+    assert sink._connections == []
+    sink.write([full_record("after-close")])  # reopens
+    assert len(sink.query_records(*ALL_TIME)) == 2
+
+
+def test_waits_for_another_connections_write_lock(sink: SQLiteSink, db: Path) -> None:
+    sink.query_records(*ALL_TIME)  # schema exists
+    other = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    timer = threading.Timer(0.3, other.execute, ("COMMIT",))
+    timer.start()
+    sink.write([full_record()])
+    timer.join()
+    other.close()
+    assert count(db, "ops_error_logs") == 1
+
+
+def test_retries_when_the_busy_timeout_runs_out(
+    sink: SQLiteSink, db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_module, "_BUSY_TIMEOUT_S", 0.01)
+    sink.query_records(*ALL_TIME)
+    sink.close()  # reopen with the short timeout
+    other = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    timer = threading.Timer(0.15, other.execute, ("COMMIT",))
+    timer.start()
+    started = time.monotonic()
+    sink.write([full_record()])
+    assert time.monotonic() - started >= 0.1
+    timer.join()
+    other.close()
+    assert count(db, "ops_error_logs") == 1
+
+
+_WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from upstream_ops.record import RequestRecord
+    from upstream_ops.events import UpstreamErrorEvent
+    from upstream_ops.sinks.sqlite import SQLiteSink
+
+    db, name, go = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    sink = SQLiteSink(db)
+    while not go.exists():
+        time.sleep(0.005)
+    for i in range(500):
+        event = UpstreamErrorEvent(at_unix_ms=i, platform=name, upstream_status_code=502)
+        sink.write([RequestRecord(id=f"{name}-{i}", request_id=f"req-{i}", started_at_ms=i,
+                                  upstream_errors=[event])])
+    sink.close()
+    """
+)
+
+
+def test_two_processes_write_one_file(tmp_path: Path, db: Path) -> None:
+    go = tmp_path / "go"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(db), name, str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for name in ("p1", "p2")
+    ]
+    time.sleep(0.2)  # let both start up and wait, so that their writes interleave
+    go.touch()
+    for proc in procs:
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err.decode()
+        assert err == b""
+    assert count(db, "ops_error_logs") == 1000
+    assert count(db, "ops_upstream_error_events") == 1000
+    s = SQLiteSink(db)
+    assert len(s.query_events(*ALL_TIME, platform="p1", limit=QUERY_LIMIT_MAX)) == 500
+    s.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_opens_its_own_connection(sink: SQLiteSink, db: Path) -> None:
+    sink.write([full_record("parent")])  # the parent holds an open connection
+    pid = os.fork()
+    if pid == 0:  # child: must not reuse the parent's connection
+        code = 1
+        try:
+            sink.write([full_record("child")])
+            code = 0 if len(sink.query_records(*ALL_TIME)) == 2 else 2
+            sink.close()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert [r.id for r in sink.query_records(*ALL_TIME)] == ["parent", "child"]
