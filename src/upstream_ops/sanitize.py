@@ -1,0 +1,600 @@
+"""Redaction and bounding of every string that is stored, exported or logged.
+
+Upstream errors echo what the service sent: ``Authorization`` headers, ``?api_key=`` query strings,
+JSON bodies with passwords. Every string that reaches a sink, a span or a log goes through a
+:class:`Sanitizer` first, which
+
+* replaces secrets with ``[REDACTED]``, keeping the key or prefix so an operator still sees which kind
+  of secret was there: PEM private keys, the token shapes of :data:`TOKEN_RULES`, and the value of every
+  ``key=value`` / ``key: value`` / JSON / Python-repr pair whose key is secret by
+  :meth:`Sanitizer.is_secret_key`;
+* drops control characters (C0 except tab and newline, DEL, C1, bidi embeddings and overrides; labels
+  and URLs also lose tab and newline) and turns lone surrogates into U+FFFD, so the result always
+  encodes as UTF-8;
+* trims, and cuts to a byte limit on a code-point boundary, ending with ``…[truncated N bytes]``.
+
+Redaction runs before truncation, so a cut can never leave the start of a secret behind. Nothing here
+raises, and the work is linear in the input: every pattern starts with a literal and uses possessive or
+bounded repetition, and input beyond 64 times the limit (at most 1 MiB) is cut before the pattern pass.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Final, NamedTuple
+from urllib.parse import unquote_plus
+
+from upstream_ops.defaults import (
+    DETAIL_MAX_BYTES,
+    LABEL_MAX_BYTES,
+    MESSAGE_MAX_BYTES,
+    URL_MAX_BYTES,
+)
+
+__all__ = [
+    "AUTH_SCHEMES",
+    "NON_SECRET_KEY_QUALIFIERS",
+    "PRIVATE_KEY_RULE",
+    "REDACTED",
+    "SECRET_HEADERS",
+    "SECRET_KEY_SEGMENTS",
+    "SECRET_KEY_SUFFIXES",
+    "TOKEN_RULES",
+    "WHOLE_VALUE_KEY_SEGMENTS",
+    "Sanitizer",
+    "TokenRule",
+    "get_default_sanitizer",
+    "sanitize_detail",
+    "sanitize_headers",
+    "sanitize_label",
+    "sanitize_message",
+    "sanitize_url",
+    "set_default_sanitizer",
+]
+
+REDACTED: Final = "[REDACTED]"
+
+# --- Which keys are secret -------------------------------------------------------------------------
+# A key is split into segments on non-alphanumerics and camelCase boundaries ("X-Amz-Signature" ->
+# x, amz, signature; "clientSecret" -> client, secret; "APIKey" -> api, key), then lowercased.
+
+#: A key is secret when one of its segments is one of these words ...
+SECRET_KEY_SEGMENTS: Final = frozenset(
+    {
+        "key", "keys", "apikeys", "authkey", "appkey", "signingkey", "masterkey", "accesskeyid",
+        "pass", "pwd", "secrets", "passwords", "signatures", "sig", "sid", "sessid", "session",
+        "auth", "oauth", "cookies", "private", "jwt", "bearer", "otp", "totp", "cred", "creds",
+    }
+)  # fmt: skip
+#: ... or ends with one of these (so "pgpassword", "apitoken", "jsessionid", "setcookie" count). The
+#: plural "tokens" is not here: max_tokens, input_tokens, total_tokens ... are counts, not secrets.
+SECRET_KEY_SUFFIXES: Final = (
+    "password", "passwd", "passphrase", "secret", "token", "apikey", "accesskey", "privatekey",
+    "secretkey", "sessionid", "sessionkey", "credential", "credentials", "signature",
+    "authorization", "cookie",
+)  # fmt: skip
+#: A key with one of these segments describes a secret instead of holding one, and is kept:
+#: token_count, max_token, key_type, password_length, secret_name, token_url, key_file. Identifiers are
+#: not in this list on purpose: session_id is a credential, and key_id / AccessKeyId are half of one.
+NON_SECRET_KEY_QUALIFIERS: Final = frozenset(
+    {
+        "count", "counts", "limit", "limits", "max", "min", "total", "length", "len", "size",
+        "type", "kind", "scheme", "method", "format", "usage", "used", "remaining", "expires",
+        "expiry", "expiration", "ttl", "url", "uri", "endpoint", "name", "file", "path",
+        "version", "algorithm", "alg",
+    }
+)  # fmt: skip
+#: When the last segment is one of these, the whole value to the end of the line is the secret
+#: (``Authorization: Digest a="1", b="2"``, ``Cookie: a=1; b=2``), not just its first word.
+WHOLE_VALUE_KEY_SEGMENTS: Final = frozenset({"authorization", "cookie", "cookies"})
+#: Header values always replaced by ``[REDACTED]`` (names compared case-insensitively), on top of
+#: every header whose name is secret by the key rules.
+SECRET_HEADERS: Final = frozenset(
+    {
+        "authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "api-key",
+        "x-goog-api-key", "x-bkapi-authorization",
+    }
+)  # fmt: skip
+#: Scheme words kept in front of a redacted credential: ``Authorization: Bearer [REDACTED]``.
+AUTH_SCHEMES: Final = (
+    "Bearer", "Basic", "Token", "Digest", "Negotiate", "NTLM", "AWS4-HMAC-SHA256", "ApiKey",
+    "Key", "OAuth", "DPoP", "SharedAccessSignature",
+)  # fmt: skip
+
+
+# --- Secrets recognised by their shape -------------------------------------------------------------
+
+
+class TokenRule(NamedTuple):
+    """A secret recognised by its shape.
+
+    ``pattern`` starts with a literal that is rare in prose, and runs only when the single character
+    ``gate`` is in the text (a memchr, not a scan). Its group ``keep``, the prefix that says which kind
+    of secret it was, is kept; the rest of the match becomes ``[REDACTED]``.
+    """
+
+    name: str
+    gate: str
+    pattern: re.Pattern[str]
+
+
+# The character before a token is checked with lookbehinds placed after the leading literal (so the
+# engine can still jump to that literal): "risk-..." or "high_..." are not tokens.
+_CREDENTIAL = r"[A-Za-z0-9._~+/=-]"  # RFC 7235 token68
+# A credential after a bare "Bearer"/"Basic" must not look like a word ("Bearer authentication").
+_NOT_A_WORD = r"(?=[A-Za-z0-9._~+/=-][a-z]{0,22}+[A-Z0-9._~+/=-]|[a-z]{24})"
+_AUTHORITY = r"[^\s/?#@\"'<>\\]"
+
+#: PEM private key blocks, whole; an unterminated block is redacted to the end. Runs first.
+PRIVATE_KEY_RULE: Final = TokenRule(
+    "private_key",
+    "G",
+    re.compile(
+        r"(?P<keep>-----BEGIN (?:[A-Z0-9]{1,24} ){0,4}PRIVATE KEY(?: BLOCK)?-----)"
+        r"(?:.*?-----END [A-Z0-9 ]{0,100}?PRIVATE KEY(?: BLOCK)?-----|.*)",
+        re.DOTALL,
+    ),
+)
+#: Token shapes, applied in this order after the key/value rules.
+TOKEN_RULES: Final = (
+    TokenRule(  # scheme://user:password@host -> scheme://[REDACTED]@host (up to the last "@")
+        "url_userinfo",
+        "@",
+        re.compile(rf"(?P<keep>://)(?:{_AUTHORITY}*+@(?={_AUTHORITY}*+@))*+{_AUTHORITY}*+(?=@)"),
+    ),
+    TokenRule(  # sk-..., sk-proj-..., sk-ant-api03-..., sk_live_...
+        "openai_anthropic_stripe_key",
+        "k",
+        re.compile(
+            r"(?P<keep>k(?<=sk)(?<![A-Za-z0-9]sk)"
+            r"(?:-(?:proj-|svcacct-|admin-|ant-(?:[a-z]{2,8}[0-9]{2}-)?)?|_(?:live|test)_))"
+            r"[A-Za-z0-9_-]{20,}+"
+        ),
+    ),
+    TokenRule(  # AKIA... / ASIA... + 16
+        "aws_access_key_id",
+        "I",
+        re.compile(r"(?P<keep>IA(?<=A[KS]IA)(?<![A-Za-z0-9]A[KS]IA))[A-Z0-9]{16}(?![A-Za-z0-9])"),
+    ),
+    TokenRule(  # AIza...
+        "google_api_key",
+        "z",
+        re.compile(r"(?P<keep>za(?<=AIza)(?<![A-Za-z0-9]AIza))[A-Za-z0-9_-]{30,}+"),
+    ),
+    TokenRule(  # ya29....
+        "google_oauth_token",
+        "9",
+        re.compile(r"(?P<keep>ya29\.(?<![A-Za-z0-9]ya29\.))[A-Za-z0-9_-]{20,}+"),
+    ),
+    TokenRule(  # ghp_, gho_, ghu_, ghs_, ghr_, github_pat_
+        "github_token",
+        "_",
+        re.compile(r"(?P<keep>gh(?<![A-Za-z0-9]gh)(?:[pousr]_|ithub_pat_))[A-Za-z0-9_]{20,}+"),
+    ),
+    TokenRule(  # xoxb-, xoxp-, xoxa-, ..., xapp-
+        "slack_token",
+        "x",
+        re.compile(r"(?P<keep>x(?<![A-Za-z0-9]x)(?:ox[abeoprs]|app)-)[A-Za-z0-9-]{10,}+"),
+    ),
+    TokenRule(  # hf_...
+        "huggingface_token",
+        "_",
+        re.compile(r"(?P<keep>f_(?<=hf_)(?<![A-Za-z0-9]hf_))[A-Za-z0-9]{30,}+"),
+    ),
+    TokenRule(  # header.payload.signature, header starting with eyJ ('{"')
+        "jwt",
+        "J",
+        re.compile(
+            r"(?P<keep>)eyJ(?<![A-Za-z0-9_-]eyJ)[A-Za-z0-9_-]*+\.[A-Za-z0-9_-]++\.[A-Za-z0-9_-]*+"
+        ),
+    ),
+    TokenRule(  # a bare "Bearer <token>" / "Basic <base64>" outside an Authorization pair
+        "bearer_or_basic_credential",
+        "B",
+        re.compile(
+            r"(?P<keep>B(?<![A-Za-z0-9]B)(?:earer|asic)[ \t]++)" + _NOT_A_WORD + _CREDENTIAL + "{8,}+"
+        ),
+    ),
+)
+
+
+# --- Key/value pairs -------------------------------------------------------------------------------
+# A pair is found from its separator: in the reversed text the engine jumps from one "=" (or ":") to
+# the next and reads the key backwards from there, instead of trying a key at every word. Only keys
+# found secret have their value matched, forwards, from the separator.
+_KEY_CHARS = r"A-Za-z0-9_.%\[\]-"
+_REVERSED_KEY = (
+    r"[ \t]{0,16}+(?P<q>\"\\{0,8}+|')?"  # the closing quote of "key", 'key', \"key\" comes first
+    rf"(?P<key>(?(q)[^\"'\\\r\n]{{1,128}}+|[{_KEY_CHARS}]{{1,128}}+(?![{_KEY_CHARS}])))(?(q)(?P=q))"
+)
+_REVERSED_PAIRS: Final = (
+    ("=", re.compile("=" + _REVERSED_KEY)),  # also "=>"
+    (":", re.compile(":" + _REVERSED_KEY)),
+    ("%3", re.compile("[DdAa]3%" + _REVERSED_KEY)),  # %3D, %3A in URL-encoded text
+)
+# The value after a separator. A quoted value may be unterminated (cut off): it is redacted to the end
+# of the line. Each quoted kind has an opening group followed directly by its closing group.
+_VALUE = re.compile(
+    r"""
+    >?[ \t]{0,16}+(?:\n[ \t]{0,64}+(?=["'\\\[{]))?
+    (?:
+        (?P<dqo>")(?:[^"\\\n]|\\.)*+(?P<dqc>"?)
+      | (?P<eqo>\\")(?:[^"\\\n]|\\\\(?:\\.|[^"\\\n])|\\[^"\\\n])*+(?P<eqc>(?:\\")?)
+      | (?P<bqo>\\{2,8}+")(?:(?!(?P=bqo))[^\n])*+(?P<bqc>(?P=bqo)?)
+      | (?P<sqo>[bBrRuU]?')(?:[^'\\\n]|\\.)*+(?P<sqc>'?)
+      | (?P<literal>(?:null|true|false|None|True|False|nil)(?![A-Za-z0-9_-]))
+      | (?P<flat>\[[^\[\]{}]*+\]|\{[^{}]*+\})
+      | (?P<bare>[^\s&;,"'<>(){}\[\]]++)
+    )
+    """,
+    re.VERBOSE | re.DOTALL,
+)
+_QUOTE_CLOSE: Final = frozenset(_VALUE.groupindex[g] for g in ("dqc", "eqc", "bqc", "sqc"))
+_LITERAL: Final = _VALUE.groupindex["literal"]
+_BARE = re.compile(r"[^\s&;,\"'<>(){}\[\]]++")
+_SCHEME = re.compile("(?i:" + "|".join(map(re.escape, AUTH_SCHEMES)) + r")[ \t]++(?=\S)")
+_SEGMENT = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
+_NOT_SECRET, _SECRET, _SECRET_TO_LINE_END = 0, 1, 2
+_KEY_CACHE_SIZE = 4096
+
+# --- Control characters and limits ------------------------------------------------------------------
+# Stripped on the UTF-8 bytes: bytes.translate is far faster than str.translate, and ASCII bytes never
+# occur inside a multi-byte sequence. C1 controls, bidi overrides and lone surrogates are multi-byte.
+_ASCII_CONTROLS = bytes((*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F))
+_TEXT_CONTROLS: Final = (None, _ASCII_CONTROLS)
+_LABEL_CONTROLS: Final = (bytes.maketrans(b"\t\n", b"  "), _ASCII_CONTROLS)
+_URL_CONTROLS: Final = (None, _ASCII_CONTROLS + b"\t\n")
+_UNICODE_CONTROLS: Final = (
+    (b"\xc2", re.compile(rb"\xc2[\x80-\x9f]"), b""),  # C1, U+0080..U+009F
+    (b"\xe2", re.compile(rb"\xe2(?:\x80[\xaa-\xae]|\x81[\xa6-\xa9])"), b""),  # U+202A.., U+2066..
+    (b"\xed", re.compile(rb"\xed[\xa0-\xbf][\x80-\xbf]"), "\ufffd".encode()),  # lone surrogates
+)
+_SCAN_FACTOR = 64  # input beyond this many times the limit is cut before the pattern pass ...
+_SCAN_MIN_CHARS = 4096
+_SCAN_MAX_CHARS = 1 << 20  # ... and never more than 1 MiB is scanned
+_WORD_TAIL = re.compile(r"[A-Za-z0-9+/=_.~%\\-]{0,4096}+")
+_MARKER = "…[truncated {} bytes]"
+
+
+class Sanitizer:
+    """The redaction rules; the module functions use a default instance.
+
+    ``extra_patterns`` (strings or compiled patterns) are replaced by ``[REDACTED]`` after the built-in
+    rules; keeping them linear is up to you. ``extra_secret_keys`` adds secret segments (one-word
+    entries) or whole key names; ``keep_keys`` names keys that are never secret. Names are compared by
+    their lowercased segments, so ``x-request-token``, ``X_Request_Token`` and ``xRequestToken`` match.
+    """
+
+    def __init__(
+        self,
+        *,
+        extra_patterns: Iterable[str | re.Pattern[str]] = (),
+        extra_secret_keys: Iterable[str] = (),
+        keep_keys: Iterable[str] = (),
+    ) -> None:
+        self._extra_patterns = tuple(
+            p if isinstance(p, re.Pattern) else re.compile(p) for p in extra_patterns
+        )
+        segments, names = set(SECRET_KEY_SEGMENTS), set()
+        for key in extra_secret_keys:
+            parts = _segments(key)
+            if parts:
+                (segments if len(parts) == 1 else names).add("".join(parts))
+        self._secret_segments = frozenset(segments)
+        self._secret_names = frozenset(names)
+        self._keep_names = frozenset("".join(_segments(key)) for key in keep_keys)
+        self._modes: dict[str, int] = {}
+        self._reversed_modes: dict[str, int] = {}
+
+    def message(self, text: str | bytes | None, max_bytes: int = MESSAGE_MAX_BYTES) -> str:
+        """An error message, redacted, without control characters, cut to ``max_bytes`` bytes."""
+        return self._clean(text, max_bytes, _TEXT_CONTROLS)
+
+    def detail(self, text: str | bytes | None, max_bytes: int = DETAIL_MAX_BYTES) -> str:
+        """Like :meth:`message`, with the larger limit meant for response bodies and tracebacks."""
+        return self._clean(text, max_bytes, _TEXT_CONTROLS)
+
+    def label(self, text: str | bytes | None, max_bytes: int = LABEL_MAX_BYTES) -> str:
+        """A short field (platform, model, request id ...): like a message, on one line."""
+        return self._clean(text, max_bytes, _LABEL_CONTROLS)
+
+    def url(self, url: str | None, max_bytes: int = URL_MAX_BYTES) -> str:
+        """A URL without userinfo, with the values of secret query and fragment parameters redacted."""
+        try:
+            text, dropped = _coerce(url, _scan_limit(max_bytes))
+            text = _strip_controls(text, _URL_CONTROLS).strip()  # as browsers drop tab and newline
+            if "=" in text:
+                text = self._redact_url_parameters(text)
+            return _fit(self._redact(text).strip(), max_bytes, dropped)
+        except Exception:  # noqa: BLE001 - a sanitizer error must not break the request it records
+            return _fallback(max_bytes)
+
+    def headers(self, headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> dict[str, str]:
+        """Sanitized headers; credentials and secret-named headers become ``[REDACTED]``.
+
+        Names are sanitized as labels; repeated names (compared case-insensitively) are joined with
+        ``", "`` under their first spelling. Bytes pairs (ASGI) are accepted.
+        """
+        out: dict[str, str] = {}
+        spelling: dict[str, str] = {}
+        try:
+            items = headers.items() if isinstance(headers, Mapping) else headers
+            for item in items:
+                try:
+                    raw_name, raw_value = item
+                except (TypeError, ValueError):
+                    continue
+                name = self.label(raw_name)
+                if not name:
+                    continue
+                lower = name.lower()
+                secret = lower in SECRET_HEADERS or self.is_secret_key(name)
+                value = REDACTED if secret else self.label(raw_value)
+                key = spelling.setdefault(lower, name)
+                if key in out and not secret:
+                    value = _fit(f"{out[key]}, {value}", LABEL_MAX_BYTES, 0)
+                out[key] = value
+        except Exception:  # noqa: BLE001, S110 - keep the headers sanitized so far
+            pass
+        return out
+
+    def is_secret_key(self, name: str) -> bool:
+        """Whether a value stored under the key ``name`` is a secret, by its segments."""
+        mode = self._modes.get(name) if isinstance(name, str) else None
+        if mode is None:
+            mode = self._key_mode(name)
+        return mode != _NOT_SECRET
+
+    def _key_mode(self, name: object) -> int:
+        if isinstance(name, bytes | bytearray):
+            name = bytes(name).decode("latin-1")
+        if not isinstance(name, str):
+            return _NOT_SECRET
+        parts = _segments(unquote_plus(name) if "%" in name else name)
+        joined = "".join(parts)
+        if not parts or joined in self._keep_names:
+            mode = _NOT_SECRET
+        elif joined in self._secret_names:
+            mode = _SECRET
+        elif not NON_SECRET_KEY_QUALIFIERS.isdisjoint(parts):
+            mode = _NOT_SECRET
+        elif any(p in self._secret_segments or p.endswith(SECRET_KEY_SUFFIXES) for p in parts):
+            mode = _SECRET_TO_LINE_END if parts[-1] in WHOLE_VALUE_KEY_SEGMENTS else _SECRET
+        else:
+            mode = _NOT_SECRET
+        if len(self._modes) >= _KEY_CACHE_SIZE:
+            self._modes.clear()
+        self._modes[name] = mode
+        return mode
+
+    def _clean(self, value: object, max_bytes: int, controls: tuple[bytes | None, bytes]) -> str:
+        try:
+            text, dropped = _coerce(value, _scan_limit(max_bytes))
+            text = _strip_controls(text, controls)
+            return _fit(self._redact(text).strip(), max_bytes, dropped)
+        except Exception:  # noqa: BLE001 - a sanitizer error must not break the request it records
+            return _fallback(max_bytes)
+
+    def _redact(self, text: str) -> str:
+        if "G" in text and "-----BEGIN" in text:
+            text = PRIVATE_KEY_RULE.pattern.sub(_keep_prefix, text)
+        if "=" in text or ":" in text or ("%" in text and "%3" in text):
+            text = self._redact_pairs(text)
+        for rule in TOKEN_RULES:
+            if rule.gate in text:
+                text = rule.pattern.sub(_keep_prefix, text)
+        for pattern in self._extra_patterns:
+            text = pattern.sub(REDACTED, text)
+        return text
+
+    def _redact_pairs(self, text: str) -> str:
+        """Replace the values of secret keys; keys, and the values of other keys, stay."""
+        size = len(text)
+        reversed_text = text[::-1]
+        modes = self._reversed_modes
+        hits: list[tuple[int, int]] = []  # (index just after the separator, key mode)
+        for gate, pattern in _REVERSED_PAIRS:
+            if gate in text:
+                for match in pattern.finditer(reversed_text):
+                    key = match["key"]
+                    mode = modes.get(key)
+                    if mode is None:
+                        if len(modes) >= _KEY_CACHE_SIZE:
+                            modes.clear()
+                        mode = modes[key] = self._key_mode(key[::-1])
+                    if mode:
+                        hits.append((size - match.start(), mode))
+        if not hits:
+            return text
+        hits.sort()
+        out: list[str] = []
+        done = 0
+        for position, mode in hits:
+            if position >= done:  # else this "key" was inside a value already redacted
+                span = _value_span(text, position, mode)
+                if span is not None:
+                    out += (text[done : span[0]], span[2])
+                    done = span[1]
+        out.append(text[done:])
+        return "".join(out)
+
+    def _redact_url_parameters(self, url: str) -> str:
+        rest, hash_mark, fragment = url.partition("#")
+        base, question_mark, query = rest.partition("?")
+        return (
+            base
+            + question_mark
+            + self._redact_query(query)
+            + hash_mark
+            + self._redact_query(fragment)  # the OAuth implicit flow puts tokens there
+        )
+
+    def _redact_query(self, query: str) -> str:
+        if "=" not in query:
+            return query
+        parameters = query.split("&")
+        for i, parameter in enumerate(parameters):
+            name, equals, value = parameter.partition("=")
+            if value and self.is_secret_key(unquote_plus(name)):
+                parameters[i] = name + equals + REDACTED
+        return "&".join(parameters)
+
+
+def _keep_prefix(match: re.Match[str]) -> str:
+    return match["keep"] + REDACTED
+
+
+def _value_span(text: str, position: int, mode: int) -> tuple[int, int, str] | None:
+    """Where the value after a secret key's separator is, and its replacement (None: keep it)."""
+    match = _VALUE.match(text, position)
+    last = match.lastindex if match else None
+    if match is None or last is None or last == _LITERAL:
+        return None  # nothing there, or null/true/false: worth seeing, and not a secret
+    end = match.end()
+    if last in _QUOTE_CLOSE:
+        start, body, close = match.start(last - 1), match.end(last - 1), match.start(last)
+        if body == close:
+            return None  # "" says that the secret was empty, which is worth seeing
+        scheme = _SCHEME.match(text, body, close) if mode == _SECRET_TO_LINE_END else None
+        keep = match[last - 1] + (scheme[0] if scheme else "")
+        return start, end, keep + REDACTED + match[last]
+    start = match.start(last)
+    if match.lastgroup == "bare" and (mode == _SECRET_TO_LINE_END or text[end : end + 1] in " \t"):
+        scheme = _SCHEME.match(text, start)  # "Bearer abc": keep the scheme, redact the credential
+        if mode == _SECRET_TO_LINE_END:
+            line_end = text.find("\n", start)
+            end = len(text) if line_end < 0 else line_end
+        elif scheme and (credential := _BARE.match(text, scheme.end())):
+            end = credential.end()
+        if scheme and scheme.end() < end:
+            return start, end, scheme[0] + REDACTED
+    return start, end, REDACTED
+
+
+def _segments(name: str) -> list[str]:
+    return [part.lower() for part in _SEGMENT.findall(name[:256])]
+
+
+def _scan_limit(max_bytes: int) -> int:
+    return min(_SCAN_MAX_CHARS, max(_SCAN_FACTOR * max_bytes, _SCAN_MIN_CHARS))
+
+
+def _coerce(value: object, limit: int) -> tuple[str, int]:
+    """The text of ``value``, at most ``limit`` characters, and how many UTF-8 bytes were cut off.
+
+    A cut also drops the credential-like run it lands in, so that half a secret, too short for its
+    pattern, is not kept.
+    """
+    dropped = 0
+    if value is None:
+        return "", 0
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, bytes | bytearray | memoryview):
+        data = bytes(value)
+        if len(data) > limit:
+            dropped = len(data) - limit
+            data = data[:limit]
+        text = data.decode("utf-8", "replace")
+    else:
+        try:
+            text = str(value)
+        except Exception:  # noqa: BLE001 - an object whose __str__ fails is stored as ""
+            return "", 0
+    if len(text) > limit:
+        dropped += _utf8_size(text[limit:])
+        text = text[:limit]
+    if dropped:
+        tail = _WORD_TAIL.match(text[-4096:][::-1])
+        if tail and tail.end():
+            dropped += _utf8_size(text[-tail.end() :])
+            text = text[: -tail.end()]
+    return text, dropped
+
+
+def _strip_controls(text: str, controls: tuple[bytes | None, bytes]) -> str:
+    if len(text) < 64 and text.isprintable():
+        return text
+    data = text.encode("utf-8", "surrogatepass")
+    cleaned = data.translate(*controls)
+    if not text.isascii():
+        for gate, pattern, replacement in _UNICODE_CONTROLS:
+            if gate in cleaned:
+                cleaned = pattern.sub(replacement, cleaned)
+    return text if cleaned == data else cleaned.decode("utf-8", "replace")
+
+
+def _utf8_size(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _fit(text: str, max_bytes: int, dropped: int) -> str:
+    """``text`` cut to ``max_bytes`` UTF-8 bytes on a code-point boundary, the marker included."""
+    if not dropped and len(text) * 4 <= max_bytes:
+        return text
+    data = text.encode("utf-8", "replace")
+    if not dropped and len(data) <= max_bytes:
+        return text
+    total = len(data) + dropped
+    marker_size = len(_MARKER.format(total).encode())  # the most digits the count can have
+    if 2 * marker_size > max_bytes:  # no room for a useful marker: just cut
+        return _head(data, max(max_bytes, 0))[0]
+    if len(data) + marker_size <= max_bytes:  # only the pre-scan cut is missing
+        return text + _MARKER.format(dropped)
+    head, kept = _head(data, max_bytes - marker_size)
+    return head + _MARKER.format(total - kept)
+
+
+def _head(data: bytes, size: int) -> tuple[str, int]:
+    """The first ``size`` bytes of UTF-8 ``data`` without a split code point, and their number."""
+    if size < len(data):
+        while size > 0 and data[size] & 0xC0 == 0x80:  # a continuation byte: back up
+            size -= 1
+    size = min(size, len(data))
+    return data[:size].decode("utf-8", "replace"), size
+
+
+def _fallback(max_bytes: object) -> str:
+    return REDACTED if isinstance(max_bytes, int) and max_bytes >= len(REDACTED) else ""
+
+
+_default_sanitizer = Sanitizer()
+
+
+def get_default_sanitizer() -> Sanitizer:
+    """The sanitizer that the module functions, and so the whole library, use."""
+    return _default_sanitizer
+
+
+def set_default_sanitizer(sanitizer: Sanitizer) -> None:
+    """Make ``sanitizer`` (with your extra patterns and keys) the one every module function uses."""
+    global _default_sanitizer
+    if not isinstance(sanitizer, Sanitizer):
+        raise TypeError(f"expected a Sanitizer, got {type(sanitizer).__name__}")
+    _default_sanitizer = sanitizer
+
+
+def sanitize_message(text: str | bytes | None, max_bytes: int = MESSAGE_MAX_BYTES) -> str:
+    """Redact secrets, drop control characters, trim and cut an error message. Never raises."""
+    return _default_sanitizer.message(text, max_bytes)
+
+
+def sanitize_detail(text: str | bytes | None, max_bytes: int = DETAIL_MAX_BYTES) -> str:
+    """:func:`sanitize_message` with the larger limit for response bodies and tracebacks."""
+    return _default_sanitizer.detail(text, max_bytes)
+
+
+def sanitize_label(text: str | bytes | None, max_bytes: int = LABEL_MAX_BYTES) -> str:
+    """:func:`sanitize_message` for short fields; tabs and newlines become spaces."""
+    return _default_sanitizer.label(text, max_bytes)
+
+
+def sanitize_url(url: str | None, max_bytes: int = URL_MAX_BYTES) -> str:
+    """A URL without userinfo, with secret query and fragment parameter values redacted."""
+    return _default_sanitizer.url(url, max_bytes)
+
+
+def sanitize_headers(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Headers with credential and secret-named values replaced by ``[REDACTED]``."""
+    return _default_sanitizer.headers(headers)
