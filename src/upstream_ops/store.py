@@ -154,7 +154,8 @@ class EventPage:
 
 @dataclass(frozen=True, slots=True)
 class StatsBucket:
-    """Event counts of one time bucket ``[start_ms, start_ms + bucket_ms)`` by group."""
+    """Event counts of one time bucket ``[start_ms, start_ms + bucket_ms)`` by group, largest
+    first (then by name)."""
 
     start_ms: int
     counts: dict[StatsGroup, int]

@@ -410,7 +410,7 @@ def stats(
         bucket_ms=bucket_ms,
         group_by=group_by,
         buckets=[
-            StatsBucket(start, by_bucket.get(start, {}))
+            StatsBucket(start, dict(sorted(by_bucket.get(start, {}).items(), key=_largest_first)))
             for start in range(origin, origin + count * bucket_ms, bucket_ms)
         ],
         groups=dict(sorted(groups.items(), key=_largest_first)),
