@@ -450,7 +450,7 @@
     event.preventDefault();
     refresh();
   });
-  $("reset").addEventListener("click", () => {
+  $("reset-filters").addEventListener("click", () => {
     form.reset();
     refresh();
   });
