@@ -82,30 +82,30 @@ def parse_time(text: str, field: str) -> int:
     )
 
 
+#: The names of the three time parameters: the API's, or a CLI's flags.
+API_TIME_FIELDS: Final = ("start_time", "end_time", "time_range")
+
+
 def resolve_window(
     *,
     now_ms: int,
-    start_time: str | None = None,
-    end_time: str | None = None,
-    time_range: str | None = None,
-    range_field: str = "time_range",
+    start_ms: int | None = None,
+    end_ms: int | None = None,
+    range_ms: int | None = None,
+    fields: tuple[str, str, str] = API_TIME_FIELDS,
 ) -> tuple[int, int]:
-    """``(start_ms, end_ms)`` from the time parameters: ``end_time`` defaults to now, and the start
-    is ``start_time`` or ``end - time_range`` (default ``QUERY_WINDOW_DEFAULT_MS``); at most
-    ``QUERY_WINDOW_MAX_MS`` long."""
-    end = parse_time(end_time, "end_time") if end_time is not None else now_ms
-    if time_range is not None and start_time is not None:
-        raise ParamError(range_field, f"give {range_field} or start_time, not both")
-    if start_time is not None:
-        start = parse_time(start_time, "start_time")
-        field = "start_time"
+    """``(start_ms, end_ms)``: the end defaults to now, the start is ``start_ms`` or ``end -
+    range_ms`` (default ``QUERY_WINDOW_DEFAULT_MS``); the window is non-empty and at most
+    ``QUERY_WINDOW_MAX_MS`` long. Errors name the parameter as ``fields`` spells it."""
+    start_field, _, range_field = fields
+    end = end_ms if end_ms is not None else now_ms
+    if range_ms is not None and start_ms is not None:
+        raise ParamError(range_field, f"give {range_field} or {start_field}, not both")
+    if start_ms is not None:
+        start, field = start_ms, start_field
     else:
-        length = (
-            parse_duration(time_range, range_field)
-            if time_range is not None
-            else QUERY_WINDOW_DEFAULT_MS
-        )
-        start, field = end - length, range_field
+        start = end - (range_ms if range_ms is not None else QUERY_WINDOW_DEFAULT_MS)
+        field = range_field
     if start >= end:
         raise ParamError(field, f"the window is empty: start {start} is not before end {end}")
     if end - start > QUERY_WINDOW_MAX_MS:
@@ -114,7 +114,7 @@ def resolve_window(
             f"the window is longer than the {format_duration(QUERY_WINDOW_MAX_MS)} a query may "
             f"cover ({format_duration(end - start)})",
         )
-    if not start >= -(2**63):
+    if start < -(2**63):
         raise ParamError(field, "the window starts before the earliest time a store can hold")
     return start, end
 
@@ -127,10 +127,10 @@ _NICE_BUCKETS_MS: Final = tuple(
 _AUTO_BUCKETS: Final = 120
 
 
-def auto_bucket_ms(start_ms: int, end_ms: int) -> int:
-    """A round bucket width giving a readable chart (at most 120 buckets) for the window."""
+def auto_bucket_ms(start_ms: int, end_ms: int, max_buckets: int = _AUTO_BUCKETS) -> int:
+    """A round bucket width giving a readable chart (at most ``max_buckets``) for the window."""
     for width in _NICE_BUCKETS_MS:
-        if bucket_count(start_ms, end_ms, width) <= _AUTO_BUCKETS:
+        if bucket_count(start_ms, end_ms, width) <= max_buckets:
             return width
     return _NICE_BUCKETS_MS[-1]
 
@@ -303,11 +303,12 @@ def _boolean(text: str, field: str) -> bool:
 
 
 def _filters(values: dict[str, list[str]], now_ms: int) -> QueryFilter:
+    start_time, end_time, time_range = (_one(values, name) for name in API_TIME_FIELDS)
     start, end = resolve_window(
         now_ms=now_ms,
-        start_time=_one(values, "start_time"),
-        end_time=_one(values, "end_time"),
-        time_range=_one(values, "time_range"),
+        start_ms=parse_time(start_time, "start_time") if start_time is not None else None,
+        end_ms=parse_time(end_time, "end_time") if end_time is not None else None,
+        range_ms=parse_duration(time_range, "time_range") if time_range is not None else None,
     )
     recovered = _one(values, "recovered")
     account = _one(values, "account_id")
