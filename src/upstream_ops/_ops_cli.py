@@ -1,8 +1,8 @@
 """The operators' subcommands of ``upstream-ops``: ``serve``, ``query``, ``tail`` and ``stats``.
 
 ``cli.py`` registers them with ``add_ops_commands`` and runs them with ``run_ops_command``. Tables
-fit the terminal (80 columns when there is none) and show upstream text with control characters
-replaced, so a message cannot move the cursor; JSON output is ASCII, one shape per command.
+fit the terminal (80 columns when there is none, see ``_ops_output``); JSON output is ASCII and has
+the API's shapes.
 """
 
 from __future__ import annotations
@@ -11,16 +11,26 @@ import argparse
 import json
 import os
 import secrets
-import shutil
 import socket
 import sys
 import time
-import unicodedata
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, TextIO, cast
 from urllib.parse import urlsplit, urlunsplit
 
+from upstream_ops._ops_output import (
+    EVENT_COLUMNS,
+    RECORD_COLUMNS,
+    Table,
+    clean,
+    event_cells,
+    event_json,
+    record_cells,
+    stats_json,
+    stats_lines,
+    terminal_width,
+    uses_unicode,
+)
 from upstream_ops._ops_params import (
     ParamError,
     auto_bucket_ms,
@@ -45,7 +55,7 @@ from upstream_ops.defaults import (
     TAIL_RECORDS,
 )
 from upstream_ops.record import RequestRecord
-from upstream_ops.store import GroupBy, QueryFilter, Stats, Store, StoredEvent
+from upstream_ops.store import GroupBy, QueryFilter, Store, StoredEvent
 
 EXIT_USAGE: Final = 2
 EXIT_FAILURE: Final = 1
@@ -367,145 +377,8 @@ def _events(store: Store, filters: QueryFilter, limit: int) -> Iterator[StoredEv
         after = page.next_key
 
 
-# --- text output --------------------------------------------------------------------------------
-
-
-def _clean(value: object) -> str:
-    """One line of text: control characters (newlines, escape sequences) become spaces."""
-    text = "" if value is None else str(value)
-    return "".join(" " if unicodedata.category(c) in ("Cc", "Cf") else c for c in text)
-
-
-def _width(text: str) -> int:
-    return sum(2 if unicodedata.east_asian_width(c) in ("W", "F") else 1 for c in text)
-
-
-def _fit(text: str, width: int) -> str:
-    """``text`` cut to ``width`` terminal columns (``…`` marks a cut) and padded to it."""
-    if _width(text) <= width:
-        return text + " " * (width - _width(text))
-    cut, used = [], 0
-    for c in text:
-        w = _width(c)
-        if used + w > width - 1:
-            break
-        cut.append(c)
-        used += w
-    return "".join(cut) + "…" + " " * (width - 1 - used)
-
-
-class _Table:
-    """Columns of capped width; the last column takes what is left of the terminal."""
-
-    def __init__(self, columns: Sequence[tuple[str, int]], total: int) -> None:
-        self.headers = [header for header, _ in columns]
-        self.caps = [cap for _, cap in columns]
-        self.total = total
-
-    def widths(self, rows: Sequence[Sequence[str]]) -> list[int]:
-        """Each capped column as wide as its longest cell (or its cap when rows are unknown)."""
-        widths = []
-        for i, cap in enumerate(self.caps[:-1]):
-            longest = max([_width(self.headers[i]), *(_width(r[i]) for r in rows)]) if rows else cap
-            widths.append(min(cap, longest))
-        used = sum(widths) + len(widths)
-        widths.append(max(10, self.total - used))
-        return widths
-
-    def line(self, cells: Sequence[str], widths: Sequence[int]) -> str:
-        parts = [_fit(_clean(cell), width) for cell, width in zip(cells, widths, strict=True)]
-        return " ".join(parts).rstrip()
-
-
-def _terminal_width() -> int:
-    return max(60, shutil.get_terminal_size((80, 24)).columns)
-
-
-def _time(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%m-%d %H:%M:%S")
-
-
-def _distinct(values: Iterable[object]) -> list[str]:
-    seen: list[str] = []
-    for value in values:
-        if value not in (None, "", 0) and str(value) not in seen:
-            seen.append(str(value))
-    return seen
-
-
-_RECORD_COLUMNS: Final = (
-    ("TIME (UTC)", 14),
-    ("ST", 3),
-    ("UP", 4),
-    ("REC", 3),
-    ("PLATFORM", 9),
-    ("KIND", 11),
-    ("ROUTE", 12),
-    ("MESSAGE", 0),
-)
-
-
-def _record_cells(record: RequestRecord) -> list[str]:
-    events = record.upstream_errors
-    statuses = (
-        [str(record.upstream_status_code)]
-        if record.upstream_status_code
-        else _distinct(e.upstream_status_code for e in events)
-    )
-    up = statuses[0] + ("+" if len(statuses) > 1 else "") if statuses else ""
-    message = (
-        record.upstream_error_message
-        or (events[-1].message if events else "")
-        or record.error
-        or ""
-    )
-    return [
-        _time(record.started_at_ms),
-        str(record.status_code or ""),
-        up,
-        "yes" if record.recovered else "no",
-        ",".join(_distinct(e.platform for e in events)),
-        ",".join(_distinct(e.kind for e in events)),
-        record.route or record.path,
-        message,
-    ]
-
-
-_EVENT_COLUMNS: Final = (
-    ("TIME (UTC)", 14),
-    ("UP", 3),
-    ("PLATFORM", 10),
-    ("ACCOUNT", 8),
-    ("KIND", 13),
-    ("REQUEST ID", 12),
-    ("MESSAGE", 0),
-)
-
-
-def _event_cells(stored: StoredEvent) -> list[str]:
-    e = stored.event
-    return [
-        _time(e.at_unix_ms),
-        str(e.upstream_status_code or ""),
-        e.platform,
-        e.account_name or (str(e.account_id) if e.account_id else ""),
-        e.kind,
-        stored.request_id,
-        e.message,
-    ]
-
-
 def _json(value: object) -> str:
     return json.dumps(value, ensure_ascii=True, separators=(", ", ": "))
-
-
-def _event_json(stored: StoredEvent) -> dict[str, Any]:
-    return {
-        "record_id": stored.record_id,
-        "seq": stored.seq,
-        "request_id": stored.request_id,
-        **stored.event.to_dict(),
-    }
 
 
 # --- commands -----------------------------------------------------------------------------------
@@ -515,15 +388,15 @@ def _query(store: Store, args: argparse.Namespace, out: TextIO) -> int:
     filters = _filters(args, parse_duration("1h", "--since"))
     if args.events:
         rows: list[Any] = list(_events(store, filters, args.limit))
-        as_json: Callable[[Any], Any] = _event_json
-        table = _Table(_EVENT_COLUMNS, _terminal_width())
-        cells: Callable[[Any], list[str]] = _event_cells
+        as_json: Callable[[Any], Any] = event_json
+        table = Table(EVENT_COLUMNS, terminal_width())
+        cells: Callable[[Any], list[str]] = event_cells
     else:
         rows = list(_records(store, filters, args.limit))
         as_json, table, cells = (
             RequestRecord.to_dict,
-            _Table(_RECORD_COLUMNS, _terminal_width()),
-            _record_cells,
+            Table(RECORD_COLUMNS, terminal_width()),
+            record_cells,
         )
     if args.format == "jsonl":
         for row in rows:
@@ -532,7 +405,7 @@ def _query(store: Store, args: argparse.Namespace, out: TextIO) -> int:
         print(json.dumps([as_json(row) for row in rows], ensure_ascii=True, indent=2), file=out)
     else:
         grid = [cells(row) for row in rows]
-        widths = table.widths([[_clean(c) for c in r] for r in grid])
+        widths = table.widths([[clean(c) for c in r] for r in grid])
         print(table.line(table.headers, widths), file=out)
         for row_cells in grid:
             print(table.line(row_cells, widths), file=out)
@@ -543,7 +416,7 @@ def _query(store: Store, args: argparse.Namespace, out: TextIO) -> int:
 
 def _tail(store: Store, args: argparse.Namespace, out: TextIO) -> int:
     filters = _filters(args, None)
-    table = _Table(_RECORD_COLUMNS, _terminal_width())
+    table = Table(RECORD_COLUMNS, terminal_width())
     widths = table.widths([])
 
     def show(records: Iterable[RequestRecord]) -> None:
@@ -551,7 +424,7 @@ def _tail(store: Store, args: argparse.Namespace, out: TextIO) -> int:
             if args.format == "jsonl":
                 print(_json(record.to_dict()), file=out)
             else:
-                print(table.line(_record_cells(record), widths), file=out)
+                print(table.line(record_cells(record), widths), file=out)
         out.flush()
 
     if args.format == "table":
@@ -589,8 +462,6 @@ def _tail(store: Store, args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _stats(store: Store, args: argparse.Namespace, out: TextIO) -> int:
-    from upstream_ops.ops_app import stats_json
-
     filters = _filters(args, parse_duration("24h", "--since"))
     if args.bucket is None:
         bucket_ms = auto_bucket_ms(filters.start_ms, filters.end_ms, _STATS_CLI_BUCKETS)
@@ -606,69 +477,9 @@ def _stats(store: Store, args: argparse.Namespace, out: TextIO) -> int:
     if args.format == "json":
         print(json.dumps(stats_json(stats), ensure_ascii=True, indent=2), file=out)
         return 0
-    for line in _stats_lines(stats, args.by, _terminal_width(), _unicode(out)):
+    for line in stats_lines(stats, args.by, terminal_width(), uses_unicode(out)):
         print(line, file=out)
     return 0
-
-
-def _unicode(out: TextIO) -> bool:
-    encoding = (getattr(out, "encoding", None) or "").lower().replace("-", "")
-    return encoding in ("utf8", "utf8sig")
-
-
-def _stats_lines(stats: Stats, by: str, width: int, unicode: bool) -> Iterator[str]:
-    span = format_duration(stats.end_ms - stats.start_ms)
-    start = datetime.fromtimestamp(stats.start_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M")
-    end = datetime.fromtimestamp(stats.end_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M")
-    yield f"upstream errors {start} - {end} UTC ({span})"
-    ratio = f" ({stats.recovered_ratio:.0%})" if stats.recovered_ratio is not None else ""
-    yield (
-        f"events {stats.events}   requests {stats.records}   "
-        f"recovered {stats.recovered_records}{ratio}"
-    )
-    yield _trend_line(stats, width, unicode)
-    yield ""
-    label = by.upper()
-    name_width = min(24, max([len(label), *(len(_clean(_group(g))) for g in stats.groups)]))
-    bar_room = max(10, width - name_width - 17)  # name, 2, events 6, 2, share 5, 2, bar
-    yield f"{_fit(label, name_width)}  {'EVENTS':>6}  {'SHARE':>5}"
-    top = max(stats.groups.values(), default=0)
-    bar = "█" if unicode else "#"
-    for group, n in stats.groups.items():
-        share = f"{n / stats.events:.0%}" if stats.events else ""
-        length = max(1, round(n / top * bar_room)) if top else 0
-        yield f"{_fit(_clean(_group(group)), name_width)}  {n:>6}  {share:>5}  {bar * length}"
-    if not stats.groups:
-        yield "(no upstream errors in this window)"
-    if stats.top_messages:
-        yield ""
-        yield "TOP UPSTREAM MESSAGES"
-        for m in stats.top_messages:
-            yield _fit(f"{m.count:>6}  {_clean(m.message)}", width).rstrip()
-
-
-def _trend_line(stats: Stats, width: int, unicode: bool) -> str:
-    """A one-row sparkline of events per bucket, adjacent buckets merged until it fits."""
-    totals = [sum(b.counts.values()) for b in stats.buckets]
-    peak_all = max(totals, default=0)
-    suffix = f"  peak {peak_all}" if peak_all else ""
-    per = 1
-    prefix = f"trend per {format_duration(stats.bucket_ms)}: "
-    while len(totals) > max(1, width - len(prefix) - len(suffix)):
-        per *= 2
-        totals = [sum(totals[i : i + 2]) for i in range(0, len(totals), 2)]
-        prefix = f"trend per {format_duration(stats.bucket_ms * per)}: "
-        suffix = f"  peak {max(totals)}" if peak_all else ""
-    levels = " ▁▂▃▄▅▆▇█" if unicode else " .:-=+*#%"
-    peak = max(totals, default=0)
-    line = "".join(
-        levels[max(1, round(n / peak * (len(levels) - 1)))] if n else levels[0] for n in totals
-    )
-    return prefix + line + suffix
-
-
-def _group(group: object) -> str:
-    return "(none)" if group is None or group == "" else str(group)
 
 
 def _serve(args: argparse.Namespace) -> int:

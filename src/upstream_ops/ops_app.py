@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from upstream_ops._ops_openapi import openapi_document
+from upstream_ops._ops_output import event_json, stats_json, window_json
 from upstream_ops._ops_params import (
     EVENTS,
     RECORDS,
@@ -33,7 +34,7 @@ from upstream_ops._ops_params import (
     parse_stats_query,
 )
 from upstream_ops.record import RequestRecord
-from upstream_ops.store import Stats, Store, StoredEvent
+from upstream_ops.store import Store
 
 __all__ = ["create_ops_app"]
 
@@ -171,7 +172,7 @@ class _OpsApi:
             {
                 "records": [_record_summary(r) for r in page.records],
                 "next_cursor": encode_cursor(page.next_key) if page.next_key else None,
-                "window": _window(query.filters.start_ms, query.filters.end_ms),
+                "window": window_json(query.filters.start_ms, query.filters.end_ms),
             },
             headers=_API_HEADERS,
         )
@@ -198,9 +199,9 @@ class _OpsApi:
         )
         return JSONResponse(
             {
-                "events": [_event_json(e) for e in page.events],
+                "events": [event_json(e) for e in page.events],
                 "next_cursor": encode_cursor(page.next_key) if page.next_key else None,
-                "window": _window(query.filters.start_ms, query.filters.end_ms),
+                "window": window_json(query.filters.start_ms, query.filters.end_ms),
             },
             headers=_API_HEADERS,
         )
@@ -226,10 +227,6 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _window(start_ms: int, end_ms: int) -> dict[str, int]:
-    return {"start_ms": start_ms, "end_ms": end_ms}
-
-
 def _record_summary(record: RequestRecord) -> dict[str, Any]:
     """A record for lists: every key of ``to_dict`` but the long ``detail`` texts, which
     ``/api/records/{request_id}`` returns."""
@@ -238,42 +235,6 @@ def _record_summary(record: RequestRecord) -> dict[str, Any]:
     for event in out["upstream_errors"]:
         event.pop("detail", None)
     return out
-
-
-def _event_json(stored: StoredEvent) -> dict[str, Any]:
-    return {
-        "record_id": stored.record_id,
-        "seq": stored.seq,
-        "request_id": stored.request_id,
-        **stored.event.to_dict(),
-    }
-
-
-def stats_json(stats: Stats) -> dict[str, Any]:
-    """The JSON shape of ``Stats`` (``/api/stats``, ``upstream-ops stats --format json``)."""
-    return {
-        "window": _window(stats.start_ms, stats.end_ms),
-        "bucket_ms": stats.bucket_ms,
-        "group_by": stats.group_by,
-        "buckets": [
-            {
-                "start_ms": bucket.start_ms,
-                "counts": [{"group": g, "count": n} for g, n in bucket.counts.items()],
-            }
-            for bucket in stats.buckets
-        ],
-        "groups": [{"group": g, "count": n} for g, n in stats.groups.items()],
-        "totals": {
-            "events": stats.events,
-            "records": stats.records,
-            "recovered_records": stats.recovered_records,
-            "recovered_ratio": stats.recovered_ratio,
-        },
-        "top_messages": [
-            {"message": m.message, "count": m.count, "last_at_ms": m.last_at_ms}
-            for m in stats.top_messages
-        ],
-    }
 
 
 class _Dashboard:
