@@ -510,6 +510,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((args.host, args.port))
+        sock.listen(2048)  # from now on connections wait for uvicorn instead of being refused
     except OSError as exc:
         sock.close()
         raise _SinkError(
