@@ -482,3 +482,24 @@ def test_under_a_real_server_and_mounted(mounted: str) -> None:
         assert response.status_code == 200
         assert [r["id"] for r in response.json()["records"]] == ["r6", "r5"]
         assert client.get("/ops/api/records/req-r6", headers=AUTH).json()["record"]["id"] == "r6"
+
+
+def test_exported_lazily_so_import_upstream_ops_stays_light() -> None:
+    import subprocess
+    import sys
+
+    import upstream_ops
+
+    assert upstream_ops.create_ops_app is create_ops_app
+    assert "create_ops_app" in upstream_ops.__all__ and "QueryFilter" in upstream_ops.__all__
+    code = "import sys, upstream_ops; print('starlette' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "False"
+
+
+def test_the_operators_doc_names_every_parameter() -> None:
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "operators.md").read_text()
+    for param in PARAMS:
+        assert f"| `{param.name}` |" in doc, param.name
