@@ -22,6 +22,7 @@
   const $ = (id) => document.getElementById(id);
   const form = $("filters");
   let nextCursor = null;
+  let pageParams = new URLSearchParams(); // the filters the shown records were loaded with
   let generation = 0; // a newer refresh makes older answers stale
 
   // --- DOM helpers: text only ------------------------------------------------------------------
@@ -176,6 +177,7 @@
       renderBars($("by-platform"), platforms.groups, "platform");
       renderBars($("by-kind"), kinds.groups, "kind");
       renderTopMessages(trend.top_messages);
+      pageParams = params;
       renderRecords(records, false);
       setStatus(`Updated ${formatTime(Date.now(), false)}.`);
     } catch (error) {
@@ -186,7 +188,7 @@
   async function loadMore() {
     if (!nextCursor) return;
     try {
-      const records = await api("api/records", with_(filterParams(), { limit: String(PAGE_SIZE), cursor: nextCursor }));
+      const records = await api("api/records", with_(pageParams, { limit: String(PAGE_SIZE), cursor: nextCursor }));
       renderRecords(records, true);
     } catch (error) {
       handleError(error);
