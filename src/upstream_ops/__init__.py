@@ -29,6 +29,7 @@ from upstream_ops.events import (
     UpstreamErrorEvent,
     marshal_upstream_errors,
 )
+from upstream_ops.labels import UpstreamLabels, upstream
 from upstream_ops.record import RequestRecord
 from upstream_ops.sanitize import sanitize_headers, sanitize_message
 from upstream_ops.wsgi import UpstreamOpsWSGIMiddleware
@@ -49,6 +50,7 @@ __all__ = [
     "DispatcherStats",
     "RequestRecord",
     "UpstreamErrorEvent",
+    "UpstreamLabels",
     "UpstreamOpsMiddleware",
     "UpstreamOpsWSGIMiddleware",
     "__version__",
@@ -60,6 +62,7 @@ __all__ = [
     "sanitize_headers",
     "sanitize_message",
     "set_upstream_error",
+    "upstream",
     "wrap_context",
 ]
 
