@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from upstream_ops._capture import suppress_capture
 from upstream_ops._version import __version__
 from upstream_ops.collector import (
     Collector,
@@ -31,6 +32,7 @@ from upstream_ops.events import (
 )
 from upstream_ops.labels import UpstreamLabels, upstream
 from upstream_ops.record import RequestRecord
+from upstream_ops.retries import record_failover, record_retry, record_retry_exhausted
 from upstream_ops.sanitize import sanitize_headers, sanitize_message
 from upstream_ops.wsgi import UpstreamOpsWSGIMiddleware
 
@@ -59,9 +61,13 @@ __all__ = [
     "flush",
     "get_upstream_errors",
     "marshal_upstream_errors",
+    "record_failover",
+    "record_retry",
+    "record_retry_exhausted",
     "sanitize_headers",
     "sanitize_message",
     "set_upstream_error",
+    "suppress_capture",
     "upstream",
     "wrap_context",
 ]

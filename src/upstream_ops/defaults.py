@@ -48,3 +48,10 @@ QUERY_LIMIT_MAX: Final = 500
 
 #: Sanitized URLs are cut to this many bytes (query strings run longer than other labels).
 URL_MAX_BYTES: Final = 2048
+
+#: Capture integrations (httpx transports, requests adapter): the statuses recorded as failed
+#: attempts, and how much of an error body is kept. Only what the caller itself reads is captured.
+CAPTURE_STATUSES: Final = range(400, 600)
+CAPTURE_BODY_MAX_BYTES: Final = 2048
+#: Lines of a ``text/event-stream`` longer than this are skipped while looking for error events.
+SSE_LINE_MAX_BYTES: Final = 16 * 1024
