@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import pickle
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -322,3 +323,15 @@ def test_no_planted_secret_reaches_an_event(up: str) -> None:
             s.get(f"http://{dead}/v1?api_key={SECRET}&client_secret={PASSWORD}")
     assert [e.kind for e in collector.events] == ["http_error", "request_error"]
     assert_no_secrets(collector.events)
+
+
+def test_a_tapped_response_is_freed_without_the_garbage_collector(up: str) -> None:
+    with session() as s, collecting():
+        response = s.get(f"{up}/envelope/openai")
+        alive = weakref.ref(response)
+        gc.disable()
+        try:
+            del response
+            assert alive() is None  # no reference cycle keeps the body in memory
+        finally:
+            gc.enable()

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextvars
 import copy
-import functools
 import logging
+import weakref
 from collections.abc import Container, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Self, cast
@@ -226,24 +226,35 @@ class UpstreamOpsAdapter(HTTPAdapter):
 
 
 def _tap(response: requests.Response, attempt: Attempt) -> None:
-    """Show the attempt what the caller reads: ``iter_content`` feeds every reader of requests."""
-    iter_content = response.iter_content
-    close = response.close
+    """Show the attempt what the caller reads: ``iter_content`` feeds every reader of requests.
+
+    Instance attributes shadow the two methods for this response only; its class stays requests'.
+    They hold the response weakly: a reference cycle would keep every body alive until the
+    garbage collector's next full pass.
+    """
+    cls = type(response)
+    ref = weakref.ref(response)
 
     def captured_iter_content(
         chunk_size: int | None = 1, decode_unicode: bool = False
     ) -> Iterator[Any]:
-        return _captured(iter_content(chunk_size, decode_unicode), attempt)
+        return _captured(cls.iter_content(_alive(ref), chunk_size, decode_unicode), attempt)
 
     def captured_close() -> None:
         try:
-            close()
+            cls.close(_alive(ref))
         finally:
             attempt.body_ended()
 
-    # Instance attributes shadow the methods for this response only; its class stays requests'.
-    response.iter_content = functools.update_wrapper(captured_iter_content, iter_content)  # type: ignore[method-assign]
-    response.close = functools.update_wrapper(captured_close, close)  # type: ignore[method-assign]
+    response.iter_content = captured_iter_content  # type: ignore[method-assign]
+    response.close = captured_close  # type: ignore[method-assign]
+
+
+def _alive(ref: weakref.ref[requests.Response]) -> requests.Response:
+    response = ref()
+    if response is None:  # only reachable through a method taken off a response since collected
+        raise ReferenceError("the response was garbage-collected")
+    return response
 
 
 def _captured(chunks: Iterator[Any], attempt: Attempt) -> Iterator[Any]:
