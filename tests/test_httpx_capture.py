@@ -671,3 +671,22 @@ def test_no_planted_secret_reaches_an_event(up: str, dropping: str) -> None:
     assert "model=gpt-4o" in echo.upstream_url and "[REDACTED]" in echo.upstream_url
     assert "Incorrect API key provided" in echo.message
     assert json.loads(json.dumps(echo.to_dict()))["error_class"] == "auth"
+
+
+def test_error_bodies_are_read_in_their_declared_charset() -> None:
+    body = '{"code":1640001,"code_name":"INVALID_ARGS","message":"参数错误","result":false}'
+    transport = httpx.MockTransport(
+        lambda request: httpx.Response(
+            400,
+            content=body.encode("gbk"),
+            headers={"content-type": "application/json; charset=gbk"},
+        )
+    )
+    with httpx.Client(transport=UpstreamOpsTransport(transport)) as client, collecting() as c:
+        client.get("https://bkapi.example/")
+    [event] = c.events
+    assert (event.message, event.detail, event.provider_error_type) == (
+        "参数错误",
+        body,
+        "INVALID_ARGS",
+    )

@@ -33,7 +33,13 @@ from upstream_ops.classify import (
 )
 from upstream_ops.collector import Collector, _current
 from upstream_ops.defaults import CAPTURE_BODY_MAX_BYTES, CAPTURE_STATUSES, SSE_LINE_MAX_BYTES
-from upstream_ops.envelopes import ProviderError, _header, _looks_binary, parse_error_body
+from upstream_ops.envelopes import (
+    ProviderError,
+    _decode,
+    _header,
+    _looks_binary,
+    parse_error_body,
+)
 from upstream_ops.events import HTTP_ERROR, REQUEST_ERROR, STREAM_ERROR, UpstreamErrorEvent
 from upstream_ops.labels import UpstreamLabels, current_labels, make_labels
 
@@ -105,13 +111,14 @@ class CaptureOptions:
         )
 
 
-# What the body of a received response is watched for.
-_WATCH: Final = 0  # a success: only a failure while reading it is an event
-_ERROR_BODY: Final = (
-    1  # a recorded status: keep the head of what the caller reads, record at the end
-)
-_EVENT_STREAM: Final = 2  # a 2xx event stream: look for error events
-_DONE: Final = 3  # recorded, or finished without an event
+# What the body of a received response is watched for:
+# a success (only a failure while reading it is an event); a recorded status (keep the head of what
+# the caller reads, record at the end); a 2xx event stream (look for error events); done (recorded,
+# or finished without an event).
+_WATCH: Final = 0
+_ERROR_BODY: Final = 1
+_EVENT_STREAM: Final = 2
+_DONE: Final = 3
 
 #: ``error.type`` of an error event in a stream that names no type (OpenTelemetry's fallback value).
 _OTHER_ERROR_TYPE: Final = "_OTHER"
@@ -284,15 +291,16 @@ class Attempt:
         provider: ProviderError | None = None
         if kind == HTTP_ERROR:
             body = bytes(self._body or b"")
+            content_type = _header(headers, "content-type")
             provider = parse_error_body(
-                body, _header(headers, "content-type"), headers, max_bytes=options.max_body_bytes
+                body, content_type, headers, max_bytes=options.max_body_bytes
             )
             event.error_class = error_class_for_status(status)
             event.error_type = error_type_for(status, None)
             event.retryable = is_retryable(status, headers)
             event.retry_after_ms = retry_after_ms(headers)
             event.message = (provider.message if provider else "") or _reason_phrase(status)
-            event.detail = _body_text(body)
+            event.detail = _body_text(body, content_type)
         elif exc is not None:
             error_class = error_class_for_exception(exc)
             event.phase = phase_for_exception(exc)
@@ -313,7 +321,7 @@ class Attempt:
                 event.retryable = is_retryable(int(code))
             event.error_type = (provider.type if provider else "") or _OTHER_ERROR_TYPE
             event.message = (provider.message if provider else "") or "error event in the stream"
-            event.detail = _body_text(stream_data)
+            event.detail = _body_text(stream_data, "")
         if provider is not None:
             event.provider_error_type = provider.type
             event.provider_error_code = provider.code
@@ -336,8 +344,9 @@ def _exception_message(exc: BaseException) -> str:
     return text or error_type_for(None, exc)
 
 
-def _body_text(body: bytes) -> str:
-    text = body.decode("utf-8", "replace")
+def _body_text(body: bytes, content_type: str) -> str:
+    """The body as text in its declared charset (UTF-8 by default), or a note that it is binary."""
+    text = _decode(body, content_type, len(body))
     if text and _looks_binary(text):
         return f"[{len(body)} bytes of binary data]"
     return text
