@@ -690,3 +690,17 @@ def test_error_bodies_are_read_in_their_declared_charset() -> None:
         body,
         "INVALID_ARGS",
     )
+
+
+def test_a_response_closed_unread_by_its_transport_is_recorded_without_a_body() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        response = httpx.Response(502, stream=httpx.ByteStream(b"never read"))
+        response.close()
+        return response
+
+    transport = UpstreamOpsTransport(httpx.MockTransport(handler))
+    with collecting() as collector:
+        response = transport.handle_request(httpx.Request("GET", "https://api.example/"))
+    assert response.status_code == 502
+    [event] = collector.events
+    assert (event.upstream_status_code, event.detail, event.message) == (502, "", "502 Bad Gateway")

@@ -9,6 +9,7 @@ failed attempt made during a request becomes one event. Outside a request, or in
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Container, Iterator
 from types import TracebackType
 from typing import TypeVar, overload
@@ -149,7 +150,8 @@ def _watch(attempt: Attempt, response: httpx.Response) -> bool:
     if attempt.received(response.status_code, response.headers, _content_type(response.headers)):
         attempt.record_on_collect(response)
     if response.is_closed:  # built with content=...: the body is already in memory
-        attempt.feed(response.content)
+        with contextlib.suppress(httpx.ResponseNotRead):  # closed unread: nothing to see
+            attempt.feed(response.content)
         attempt.body_ended()
         return False
     return True
