@@ -27,6 +27,7 @@ from upstream_ops.defaults import (
     SINK_ENV_VAR,
 )
 from upstream_ops.dispatcher import Dispatcher
+from upstream_ops.events import UpstreamErrorEvent
 from upstream_ops.record import RequestRecord
 from upstream_ops.sanitize import sanitize_label, sanitize_message
 from upstream_ops.sinks.base import Sink
@@ -55,14 +56,21 @@ def default_should_record(record: RequestRecord) -> bool:
     )
 
 
-def had_upstream_trouble(collector: Collector) -> bool:
-    """The request recorded upstream events (kept or dropped) or an upstream failure summary."""
-    return bool(collector.events or collector.upstream_status_code or collector.dropped_events)
+def had_upstream_trouble(
+    collector: Collector, events: list[UpstreamErrorEvent] | None = None
+) -> bool:
+    """The request recorded upstream events (kept or dropped) or an upstream failure summary.
+
+    ``events``: the collector's events when the caller already has them (saves a copy).
+    """
+    if collector.upstream_status_code or collector.dropped_events:
+        return True
+    return bool(collector.events if events is None else events)
 
 
-def is_recovered(collector: Collector, status_code: int) -> bool:
+def is_recovered(had_trouble: bool, status_code: int) -> bool:
     """The client got a status below 400 although upstream trouble was recorded."""
-    return 0 < status_code < 400 and had_upstream_trouble(collector)
+    return had_trouble and 0 < status_code < 400
 
 
 def resolve_sink(sink: Sink | str | None) -> Sink:
@@ -180,7 +188,7 @@ class Recorder:
             upstream_errors=events,
             dropped_events=collector.dropped_events,
             error=sanitize_label(_qualified_name(error)) if error is not None else None,
-            recovered=is_recovered(collector, facts.status_code),
+            recovered=is_recovered(had_upstream_trouble(collector, events), facts.status_code),
             trace_id=trace_id,
             span_id=span_id,
         )

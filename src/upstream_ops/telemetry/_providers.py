@@ -13,7 +13,6 @@ from typing import Any
 
 from opentelemetry import metrics, trace
 
-_MISSING = object()
 _metrics_api: Any = importlib.import_module("opentelemetry.metrics._internal")
 
 _NOOP_TRACER_PROVIDERS = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
@@ -31,30 +30,30 @@ def is_noop_meter_provider(provider: metrics.MeterProvider) -> bool:
     return isinstance(provider, _NOOP_METER_PROVIDERS)
 
 
+_READ_GLOBALS = hasattr(trace, "_TRACER_PROVIDER") and hasattr(_metrics_api, "_METER_PROVIDER")
+
+
 def global_tracer_provider_set() -> bool:
     """Whether a real (SDK or vendor) global tracer provider is set."""
-    provider = getattr(trace, "_TRACER_PROVIDER", _MISSING)
-    if provider is _MISSING:
-        provider = trace.get_tracer_provider()
+    provider = trace._TRACER_PROVIDER if _READ_GLOBALS else trace.get_tracer_provider()
     return provider is not None and not isinstance(provider, _NOOP_TRACER_PROVIDERS)
 
 
 def global_meter_provider_set() -> bool:
     """Whether a real (SDK or vendor) global meter provider is set."""
-    provider = getattr(_metrics_api, "_METER_PROVIDER", _MISSING)
-    if provider is _MISSING:
-        provider = metrics.get_meter_provider()
+    provider = _metrics_api._METER_PROVIDER if _READ_GLOBALS else metrics.get_meter_provider()
     return provider is not None and not isinstance(provider, _NOOP_METER_PROVIDERS)
 
 
 class ProviderLiveness:
     """Whether spans and measurements would be recorded, for one pair of (optional) providers.
 
-    An explicit provider is decided once; a global one is re-checked until it is set, then
-    remembered (the API refuses to replace a global provider).
+    ``tracing`` and ``metrics`` are plain attributes, read on every request. An explicit provider is
+    decided once; while a global one is unset, :meth:`refresh` looks again (the request path calls
+    it when ``unset`` is true), and once set it is remembered: the API never replaces it.
     """
 
-    __slots__ = ("_meter_global", "_metrics", "_tracer_global", "_tracing")
+    __slots__ = ("_meter_global", "_tracer_global", "metrics", "tracing", "unset")
 
     def __init__(
         self,
@@ -68,17 +67,24 @@ class ProviderLiveness:
             metrics.get_meter_provider()
         self._tracer_global = tracer_provider is None
         self._meter_global = meter_provider is None
-        self._tracing = tracer_provider is not None and not is_noop_tracer_provider(tracer_provider)
-        self._metrics = meter_provider is not None and not is_noop_meter_provider(meter_provider)
+        self.tracing = tracer_provider is not None and not is_noop_tracer_provider(tracer_provider)
+        self.metrics = meter_provider is not None and not is_noop_meter_provider(meter_provider)
+        self.unset = True
+        self.refresh()
 
-    @property
-    def tracing(self) -> bool:
-        if not self._tracing and self._tracer_global and global_tracer_provider_set():
-            self._tracing = True
-        return self._tracing
-
-    @property
-    def metrics(self) -> bool:
-        if not self._metrics and self._meter_global and global_meter_provider_set():
-            self._metrics = True
-        return self._metrics
+    def refresh(self) -> None:
+        # The no-SDK request path runs this on every request: the common case reads two globals.
+        if (
+            _READ_GLOBALS
+            and trace._TRACER_PROVIDER is None
+            and _metrics_api._METER_PROVIDER is None
+        ):
+            return
+        unset = False
+        if self._tracer_global and not self.tracing:
+            self.tracing = global_tracer_provider_set()
+            unset = not self.tracing
+        if self._meter_global and not self.metrics:
+            self.metrics = global_meter_provider_set()
+            unset = unset or not self.metrics
+        self.unset = unset

@@ -109,20 +109,21 @@ class ServerTelemetry:
         """
         try:
             live = self._live
-            measuring = live.metrics
+            if live.unset:
+                live.refresh()
             current = trace.get_current_span()
             span: Span | None = None
             owned: tuple[Context, str] | None = None
             pending = False
-            if _is_server_span(current):
+            if current.is_recording() and _is_server_span(current):
                 span = current
             elif span_started_by_app:
                 pending = True
-            elif self.create_server_span and live.tracing:
+            elif live.tracing and self.create_server_span:
                 span, owned = self._start_span(describe(source))
-            elif not measuring:
+            elif not live.metrics:
                 return None
-            request = RequestTelemetry(self, collector, span, owned, pending, measuring)
+            request = RequestTelemetry(self, collector, span, owned, pending, live.metrics)
             collector.listeners.append(request.on_event)
             return request
         except Exception:
@@ -227,11 +228,15 @@ class RequestTelemetry:
         of the request context: what is known now goes on the span now. :meth:`end` refreshes it
         if the span is still open then.
         """
+        if self._owned is not None:
+            return  # a span started here ends in end()
         try:
             self.adopt_current_span()
             span = self.span
             if span is not None and span.is_recording():
-                self._set_upstream_attributes(span, status_code)
+                attributes = self._upstream_attributes(status_code)
+                if attributes:
+                    span.set_attributes(attributes)
         except Exception:
             logger.exception("upstream_ops: could not annotate the server span")
 
@@ -242,26 +247,28 @@ class RequestTelemetry:
             return
         try:
             if span.is_recording():
-                self._set_upstream_attributes(span, status_code)
+                attributes = self._upstream_attributes(status_code)
                 if self._owned is not None:
-                    _set_response_attributes(span, self._owned[1], status_code, route, error)
+                    _end_owned_span(span, self._owned[1], attributes, status_code, route, error)
+                elif attributes:
+                    span.set_attributes(attributes)
         except Exception:
             logger.exception("upstream_ops: could not annotate the server span")
         finally:
             if self._owned is not None:
                 span.end()
 
-    def _set_upstream_attributes(self, span: Span, status_code: int) -> None:
+    def _upstream_attributes(self, status_code: int) -> dict[str, AttributeValue]:
+        """``upstream.error_count`` and ``upstream.recovered``; none without upstream trouble."""
         collector = self._collector
-        if not had_upstream_trouble(collector):
-            return
-        span.set_attributes(
-            {
-                UPSTREAM_ERROR_COUNT: len(collector.events) + collector.dropped_events,
-                UPSTREAM_RECOVERED: is_recovered(collector, status_code),
-                UPSTREAM_OPS_REQUEST_ID: collector.request_id,
-            }
-        )
+        events = collector.events
+        if not had_upstream_trouble(collector, events):
+            return {}
+        return {
+            UPSTREAM_ERROR_COUNT: len(events) + collector.dropped_events,
+            UPSTREAM_RECOVERED: is_recovered(True, status_code),
+            UPSTREAM_OPS_REQUEST_ID: collector.request_id,
+        }
 
 
 def _is_server_span(span: Span) -> bool:
@@ -291,20 +298,28 @@ def _server_attributes(request: IncomingRequest) -> dict[str, AttributeValue]:
     return attributes
 
 
-def _set_response_attributes(
-    span: Span, name: str, status_code: int, route: str | None, error: BaseException | None
+def _end_owned_span(
+    span: Span,
+    name: str,
+    attributes: dict[str, AttributeValue],
+    status_code: int,
+    route: str | None,
+    error: BaseException | None,
 ) -> None:
-    """Semconv for a span started here: ``{method} {route}``, status code, ``error.type``, ERROR."""
+    """Semconv for a span started here: ``{method} {route}``, status code, ``error.type``, ERROR.
+
+    A 4xx, and a recovered upstream failure, are not errors of this operation: status stays unset.
+    """
     if route:
-        span.set_attribute("http.route", route)
+        attributes["http.route"] = route
         span.update_name(f"{name} {route}")
     if status_code > 0:
-        span.set_attribute(HTTP_RESPONSE_STATUS_CODE, status_code)
+        attributes[HTTP_RESPONSE_STATUS_CODE] = status_code
+    failed = error is not None or status_code >= 500
     if error is not None:
-        error_type = sanitize_label(_qualified_name(error))
-    elif status_code >= 500:
-        error_type = str(status_code)
-    else:
-        return  # < 500: a recovered upstream failure is not an error of this operation
-    span.set_attribute(ERROR_TYPE, error_type)
-    span.set_status(StatusCode.ERROR)
+        attributes[ERROR_TYPE] = sanitize_label(_qualified_name(error))
+    elif failed:
+        attributes[ERROR_TYPE] = str(status_code)
+    span.set_attributes(attributes)
+    if failed:
+        span.set_status(StatusCode.ERROR)
