@@ -30,7 +30,14 @@ from upstream_ops.events import (
     marshal_upstream_errors,
 )
 from upstream_ops.record import RequestRecord
-from upstream_ops.sanitize import sanitize_headers, sanitize_message
+from upstream_ops.sanitize import (
+    Sanitizer,
+    sanitize_detail,
+    sanitize_headers,
+    sanitize_label,
+    sanitize_message,
+    sanitize_url,
+)
 from upstream_ops.wsgi import UpstreamOpsWSGIMiddleware
 
 if TYPE_CHECKING:
@@ -48,6 +55,7 @@ __all__ = [
     "Dispatcher",
     "DispatcherStats",
     "RequestRecord",
+    "Sanitizer",
     "UpstreamErrorEvent",
     "UpstreamOpsMiddleware",
     "UpstreamOpsWSGIMiddleware",
@@ -57,8 +65,11 @@ __all__ = [
     "flush",
     "get_upstream_errors",
     "marshal_upstream_errors",
+    "sanitize_detail",
     "sanitize_headers",
+    "sanitize_label",
     "sanitize_message",
+    "sanitize_url",
     "set_upstream_error",
     "wrap_context",
 ]
