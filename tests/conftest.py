@@ -6,13 +6,15 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from upstream_ops.dispatcher import Dispatcher
-from upstream_ops.sinks import MemorySink
+from upstream_ops.sinks import MemorySink, SQLiteSink
+from upstream_ops.store import Store
 
 
 @contextmanager
@@ -74,6 +76,27 @@ def dispatcher(memory_sink: MemorySink) -> Iterator[Dispatcher]:
     d = Dispatcher(memory_sink, batch_interval=0.02)
     yield d
     d.close(timeout=5)
+
+
+@contextmanager
+def sqlite_store(tmp_path: Path) -> Iterator[Store]:
+    sink = SQLiteSink(tmp_path / "store.db")
+    try:
+        yield sink
+    finally:
+        sink.close()
+
+
+#: The queryable stores that the read-side tests (test_store.py, test_ops_app.py) run against, each
+#: built empty. PostgreSQL joins this table when its store is on this branch.
+STORES: dict[str, Callable[[Path], AbstractContextManager[Store]]] = {"sqlite": sqlite_store}
+
+
+@pytest.fixture(params=sorted(STORES))
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """An empty store of each kind in ``STORES``."""
+    with STORES[request.param](tmp_path) as built:
+        yield built
 
 
 class OTel:

@@ -38,10 +38,12 @@ from upstream_ops.sanitize import (
     sanitize_message,
     sanitize_url,
 )
+from upstream_ops.store import QueryFilter, Store
 from upstream_ops.wsgi import UpstreamOpsWSGIMiddleware
 
 if TYPE_CHECKING:
     from upstream_ops.asgi import UpstreamOpsMiddleware
+    from upstream_ops.ops_app import create_ops_app
 
 __all__ = [
     "CIRCUIT_OPEN",
@@ -54,13 +56,16 @@ __all__ = [
     "Collector",
     "Dispatcher",
     "DispatcherStats",
+    "QueryFilter",
     "RequestRecord",
     "Sanitizer",
+    "Store",
     "UpstreamErrorEvent",
     "UpstreamOpsMiddleware",
     "UpstreamOpsWSGIMiddleware",
     "__version__",
     "append_upstream_error",
+    "create_ops_app",
     "current_collector",
     "flush",
     "get_upstream_errors",
@@ -81,4 +86,8 @@ def __getattr__(name: str) -> Any:
         from upstream_ops.asgi import UpstreamOpsMiddleware
 
         return UpstreamOpsMiddleware
+    if name == "create_ops_app":  # the ops app is Starlette too
+        from upstream_ops.ops_app import create_ops_app
+
+        return create_ops_app
     raise AttributeError(f"module 'upstream_ops' has no attribute {name!r}")

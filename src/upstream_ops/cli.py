@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from upstream_ops._ops_cli import OPS_COMMANDS, add_ops_commands, run_ops_command
 from upstream_ops._version import __version__
 
 EXIT_USAGE = 2
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run a flaky upstream and a gateway, show the records")
     demo.add_argument("--db", type=Path, default=None, help="SQLite file to keep (default: temp)")
     demo.add_argument("--requests", type=int, default=36, help="client requests to send")
+    add_ops_commands(commands)
     return parser
 
 
@@ -38,6 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _demo(args)
+        if args.command in OPS_COMMANDS:
+            return run_ops_command(args)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:

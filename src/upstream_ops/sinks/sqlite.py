@@ -12,11 +12,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
-from upstream_ops.defaults import QUERY_LIMIT
+from upstream_ops.defaults import QUERY_LIMIT, STATS_TOP_MESSAGES
 from upstream_ops.events import UpstreamErrorEvent
 from upstream_ops.record import RequestRecord
+from upstream_ops.sinks import _search
 from upstream_ops.sinks._query import (
     SCHEMA_TABLE_DDL,
     SCHEMA_VERSION,
@@ -32,6 +33,15 @@ from upstream_ops.sinks._query import (
     records_select,
     schema_ddl,
     validate_query,
+)
+from upstream_ops.store import (
+    EventKey,
+    EventPage,
+    GroupBy,
+    QueryFilter,
+    RecordKey,
+    RecordPage,
+    Stats,
 )
 
 logger = logging.getLogger(__name__)
@@ -169,6 +179,47 @@ class SQLiteSink:
         sql, params = events_select(query, "?")
         rows = self._retrying(lambda: self._connection().execute(sql, params).fetchall())
         return [event_from_row(row) for row in rows]
+
+    def search_records(
+        self, filters: QueryFilter, *, limit: int = QUERY_LIMIT, after: RecordKey | None = None
+    ) -> RecordPage:
+        """Records matching ``filters``, newest first, one page (see ``Store``)."""
+        return _search.search_records(
+            self._select, _search.SQLITE, filters, limit=limit, after=after
+        )
+
+    def search_events(
+        self, filters: QueryFilter, *, limit: int = QUERY_LIMIT, after: EventKey | None = None
+    ) -> EventPage:
+        """Events matching ``filters``, newest first, one page (see ``Store``)."""
+        return _search.search_events(
+            self._select, _search.SQLITE, filters, limit=limit, after=after
+        )
+
+    def get_record(self, request_id: str) -> RequestRecord | None:
+        """The newest record with this request id, or ``None``."""
+        return _search.get_record(self._select, _search.SQLITE, request_id)
+
+    def stats(
+        self,
+        filters: QueryFilter,
+        *,
+        bucket_ms: int,
+        group_by: GroupBy,
+        top_messages: int = STATS_TOP_MESSAGES,
+    ) -> Stats:
+        """Events per time bucket and group, record totals and top messages (see ``Store``)."""
+        return _search.stats(
+            self._select,
+            _search.SQLITE,
+            filters,
+            bucket_ms=bucket_ms,
+            group_by=group_by,
+            top_messages=top_messages,
+        )
+
+    def _select(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        return self._retrying(lambda: self._connection().execute(sql, params).fetchall())
 
     # --- writing ----------------------------------------------------------------------------------
 
