@@ -290,3 +290,13 @@ async def test_a_planted_secret_never_reaches_a_span_an_event_or_a_metric(otel: 
     assert SECRET not in exported
     assert SECRET[8:20] not in exported  # not even a part of it
     assert len(otel.spans()) == 2
+
+
+def test_the_request_telemetry_lets_go_of_the_collector_at_the_end(otel: OTel) -> None:
+    """No reference cycle survives a request: the collector drops its telemetry listener."""
+    telemetry = ServerTelemetry(meter_provider=otel.meter_provider, create_server_span=False)
+    collector = Collector("r")
+    request = telemetry.start(collector, lambda _: None, None)  # type: ignore[arg-type, return-value]
+    assert request is not None and collector.listeners == [request.on_event]
+    request.end(status_code=200, route=None, error=None)
+    assert collector.listeners == []

@@ -20,7 +20,7 @@ import upstream_ops
 from upstream_ops import RequestRecord, UpstreamOpsMiddleware, append_upstream_error
 from upstream_ops.sinks import MemorySink
 
-from .conftest import OTel, serve_asgi
+from .conftest import OTel, serve_asgi, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -327,6 +327,8 @@ async def test_under_uvicorn_with_a_real_client(otel: OTel) -> None:
     with serve_asgi(gateway(sink, otel)) as url:
         response = httpx.post(f"{url}/generate/1", headers={"traceparent": TRACEPARENT})
     assert response.status_code == 200
+    # The span ends, and the record is built, just after the client has the response.
+    assert wait_for(lambda: len(otel.spans()) == 1 and upstream_ops.flush(5) and bool(sink.records))
     [span] = otel.spans()
     assert span.attributes["server.address"] == "127.0.0.1"
     assert span.attributes["server.port"] == int(url.rsplit(":", 1)[1])

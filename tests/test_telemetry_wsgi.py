@@ -17,16 +17,25 @@ from upstream_ops import RequestRecord, UpstreamOpsWSGIMiddleware, append_upstre
 from upstream_ops.flask import UpstreamOps
 from upstream_ops.sinks import MemorySink
 
-from .conftest import OTel, serve_wsgi
+from .conftest import OTel, serve_wsgi, wait_for
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
 
 
-def records_of(sink: MemorySink) -> list[RequestRecord]:
-    assert upstream_ops.flush(timeout=5)
+# waitress may close the response iterable (where the record is built and a span started here
+# ends) just after the client has the whole response: wait for them.
+
+
+def records_of(sink: MemorySink, count: int = 1) -> list[RequestRecord]:
+    assert wait_for(lambda: upstream_ops.flush(timeout=5) and len(sink.records) >= count)
     return list(sink.records)
+
+
+def spans_of(otel: OTel, count: int = 1) -> list[Any]:
+    assert wait_for(lambda: len(otel.spans()) >= count)
+    return otel.spans()
 
 
 def fail(attempt: int, status: int = 429) -> None:
@@ -84,7 +93,7 @@ def test_own_server_span_for_a_flask_app(otel: OTel) -> None:
     with serve_wsgi(app) as url:
         response = httpx.post(f"{url}/generate/2", headers={"traceparent": TRACEPARENT})
     assert response.status_code == 200
-    [span] = otel.spans()
+    [span] = spans_of(otel)
     assert (span.name, span.kind) == ("POST /generate/<int:n>", SpanKind.SERVER)
     attributes = dict(span.attributes)
     assert attributes.pop("server.port") == int(url.rsplit(":", 1)[1])
@@ -114,7 +123,7 @@ def test_own_span_covers_a_streamed_body_and_an_exception(otel: OTel) -> None:
     with serve_wsgi(app) as url:
         assert httpx.get(f"{url}/stream").text == "one\ntwo\n"
         assert httpx.get(f"{url}/boom").status_code == 500
-    spans = {span.name: span for span in otel.spans()}
+    spans = {span.name: span for span in spans_of(otel, 2)}
     assert events_of(spans["GET /stream"]) == [1, 2]
     boom = spans["GET /boom"]
     assert boom.status.status_code is StatusCode.ERROR
@@ -133,7 +142,7 @@ def test_flask_instrumentation_span_is_adopted_not_doubled(
     with serve_wsgi(app) as url:
         response = httpx.post(f"{url}/generate/3", headers={"traceparent": TRACEPARENT})
     assert response.status_code == 200
-    [span] = otel.spans()
+    [span] = spans_of(otel)
     assert span.instrumentation_scope.name == "opentelemetry.instrumentation.flask"
     assert span.kind is SpanKind.SERVER
     assert events_of(span) == [1, 2, 3]
@@ -149,7 +158,7 @@ def test_flask_instrumentation_span_ends_before_the_streamed_body(otel: OTel) ->
     app = instrumented_flask(sink, otel, instrument_first=True)
     with serve_wsgi(app) as url:
         assert httpx.get(f"{url}/stream").text == "one\ntwo\n"
-    [span] = otel.spans()
+    [span] = spans_of(otel)
     # Flask ends its span with the request context, before waitress iterates the body; what was
     # known then is on the span, and every event is in the record.
     assert span.attributes["http.route"] == "/stream"
@@ -163,7 +172,7 @@ def test_flask_instrumentation_exception(otel: OTel) -> None:
     app = instrumented_flask(sink, otel, instrument_first=False)
     with serve_wsgi(app) as url:
         assert httpx.get(f"{url}/boom").status_code == 500
-    [span] = otel.spans()
+    [span] = spans_of(otel)
     assert span.status.status_code is StatusCode.ERROR  # Flask's rule: 5xx
     assert events_of(span) == [1]
     assert span.attributes["upstream.recovered"] is False
@@ -186,7 +195,7 @@ def test_wsgi_instrumentation_outside_the_middleware_is_enriched(otel: OTel) -> 
     )
     with serve_wsgi(wrapped) as url:
         assert httpx.get(f"{url}/x", headers={"traceparent": TRACEPARENT}).text == "ok"
-    [span] = otel.spans()
+    [span] = spans_of(otel)
     assert span.instrumentation_scope.name == "opentelemetry.instrumentation.wsgi"
     assert events_of(span) == [1] and span.attributes["upstream.recovered"] is True
     [record] = records_of(sink)

@@ -10,6 +10,7 @@ hundred nanoseconds and nothing else runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import Callable
@@ -242,6 +243,8 @@ class RequestTelemetry:
 
     def end(self, *, status_code: int, route: str | None, error: BaseException | None) -> None:
         """The request is over: final attributes, and the status and end of a span started here."""
+        with contextlib.suppress(ValueError):  # the record is built next: no more events
+            self._collector.listeners.remove(self.on_event)
         span = self.span
         if span is None:
             return
