@@ -48,13 +48,22 @@ def serve_wsgi(app: Any) -> Iterator[str]:
     from waitress.server import create_server
 
     server = create_server(app, host="127.0.0.1", port=0, threads=8)
-    thread = threading.Thread(target=server.run, daemon=True)
+    stop = threading.Event()
+
+    def loop() -> None:
+        # server.run() has no stop; closing its sockets under select() raises in the thread.
+        while not stop.is_set():
+            server.asyncore.loop(timeout=0.05, map=server._map, count=1)
+
+    thread = threading.Thread(target=loop, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.effective_port}"
     finally:
-        server.close()
+        stop.set()
         thread.join(10)
+        server.close()
+        server.task_dispatcher.shutdown()
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from upstream_ops._capture import suppress_capture
 from upstream_ops._version import __version__
 from upstream_ops.collector import (
     Collector,
@@ -29,7 +30,9 @@ from upstream_ops.events import (
     UpstreamErrorEvent,
     marshal_upstream_errors,
 )
+from upstream_ops.labels import UpstreamLabels, upstream
 from upstream_ops.record import RequestRecord
+from upstream_ops.retries import record_failover, record_retry, record_retry_exhausted
 from upstream_ops.sanitize import (
     Sanitizer,
     sanitize_detail,
@@ -61,6 +64,7 @@ __all__ = [
     "Sanitizer",
     "Store",
     "UpstreamErrorEvent",
+    "UpstreamLabels",
     "UpstreamOpsMiddleware",
     "UpstreamOpsWSGIMiddleware",
     "__version__",
@@ -70,12 +74,17 @@ __all__ = [
     "flush",
     "get_upstream_errors",
     "marshal_upstream_errors",
+    "record_failover",
+    "record_retry",
+    "record_retry_exhausted",
     "sanitize_detail",
     "sanitize_headers",
     "sanitize_label",
     "sanitize_message",
     "sanitize_url",
     "set_upstream_error",
+    "suppress_capture",
+    "upstream",
     "wrap_context",
 ]
 

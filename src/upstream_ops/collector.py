@@ -21,6 +21,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from upstream_ops.defaults import MAX_EVENTS_PER_REQUEST
 from upstream_ops.events import UpstreamErrorEvent
+from upstream_ops.labels import current_labels
 from upstream_ops.sanitize import sanitize_detail, sanitize_label, sanitize_message, sanitize_url
 
 __all__ = [
@@ -138,6 +139,11 @@ class Collector:
         if detail := sanitize_detail(detail):
             self.upstream_error_detail = detail
 
+    @property
+    def attempts(self) -> int:
+        """How many upstream attempts the capture integrations made in this request so far."""
+        return self._attempts
+
     def next_attempt(self) -> int:
         """The 1-based number of the next upstream attempt in this request (capture integrations)."""
         with self._lock:
@@ -191,10 +197,11 @@ def append_upstream_error(
 ) -> UpstreamErrorEvent | None:
     """Record one failed upstream attempt on the current request.
 
-    Pass an ``UpstreamErrorEvent`` or its fields as keywords (or both: keywords override). Fills
-    ``at_unix_ms``, trims and sanitizes every string, and drops an event with no status, no message and
-    no detail. Never raises into the app: an invalid field is logged as a warning naming it and the event
-    is skipped. Returns the stored (sanitized) event, or ``None``.
+    Pass an ``UpstreamErrorEvent`` or its fields as keywords (or both: keywords override). Label
+    fields left empty are taken from the enclosing ``upstream(...)`` block. Fills ``at_unix_ms``, trims
+    and sanitizes every string, and drops an event with no status, no message and no detail. Never
+    raises into the app: an invalid field is logged as a warning naming it and the event is skipped.
+    Returns the stored (sanitized) event, or ``None``.
     """
     collector = _current.get()
     if collector is None:
@@ -209,6 +216,10 @@ def append_upstream_error(
                     raise TypeError(f"UpstreamErrorEvent has no field {name!r}")
                 setattr(event, name, value)
             event.__post_init__()
+        labels = current_labels()
+        if labels:
+            event = copy.copy(event)  # never change the caller's object
+            labels.fill(event)
         return collector.append(event)
     except (TypeError, ValueError) as exc:
         logger.warning("upstream_ops: event not recorded: %s", exc)

@@ -69,3 +69,10 @@ OPS_TOKEN_ENV_VAR: Final = "UPSTREAM_OPS_TOKEN"  # noqa: S105 (a variable name, 
 TAIL_RECORDS: Final = 20
 TAIL_INTERVAL_S: Final = 1.0
 TAIL_LOOKBACK_MS: Final = 10 * 60 * 1000
+
+#: Capture integrations (httpx transports, requests adapter): the statuses recorded as failed
+#: attempts, and how much of an error body is kept. Only what the caller itself reads is captured.
+CAPTURE_STATUSES: Final = range(400, 600)
+CAPTURE_BODY_MAX_BYTES: Final = 2048
+#: Lines of a ``text/event-stream`` longer than this are skipped while looking for error events.
+SSE_LINE_MAX_BYTES: Final = 16 * 1024
