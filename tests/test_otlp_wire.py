@@ -26,7 +26,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 import upstream_ops
-from upstream_ops import UpstreamOpsMiddleware, append_upstream_error
+from upstream_ops import UpstreamOpsMiddleware
+from upstream_ops.httpx import AsyncUpstreamOpsTransport
 from upstream_ops.sinks import MemorySink
 
 from .otlp_receiver import OTLPReceiver, attributes, otlp_receiver
@@ -76,21 +77,29 @@ async def test_server_span_and_events_over_otlp_http(receiver: OTLPReceiver) -> 
         meter_provider=meter_provider,
     )
 
+    def rix(request: httpx.Request) -> httpx.Response:
+        """The upstream: times out once per key, then answers."""
+        key = request.url.path
+        seen.append(key)
+        if seen.count(key) == 1:
+            body = {"error": {"message": f"gateway timeout (key {SECRET})"}}
+            return httpx.Response(504, json=body, headers={"x-request-id": "rix-1"})
+        return httpx.Response(200, json={"url": "https://cdn.example/1.png"})
+
+    seen: list[str] = []
+
     @app.post("/generate/{n}")
     async def generate(n: int) -> dict[str, bool]:
-        for attempt in range(1, n + 1):
-            append_upstream_error(
-                platform="rix",
-                account_id=3,
-                upstream_status_code=504,
-                upstream_request_id=f"rix-{attempt}",
-                kind="http_error",
-                error_class="server_error",
-                attempt=attempt,
-                message=f"gateway timeout (key {SECRET})",
-                upstream_url=f"https://rix.example/v1/images?api_key={SECRET}",
-            )
-        return {"ok": True}
+        transport = AsyncUpstreamOpsTransport(
+            httpx.MockTransport(rix), platform="rix", tracer_provider=tracer_provider
+        )
+        async with httpx.AsyncClient(transport=transport) as upstream:
+            for _ in range(n):
+                response = await upstream.post(f"https://rix.example/v1/images?api_key={SECRET}")
+                await response.aread()
+                if response.status_code < 400:
+                    return {"ok": True}
+        return {"ok": False}
 
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://gw.example") as client:
@@ -108,24 +117,48 @@ async def test_server_span_and_events_over_otlp_http(receiver: OTLPReceiver) -> 
         assert span.trace_id.hex() == TRACE_ID and span.parent_span_id.hex() == PARENT_ID
         assert span.status.code == Status.STATUS_CODE_UNSET
         span_attributes = attributes(span.attributes)
-        assert span_attributes["upstream.error_count"] == 2
+        assert span_attributes["upstream.error_count"] == 1
         assert span_attributes["upstream.recovered"] is True
         assert span_attributes["http.route"] == "/generate/{n}"
         assert span_attributes["server.address"] == "gw.example"
-        events = [(event.name, attributes(event.attributes)) for event in span.events]
-        assert [name for name, _ in events] == ["upstream.error", "upstream.error"]
-        assert events[1][1] == {
+        [event] = span.events
+        assert event.name == "upstream.error"
+        event_attributes = attributes(event.attributes)
+        assert {
+            key: event_attributes[key]
+            for key in (
+                "upstream.kind",
+                "upstream.platform",
+                "url.full",
+                "http.response.status_code",
+                "upstream.request_id",
+                "error.type",
+                "upstream.attempt",
+            )
+        } == {
             "upstream.kind": "http_error",
             "upstream.platform": "rix",
-            "upstream.account_id": 3,
             "url.full": "https://rix.example/v1/images?api_key=[REDACTED]",
             "http.response.status_code": 504,
-            "upstream.request_id": "rix-2",
+            "upstream.request_id": "rix-1",
             "error.type": "504",
-            "upstream.error_class": "server_error",
-            "upstream.attempt": 2,
-            "upstream.message": "gateway timeout (key sk-ant-api03-[REDACTED])",
+            "upstream.attempt": 1,
         }
+        assert "[REDACTED]" in event_attributes["upstream.message"]
+        # One CLIENT span per attempt, children of the server span in the same trace.
+        clients = [s for _, s in receiver.spans() if s.kind == Span.SPAN_KIND_CLIENT]
+        assert [c.name for c in clients] == ["POST", "POST"]
+        assert all(c.trace_id == span.trace_id for c in clients)
+        assert all(c.parent_span_id == span.span_id for c in clients)
+        first, second = (attributes(c.attributes) for c in clients)
+        assert first["http.response.status_code"] == 504 and first["error.type"] == "504"
+        assert "http.request.resend_count" not in first
+        assert second["http.response.status_code"] == 200
+        assert second["http.request.resend_count"] == 1
+        assert [c.status.code for c in clients] == [
+            Status.STATUS_CODE_ERROR,
+            Status.STATUS_CODE_UNSET,
+        ]
         # A stored record links to its trace.
         [record] = sink.records
         assert (record.trace_id, record.span_id) == (TRACE_ID, span.span_id.hex())
@@ -138,7 +171,7 @@ async def test_server_span_and_events_over_otlp_http(receiver: OTLPReceiver) -> 
                     "upstream.error_class": "server_error",
                     "http.response.status_code": 504,
                 },
-                2,
+                1,
             )
         ]
         assert receiver.metric_points("upstream_ops.records") == [({"outcome": "written"}, 1)]

@@ -18,6 +18,11 @@ SCOPE_NAME: Final = "upstream_ops"
 #: The stable HTTP semantic conventions the spans follow.
 SCHEMA_URL: Final = "https://opentelemetry.io/schemas/1.26.0"
 
+#: HTTP methods named as themselves; any other becomes ``_OTHER`` (span name ``HTTP``), as semconv says.
+KNOWN_METHODS: Final = frozenset(
+    ("CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "QUERY", "TRACE")
+)
+
 #: The span event added to the request's server span for every appended event.
 UPSTREAM_ERROR_EVENT: Final = "upstream.error"
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import MutableMapping
-from typing import Final
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 from opentelemetry import context as otel_context
@@ -29,12 +29,12 @@ from upstream_ops.telemetry._attributes import (
     ERROR_TYPE,
     HTTP_REQUEST_METHOD,
     HTTP_RESPONSE_STATUS_CODE,
+    KNOWN_METHODS,
     SCHEMA_URL,
     SCOPE_NAME,
     URL_FULL,
 )
 from upstream_ops.telemetry._providers import ProviderLiveness
-from upstream_ops.telemetry._server import KNOWN_METHODS
 
 __all__ = ["ClientSpan", "ClientTelemetry", "default_client_telemetry"]
 
@@ -42,6 +42,8 @@ logger = logging.getLogger("upstream_ops")
 
 HTTP_REQUEST_RESEND_COUNT: Final = "http.request.resend_count"
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+#: Where an HTTP instrumentation puts the request's URL (stable and old semantic conventions).
+_URL_ATTRIBUTES: Final = (URL_FULL, "http.url")
 # The context key OpenTelemetry's HTTP instrumentations check before making a span (API-private).
 _SUPPRESS_HTTP: Final = getattr(otel_context, "_SUPPRESS_HTTP_INSTRUMENTATION_KEY", None)
 
@@ -88,13 +90,20 @@ class ClientSpan:
 class ClientTelemetry:
     """The tracer of the capture transports; holds no per-attempt state."""
 
-    __slots__ = ("_live", "_tracer")
+    __slots__ = ("_live", "_provider", "_tracer")
 
     def __init__(self, tracer_provider: trace.TracerProvider | None = None) -> None:
+        self._provider = tracer_provider
         self._live = ProviderLiveness(tracer_provider, None)
         self._tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer(
             SCOPE_NAME, __version__, schema_url=SCHEMA_URL
         )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A pickled requests adapter carries its options: rebuild from the provider, not the tracer.
+        if self._provider is None:
+            return (default_client_telemetry, ())
+        return (ClientTelemetry, (self._provider,))
 
     def start(
         self,
@@ -109,14 +118,21 @@ class ClientTelemetry:
         :meth:`ClientSpan.finish` when the attempt got its response or raised, in the same context.
         """
         try:
-            url_text = str(url)
-            resend_count = collector.count_send(method, url_text)
             live = self._live
             if live.unset:
                 live.refresh()
             current = trace.get_current_span()
-            if current.is_recording() and getattr(current, "kind", None) is SpanKind.CLIENT:
-                attributes: dict[str, AttributeValue] = {URL_FULL: sanitize_url(url_text)}
+            enrich = current.is_recording() and getattr(current, "kind", None) is SpanKind.CLIENT
+            if not enrich and not live.tracing:
+                return None  # no SDK: nothing else is done, not even counting
+            url_text = str(url)
+            resend_count = collector.count_send(method, url_text)
+            if enrich:
+                # Its URL attribute (stable or old semconv name) is the unredacted URL: replace it.
+                url_full = sanitize_url(url_text)
+                existing = getattr(current, "attributes", None) or {}
+                names = [name for name in _URL_ATTRIBUTES if name in existing] or [URL_FULL]
+                attributes: dict[str, AttributeValue] = dict.fromkeys(names, url_full)
                 if resend_count:
                     attributes[HTTP_REQUEST_RESEND_COUNT] = resend_count
                 current.set_attributes(attributes)

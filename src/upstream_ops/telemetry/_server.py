@@ -15,7 +15,7 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, propagate, trace
@@ -33,6 +33,7 @@ from upstream_ops.telemetry._attributes import (
     ERROR_TYPE,
     HTTP_REQUEST_METHOD,
     HTTP_RESPONSE_STATUS_CODE,
+    KNOWN_METHODS,
     SCHEMA_URL,
     SCOPE_NAME,
     UPSTREAM_ERROR_COUNT,
@@ -50,10 +51,6 @@ logger = logging.getLogger("upstream_ops")
 
 S = TypeVar("S")
 
-#: Methods named as themselves; any other becomes ``_OTHER`` (span name ``HTTP``), as semconv says.
-KNOWN_METHODS: Final = frozenset(
-    ("CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "QUERY", "TRACE")
-)
 # A Host header that is only a host name or IP literal and a port; anything else is not exported.
 _HOST_RE = re.compile(
     r"(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9][A-Za-z0-9.-]{0,252})(?::([0-9]{1,5}))?"
