@@ -219,3 +219,30 @@ def test_requests_refused_connection_is_an_error_client_span(otel: OTel) -> None
     [span] = client_spans(otel)
     assert span.status.status_code is StatusCode.ERROR
     assert span.attributes["error.type"] == "requests.exceptions.ConnectionError"
+
+
+def test_requests_instrumentation_span_is_enriched_and_urllib3_below_is_suppressed(
+    otel: OTel, upstream: tuple[Upstream, str]
+) -> None:
+    from opentelemetry.instrumentation.requests import RequestsInstrumentor
+    from opentelemetry.instrumentation.urllib3 import URLLib3Instrumentor
+
+    _, up = upstream
+    requests_instrumentor, urllib3_instrumentor = RequestsInstrumentor(), URLLib3Instrumentor()
+    requests_instrumentor.instrument(tracer_provider=otel.tracer_provider)
+    urllib3_instrumentor.instrument(tracer_provider=otel.tracer_provider)
+    try:
+        session = requests.Session()
+        session.mount("http://", UpstreamOpsAdapter(tracer_provider=otel.tracer_provider))
+        with collecting():
+            for _ in range(2):
+                session.get(f"{up}/flaky/ri?fail=1&api_key={SECRET}")
+    finally:
+        urllib3_instrumentor.uninstrument()
+        requests_instrumentor.uninstrument()
+    spans = client_spans(otel)
+    assert [span.instrumentation_scope.name for span in spans] == [
+        "opentelemetry.instrumentation.requests"
+    ] * 2
+    assert [span.attributes.get("http.request.resend_count") for span in spans] == [None, 1]
+    assert SECRET not in otel.exported_text()
