@@ -5,7 +5,8 @@
   same text from 2 KiB up to 1 MiB, to show the work grows linearly with the input.
 * one ``append_upstream_error`` inside a request (sanitizing the event's fields included);
 * one successful attempt (send, read the body, close) through ``UpstreamOpsTransport`` against the
-  same attempt through the bare transport, inside a request.
+  same attempt through the bare transport, inside a request;
+* the middleware's OpenTelemetry step with no SDK configured (``ServerTelemetry.start``).
 """
 
 from __future__ import annotations
@@ -215,10 +216,26 @@ def httpx_capture_case(samples: int, sample_seconds: float) -> dict[str, Any]:
     )
 
 
+def telemetry_step_case(samples: int, sample_seconds: float) -> dict[str, Any]:
+    """What the middleware's OpenTelemetry step costs per request with no SDK configured (the
+    default): ``ServerTelemetry.start`` timed alone, free of the noise of subtracting two timings."""
+    from bench.drive import SCOPE
+    from upstream_ops import Collector
+    from upstream_ops.asgi import _describe
+    from upstream_ops.telemetry._server import ServerTelemetry
+
+    telemetry = ServerTelemetry()
+    collector = Collector("bench")
+    return _summary(
+        _time_calls(lambda: telemetry.start(collector, _describe, SCOPE), samples, sample_seconds)
+    )
+
+
 def run_micro(samples: int, sample_seconds: float) -> dict[str, Any]:
     return {
         "sanitize": sanitize_cases(samples, sample_seconds),
         "sanitize_linearity": sanitize_linearity(max(3, samples // 2), sample_seconds),
         "append_upstream_error": append_upstream_error_case(samples, sample_seconds),
         "httpx_capture_added": httpx_capture_case(samples, sample_seconds),
+        "telemetry_step_no_sdk": telemetry_step_case(samples, sample_seconds),
     }

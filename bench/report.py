@@ -306,6 +306,11 @@ def table(result: dict[str, Any]) -> str:
             "| httpx successful attempt, added by the capture transport (bare "
             f"{capture['bare_median_us']:.1f} µs) | {_fmt_range(_us(capture), 2)} |"
         )
+        step = micro.get("telemetry_step_no_sdk")
+        if step:
+            lines.append(
+                f"| the middleware's OpenTelemetry step, no SDK | {_fmt_range(_us(step), 2)} |"
+            )
         lines += ["", "sanitize, µs per KiB of input (4 secrets):", ""]
         lines += [
             "| input | sanitize_message (2 KiB limit) | with a 1 MiB limit |",

@@ -179,6 +179,18 @@ def _asgi_otel() -> Built:
     return Built(app, close=provider.shutdown)
 
 
+def _asgi_otel_lean() -> Built:
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+    provider = _tracer_provider()
+    app = OpenTelemetryMiddleware(
+        apps.starlette_app(_span_is_recording),
+        tracer_provider=provider,
+        exclude_spans=["send", "receive"],
+    )
+    return Built(app, close=provider.shutdown)
+
+
 def _asgi_sentry() -> Built:
     _init_sentry()  # before the app is built: the Starlette integration patches Starlette
     return Built(apps.starlette_app(_sentry_transaction_open))
@@ -236,14 +248,20 @@ def _wsgi_ours_otel() -> Built:
 _OTEL_ASGI = ("opentelemetry.instrumentation.asgi",)
 _OTEL_WSGI = ("opentelemetry.instrumentation.wsgi",)
 _SENTRY = ("sentry_sdk",)
-# Our own OpenTelemetry server span comes with the OpenTelemetry branch (issue 4).
-_OWN_SPAN = ("upstream_ops.telemetry",)
+_OWN_SPAN = ("upstream_ops.telemetry",)  # our own server span (issue 4)
 _RECORDED = {"every request recorded": _every_request_recorded}
 _NOT_RECORDED = {"no record for a healthy request": _no_request_recorded}
 
 VARIANTS: tuple[Variant, ...] = (
     Variant("asgi.bare", "Starlette, bare", _asgi_bare),
     Variant("asgi.otel", "+ OpenTelemetry ASGI middleware, SDK", _asgi_otel, requires=_OTEL_ASGI),
+    Variant(
+        "asgi.otel_lean",
+        "+ OpenTelemetry ASGI middleware, SDK, no send/receive spans",
+        _asgi_otel_lean,
+        modes=(IN_PROCESS,),
+        requires=_OTEL_ASGI,
+    ),
     Variant("asgi.sentry", "+ sentry-sdk, tracing every request", _asgi_sentry, requires=_SENTRY),
     Variant(
         "asgi.ours",
