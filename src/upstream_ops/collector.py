@@ -13,6 +13,7 @@ import contextvars
 import copy
 import functools
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -43,6 +44,19 @@ EventListener = Callable[[UpstreamErrorEvent], None]
 _current: contextvars.ContextVar[Collector | None] = contextvars.ContextVar(
     "upstream_ops_collector", default=None
 )
+# One lock for every collector: it is held for a few bytecodes when an event is stored or an attempt
+# counted, which is rare next to the requests that make a collector and never take it. A forked child
+# gets a fresh one: a thread of the parent may have held it at the fork.
+_lock = threading.Lock()
+
+
+def _new_lock_after_fork() -> None:
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 # Short event fields: bounded and redacted like labels. ``message``, ``detail`` and ``upstream_url``
 # have their own rules.
@@ -73,7 +87,7 @@ class Collector:
         "_attempts",
         "_events",
         "_finished",
-        "_lock",
+        "_max_events",
         "_sends",
         "dropped_events",
         "listeners",
@@ -87,8 +101,9 @@ class Collector:
         if max_events < 1:
             raise ValueError(f"max_events must be at least 1, got {max_events!r}")
         self.request_id = request_id
-        self._events: deque[UpstreamErrorEvent] = deque(maxlen=max_events)
-        self._lock = threading.Lock()
+        # Most requests never see an upstream failure: the deque is made by the first append.
+        self._events: deque[UpstreamErrorEvent] | tuple[()] = ()
+        self._max_events = max_events
         self._finished = False
         self._attempts = 0
         self.dropped_events = 0
@@ -102,8 +117,12 @@ class Collector:
     @property
     def events(self) -> list[UpstreamErrorEvent]:
         """A copy of the events kept so far, oldest first."""
-        with self._lock:
+        with _lock:
             return list(self._events)
+
+    def has_events(self) -> bool:
+        """Whether an event is kept; cheaper than ``events`` (no copy), for the end of every request."""
+        return bool(self._events)
 
     @property
     def finished(self) -> bool:
@@ -117,10 +136,13 @@ class Collector:
         stored = _clean_event(event)
         if not stored.upstream_status_code and not stored.message and not stored.detail:
             return None
-        with self._lock:
-            if len(self._events) == self._events.maxlen:
+        with _lock:
+            events = self._events
+            if not isinstance(events, deque):
+                events = self._events = deque(maxlen=self._max_events)
+            if len(events) == events.maxlen:
                 self.dropped_events += 1
-            self._events.append(stored)
+            events.append(stored)
         for listener in self.listeners:
             try:
                 listener(stored)
@@ -146,7 +168,7 @@ class Collector:
 
     def next_attempt(self) -> int:
         """The 1-based number of the next upstream attempt in this request (capture integrations)."""
-        with self._lock:
+        with _lock:
             self._attempts += 1
             return self._attempts
 
@@ -158,7 +180,7 @@ class Collector:
         """Count one upstream attempt to ``method url``; returns how many earlier attempts in this
         request had the same method and URL (OpenTelemetry's ``http.request.resend_count``)."""
         key = (method, url)
-        with self._lock:
+        with _lock:
             sends = self._sends
             if sends is None:
                 sends = self._sends = {}
