@@ -52,6 +52,8 @@ _TYPES: Final = {"text": "TEXT", "bigint": "INTEGER", "double": "REAL", "bool": 
 #: Statements that bring the schema from version ``n - 1`` to ``n``. Append, never edit.
 _MIGRATIONS: Final = {1: schema_ddl(_TYPES)}
 
+#: The page cache of each connection, in KiB.
+_CACHE_KIB: Final = 32 * 1024
 #: How long one statement waits for another connection's lock (SQLite's busy handler) ...
 _BUSY_TIMEOUT_S: Final = 5.0
 #: ... and how often an operation that still found the database locked is tried in all.
@@ -230,15 +232,34 @@ class SQLiteSink:
         failures: list[tuple[RequestRecord, Exception]] = []
         connection.execute("BEGIN IMMEDIATE")
         try:
-            for record in records:
-                error = self._insert_one(connection, record, created_at_ms)
-                if error is not None:
-                    failures.append((record, error))
+            try:
+                self._insert_all(connection, records, created_at_ms)
+            except _RECORD_ERRORS:
+                # A record the database rejects: the batch again, each record in a savepoint of its
+                # own (twice the statements, so only when needed), to store all the others.
+                connection.execute("ROLLBACK")
+                connection.execute("BEGIN IMMEDIATE")
+                for record in records:
+                    error = self._insert_one(connection, record, created_at_ms)
+                    if error is not None:
+                        failures.append((record, error))
             connection.execute("COMMIT")
         except BaseException:
             _rollback(connection)
             raise
         return failures
+
+    def _insert_all(
+        self, connection: sqlite3.Connection, records: Sequence[RequestRecord], created_at_ms: int
+    ) -> None:
+        """The common case: every record of the batch is storable; raises at the first that is not."""
+        insert_record, insert_event = self._insert_record, self._insert_event
+        for record in records:
+            row = record_row(record, created_at_ms)
+            events = event_rows(record, created_at_ms)
+            # rowcount 0: the id is already stored (a retried batch), and so are its events.
+            if connection.execute(insert_record, row).rowcount == 1 and events:
+                connection.executemany(insert_event, events)
 
     def _insert_one(
         self, connection: sqlite3.Connection, record: RequestRecord, created_at_ms: int
@@ -309,6 +330,9 @@ class SQLiteSink:
         )
         try:
             connection.execute("PRAGMA synchronous = NORMAL")
+            # A batch inserts into a dozen indexes at random places (ids are random): a page cache
+            # bigger than SQLite's default 2 MiB keeps them in memory.
+            connection.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")
             if not self._schema_ready:
                 self._ensure_schema(connection)
         except BaseException:
