@@ -72,12 +72,15 @@ def always() -> bool:
     return True
 
 
-def record_upstream_errors() -> bool:
+def upstream_errors_probe() -> Probe:
     """The endpoint work of the "3 upstream errors" variants; True when all three were stored."""
     from upstream_ops import append_upstream_error
 
-    stored = [append_upstream_error(**fields) for fields in UPSTREAM_ERRORS]
-    return all(event is not None for event in stored)
+    def record_upstream_errors() -> bool:
+        stored = [append_upstream_error(**fields) for fields in UPSTREAM_ERRORS]
+        return all(event is not None for event in stored)
+
+    return record_upstream_errors
 
 
 def starlette_app(probe: Probe = always) -> Any:
