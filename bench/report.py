@@ -169,16 +169,17 @@ def budgets(result: dict[str, Any]) -> list[dict[str, Any]]:
             else "variant not in this build (OpenTelemetry branch)",
         )
     )
-    sanitize = micro.get("sanitize", {}).get("sanitize_message 2 KiB with secrets")
-    verdicts.append(
-        _verdict(
-            "sanitize_message 2 KiB with secrets",
-            sanitize["median_us"] if sanitize else None,
-            20,
-            at_most=True,
-            unit="µs",
+    for shape in ("log", "json"):
+        sanitize = micro.get("sanitize", {}).get(f"sanitize_message 2 KiB {shape} with secrets")
+        verdicts.append(
+            _verdict(
+                f"sanitize_message 2 KiB with secrets, {shape} text",
+                sanitize["median_us"] if sanitize else None,
+                20,
+                at_most=True,
+                unit="µs",
+            )
         )
-    )
     linearity = micro.get("sanitize_linearity")
     if linearity:
         sizes = linearity["sizes"]
