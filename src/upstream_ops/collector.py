@@ -131,9 +131,13 @@ class Collector:
 
     def append(self, event: UpstreamErrorEvent) -> UpstreamErrorEvent | None:
         """Sanitize and store ``event``; returns the stored copy, or ``None`` when it was empty."""
+        return self._append(event, owned=False)
+
+    def _append(self, event: UpstreamErrorEvent, *, owned: bool) -> UpstreamErrorEvent | None:
+        """``append``; ``owned``: ``event`` was made for this call, so it is cleaned in place."""
         if self._finished:
             return None
-        stored = _clean_event(event)
+        stored = _clean_event(event if owned else copy.copy(event))
         if not stored.upstream_status_code and not stored.message and not stored.detail:
             return None
         with _lock:
@@ -189,9 +193,8 @@ class Collector:
         return earlier
 
 
-def _clean_event(event: UpstreamErrorEvent) -> UpstreamErrorEvent:
-    """A sanitized, trimmed copy of ``event`` with its timestamp filled in."""
-    clean = copy.copy(event)
+def _clean_event(clean: UpstreamErrorEvent) -> UpstreamErrorEvent:
+    """``clean`` sanitized and trimmed in place, with its timestamp filled in."""
     if clean.at_unix_ms <= 0:
         clean.at_unix_ms = time.time_ns() // 1_000_000
     for name in _LABEL_FIELDS:
@@ -229,6 +232,7 @@ def append_upstream_error(
     if collector is None:
         return None
     try:
+        owned = event is None or bool(fields)  # an object made here: no copy needed below
         if event is None:
             event = UpstreamErrorEvent(**fields)
         elif fields:
@@ -240,9 +244,11 @@ def append_upstream_error(
             event.__post_init__()
         labels = current_labels()
         if labels:
-            event = copy.copy(event)  # never change the caller's object
+            if not owned:
+                event = copy.copy(event)  # never change the caller's object
+                owned = True
             labels.fill(event)
-        return collector.append(event)
+        return collector._append(event, owned=owned)
     except (TypeError, ValueError) as exc:
         logger.warning("upstream_ops: event not recorded: %s", exc)
         return None
