@@ -8,8 +8,10 @@ with.
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -80,6 +82,7 @@ def _sqlite_sink() -> Any:
     from upstream_ops.sinks import SQLiteSink
 
     directory = tempfile.mkdtemp(prefix="upstream-ops-bench-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
     return SQLiteSink(Path(directory) / "records.db")
 
 
