@@ -403,3 +403,24 @@ def update_docs(result: dict[str, Any], docs: Path) -> None:
     text = docs.read_text()
     begin, end = text.index(DOCS_BEGIN) + len(DOCS_BEGIN), text.index(DOCS_END)
     docs.write_text(text[:begin] + "\n" + table(result) + "\n" + text[end:])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m bench.report [RESULT.json] [--docs]``: print a stored result, or put it in the docs."""
+    import argparse
+
+    from bench.procs import ROOT
+
+    parser = argparse.ArgumentParser(prog="python -m bench.report")
+    parser.add_argument("result", type=Path, nargs="?", default=ROOT / "bench/results/latest.json")
+    parser.add_argument("--docs", action="store_true", help="write it into docs/performance.md")
+    args = parser.parse_args(argv)
+    result = json.loads(args.result.read_text())
+    if args.docs:
+        update_docs(result, ROOT / "docs" / "performance.md")
+    else:
+        print(table(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -2,13 +2,15 @@
 
 The records are made the way the middleware makes them (the three benchmark events appended to a
 collector, so sanitized), each with its own id; ``sink.write`` gets batches of ``BATCH_SIZE``, as the
-dispatcher hands them over. PostgreSQL is measured when a server is reachable at
-``$UPSTREAM_OPS_BENCH_PG_DSN`` (else ``$UPSTREAM_OPS_TEST_PG_DSN``) and the PostgreSQL sink is part of
-this build; the database should be a scratch one (the bench writes its records there).
+dispatcher hands them over, from one thread. Measured: SQLite, JSONL, the durable spool's fsync'd
+appends (what absorbs the traffic while a database is away), and PostgreSQL when the build has its
+sink and a server answers at ``$UPSTREAM_OPS_BENCH_PG_DSN`` (else ``$UPSTREAM_OPS_TEST_PG_DSN``, else
+``postgresql://postgres@127.0.0.1:5432/test``), in a schema of its own that is dropped afterwards.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import statistics
 import tempfile
@@ -21,6 +23,7 @@ from typing import Any
 from bench.apps import UPSTREAM_ERRORS
 
 PG_DSN_VARS = ("UPSTREAM_OPS_BENCH_PG_DSN", "UPSTREAM_OPS_TEST_PG_DSN")
+PG_DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 def make_records(count: int) -> list[Any]:
@@ -57,49 +60,95 @@ def _event(fields: dict[str, Any]) -> Any:
     return UpstreamErrorEvent(**fields)
 
 
-def _sinks(directory: Path) -> dict[str, Callable[[], Any] | str]:
-    """Name -> a factory of the sink, or the reason it is not measured here."""
-    from upstream_ops.sinks import JsonlSink, SQLiteSink, sink_from_url
+class _Measured:
+    """What is timed (a sink's ``write``, the spool's ``append``) and how to clean up after it."""
 
-    sinks: dict[str, Callable[[], Any] | str] = {
-        "SQLite": lambda: SQLiteSink(directory / "records.db"),
-        "JSONL": lambda: JsonlSink(directory / "records.jsonl"),
+    def __init__(self, write: Callable[[Any], object], close: Callable[[], object]) -> None:
+        self.write = write
+        self.close = close
+
+
+def _targets(directory: Path) -> dict[str, Callable[[], _Measured] | str]:
+    """Name -> a factory of what is measured, or the reason it is not measured here."""
+    from upstream_ops.sinks import JsonlSink, SQLiteSink
+    from upstream_ops.sinks.base import close_sink
+
+    def sink(make: Callable[[], Any]) -> Callable[[], _Measured]:
+        def factory() -> _Measured:
+            made = make()
+            return _Measured(made.write, lambda: close_sink(made))
+
+        return factory
+
+    targets: dict[str, Callable[[], _Measured] | str] = {
+        "SQLite": sink(lambda: SQLiteSink(directory / "records.db")),
+        "JSONL": sink(lambda: JsonlSink(directory / "records.jsonl")),
     }
-    dsn = next((os.environ[v] for v in PG_DSN_VARS if os.environ.get(v)), None)
     try:
-        import upstream_ops.sinks.postgres  # noqa: F401  (part of the build, or not)
+        spool_module = importlib.import_module("upstream_ops.spool")
     except ImportError:
-        sinks["PostgreSQL"] = "no PostgreSQL sink in this build"
+        targets["spool (fsync'd appends)"] = "no durable spool in this build"
     else:
-        if dsn is None:
-            sinks["PostgreSQL"] = f"no server: set {PG_DSN_VARS[0]} to a scratch database"
-        else:
-            sinks["PostgreSQL"] = lambda: sink_from_url(dsn)
-    return sinks
+
+        def spool() -> _Measured:
+            made = spool_module.Spool(directory / "spool")
+            return _Measured(made.append, made.close)
+
+        targets["spool (fsync'd appends)"] = spool
+    targets["PostgreSQL"] = _postgres()
+    return targets
+
+
+def _postgres() -> Callable[[], _Measured] | str:
+    dsn = next((os.environ[v] for v in PG_DSN_VARS if os.environ.get(v)), PG_DEFAULT_DSN)
+    try:
+        import psycopg
+
+        postgres_module = importlib.import_module("upstream_ops.sinks.postgres")
+    except ImportError as exc:
+        return f"not in this build ({exc.name} missing)"
+    try:
+        with psycopg.connect(dsn, connect_timeout=3) as connection:
+            connection.execute("SELECT 1")
+    except psycopg.Error as exc:
+        return f"no server at {dsn} ({' '.join(str(exc).split())[:120]})"
+    schema = f"upstream_ops_bench_{uuid.uuid4().hex[:8]}"
+
+    def factory() -> _Measured:
+        made = postgres_module.PostgresSink(dsn, schema=schema)
+        made.migrate()
+
+        def close() -> None:
+            made.close()
+            with psycopg.connect(dsn, autocommit=True) as connection:
+                connection.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+        return _Measured(made.write, close)
+
+    return factory
 
 
 def run_sinks(records_per_sample: int, samples: int) -> dict[str, dict[str, Any]]:
     from upstream_ops.defaults import BATCH_SIZE
-    from upstream_ops.sinks.base import close_sink
 
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="upstream-ops-bench-sinks-") as tmp:
-        for name, factory in _sinks(Path(tmp)).items():
+        for name, factory in _targets(Path(tmp)).items():
             if isinstance(factory, str):
                 results[name] = {"skipped": factory}
                 continue
-            sink = factory()
+            target = factory()
             try:
-                sink.write(make_records(BATCH_SIZE))  # schema, connection, first pages
+                target.write(make_records(BATCH_SIZE))  # schema, connection, first pages
                 rates = []
                 for _ in range(samples):
                     records = make_records(records_per_sample)
                     started = time.perf_counter()
                     for i in range(0, len(records), BATCH_SIZE):
-                        sink.write(records[i : i + BATCH_SIZE])
+                        target.write(records[i : i + BATCH_SIZE])
                     rates.append(len(records) / (time.perf_counter() - started))
             finally:
-                close_sink(sink)
+                target.close()
             results[name] = {
                 "median_records_per_s": statistics.median(rates),
                 "min_records_per_s": min(rates),
