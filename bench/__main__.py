@@ -9,6 +9,7 @@ the tables, writes ``bench/results/<time>-<mode>.json`` and ``bench/results/late
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,13 +25,13 @@ from bench.variants import VARIANTS
 
 PARTS = ("inprocess", "server", "micro", "sinks")
 
-#: (full, quick) settings: about 8 and 3 minutes on 2 cores.
+#: Full and quick settings: about 8 and 2 minutes on 2 cores.
 SETTINGS = {
     "full": {
         "in_process_rounds": 15,
         "in_process_seconds": 0.25,
-        "server_rounds": 3,
-        "server_seconds": 5,
+        "server_rounds": 5,
+        "server_seconds": 4,
         "connections": 32,
         "micro_samples": 9,
         "micro_seconds": 0.05,
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         result["sinks"] = run_sinks(settings["sink_records"], settings["sink_samples"])
     result["budgets"] = report.budgets(result)
     result["seconds"] = round(time.monotonic() - started, 1)
+    result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
 
     path = report.write(result, args.out)
     print(report.table(result))

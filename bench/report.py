@@ -245,7 +245,8 @@ def table(result: dict[str, Any]) -> str:
     info = result["machine"]
     lines += [
         f"Machine: {info['nproc']} cores, {info['cpu_model']}, {info['implementation']} "
-        f"{info['python']}, {info['date']}, load average at start {info['loadavg_at_start'][0]}. "
+        f"{info['python']}, {info['date']}, load average {info['loadavg_at_start'][0]} at the start"
+        f" and {info.get('loadavg_at_end', ['?'])[0]} at the end, {result.get('seconds', '?')} s. "
         f"Mode: {result['settings']['mode']}.",
         "",
     ]
