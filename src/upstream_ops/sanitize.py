@@ -193,7 +193,10 @@ TOKEN_RULES: Final = (
         "bearer_or_basic_credential",
         "B",
         re.compile(
-            r"(?P<keep>B(?<![A-Za-z0-9]B)(?:earer|asic)[ \t]++)" + _NOT_A_WORD + _CREDENTIAL + "{8,}+"
+            r"(?P<keep>B(?<![A-Za-z0-9]B)(?:earer|asic)[ \t]++)"
+            + _NOT_A_WORD
+            + _CREDENTIAL
+            + "{8,}+"
         ),
     ),
 )
@@ -276,7 +279,8 @@ class Sanitizer:
         self._extra_patterns = tuple(
             p if isinstance(p, re.Pattern) else re.compile(p) for p in extra_patterns
         )
-        segments, names = set(SECRET_KEY_SEGMENTS), set()
+        segments: set[str] = set(SECRET_KEY_SEGMENTS)
+        names: set[str] = set()
         for key in extra_secret_keys:
             parts = _segments(key)
             if parts:
@@ -307,7 +311,7 @@ class Sanitizer:
             if "=" in text:
                 text = self._redact_url_parameters(text)
             return _fit(self._redact(text).strip(), max_bytes, dropped)
-        except Exception:  # noqa: BLE001 - a sanitizer error must not break the request it records
+        except Exception:
             return _fallback(max_bytes)
 
     def headers(self, headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> dict[str, str]:
@@ -335,7 +339,7 @@ class Sanitizer:
                 if key in out and not secret:
                     value = _fit(f"{out[key]}, {value}", LABEL_MAX_BYTES, 0)
                 out[key] = value
-        except Exception:  # noqa: BLE001, S110 - keep the headers sanitized so far
+        except Exception:  # noqa: S110 - keep the headers sanitized so far
             pass
         return out
 
@@ -373,7 +377,7 @@ class Sanitizer:
             text, dropped = _coerce(value, _scan_limit(max_bytes))
             text = _strip_controls(text, controls)
             return _fit(self._redact(text).strip(), max_bytes, dropped)
-        except Exception:  # noqa: BLE001 - a sanitizer error must not break the request it records
+        except Exception:
             return _fallback(max_bytes)
 
     def _redact(self, text: str) -> str:
@@ -500,7 +504,7 @@ def _coerce(value: object, limit: int) -> tuple[str, int]:
     else:
         try:
             text = str(value)
-        except Exception:  # noqa: BLE001 - an object whose __str__ fails is stored as ""
+        except Exception:
             return "", 0
     if len(text) > limit:
         dropped += _utf8_size(text[limit:])

@@ -59,7 +59,9 @@ def sink_from_url(url: str) -> Sink:
         if parts.netloc:
             _file_path(parts.netloc, parts.path, url)  # raises: file URLs have no host
         if not parts.path:
-            raise ValueError(f"url has no file path (like 'jsonl:///var/log/ops.jsonl'), got {url!r}")
+            raise ValueError(
+                f"url has no file path (like 'jsonl:///var/log/ops.jsonl'), got {url!r}"
+            )
         return JsonlSink(unquote(parts.path), **options)
     if scheme == "memory":
         if parts.netloc or parts.path or parts.query:
