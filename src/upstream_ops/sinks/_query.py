@@ -45,7 +45,10 @@ _INT64_MAX: Final = 2**63 - 1
 
 
 class Column(NamedTuple):
-    """A column with a portable type: ``text``, ``bigint``, ``double`` or ``bool``."""
+    """A column with a portable type: ``text``, ``bigint``, ``double``, ``bool`` or ``json``.
+
+    ``json`` holds JSON text: ``TEXT`` in SQLite, ``JSONB`` in PostgreSQL (read back as text).
+    """
 
     name: str
     type: str
@@ -66,7 +69,7 @@ RECORD_COLUMNS: Final = (
     Column("upstream_status_code", "bigint"),
     Column("upstream_error_message", "text"),
     Column("upstream_error_detail", "text"),
-    Column("upstream_errors", "text"),  # marshal_upstream_errors(): a JSON array, NULL when none
+    Column("upstream_errors", "json"),  # marshal_upstream_errors(): a JSON array, NULL when none
     Column("dropped_events", "bigint"),
     Column("error", "text"),
     Column("recovered", "bool"),
@@ -94,7 +97,7 @@ EVENT_COLUMNS: Final = (
     Column("error_class", "text"),
     Column("message", "text"),
     Column("detail", "text"),
-    Column("event", "text", not_null=True),
+    Column("event", "json", not_null=True),
     Column("created_at_ms", "bigint", not_null=True),
 )
 EVENT_PRIMARY_KEY: Final = ("record_id", "seq")
