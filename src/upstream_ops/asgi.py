@@ -6,14 +6,21 @@ its own ``_HTTPRequestRecording`` that wraps ``receive`` and ``send`` and owns t
 
 from __future__ import annotations
 
+import os
 import time
+from datetime import timedelta
 from typing import Any
 
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from upstream_ops.collector import Collector, _activate, _deactivate
-from upstream_ops.defaults import FLUSH_TIMEOUT_S, MAX_EVENTS_PER_REQUEST, REQUEST_ID_HEADER
+from upstream_ops.defaults import (
+    FLUSH_TIMEOUT_S,
+    MAX_EVENTS_PER_REQUEST,
+    REQUEST_ID_HEADER,
+    SPOOL_MAX_BYTES,
+)
 from upstream_ops.dispatcher import Dispatcher
 from upstream_ops.recorder import Recorder, RecordFilter, RecordHook, RequestFacts, now_ms
 from upstream_ops.sinks.base import Sink
@@ -29,7 +36,9 @@ class UpstreamOpsMiddleware:
 
     ``sink`` is a sink object or URL (default: ``$UPSTREAM_OPS_SINK``, else ``sqlite:///upstream_ops.db``);
     ``should_record`` replaces the rule for which requests are stored; ``before_flush`` may enrich or
-    drop a record. Non-HTTP scopes pass through; lifespan shutdown drains the queue.
+    drop a record. ``spool_dir`` keeps records on local disk while the sink cannot take them, and
+    ``retention`` purges old ones (see ``Dispatcher``). Non-HTTP scopes pass through; lifespan
+    shutdown drains the queue to the sink, or to the spool, within ``shutdown_timeout``.
     """
 
     def __init__(
@@ -44,6 +53,9 @@ class UpstreamOpsMiddleware:
         before_flush: RecordHook | None = None,
         max_events: int = MAX_EVENTS_PER_REQUEST,
         shutdown_timeout: float = FLUSH_TIMEOUT_S,
+        spool_dir: str | os.PathLike[str] | None = None,
+        spool_max_bytes: int = SPOOL_MAX_BYTES,
+        retention: timedelta | str | None = None,
     ) -> None:
         self.app = app
         self.recorder = Recorder(
@@ -54,6 +66,9 @@ class UpstreamOpsMiddleware:
             should_record=should_record,
             before_flush=before_flush,
             max_events=max_events,
+            spool_dir=spool_dir,
+            spool_max_bytes=spool_max_bytes,
+            retention=retention,
         )
         self.shutdown_timeout = shutdown_timeout
         header = request_id_header.lower().encode("latin-1") if request_id_header else None
@@ -74,7 +89,7 @@ class UpstreamOpsMiddleware:
     def _lifespan_send(self, send: Send) -> Send:
         async def send_after_draining(message: Message) -> None:
             if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
-                await anyio.to_thread.run_sync(self.dispatcher.flush, self.shutdown_timeout)
+                await anyio.to_thread.run_sync(self.dispatcher.drain, self.shutdown_timeout)
             await send(message)
 
         return send_after_draining

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 from opentelemetry import trace
 
@@ -23,6 +24,7 @@ from upstream_ops.defaults import (
     REQUEST_ID_HEADER,
     REQUEST_ID_MAX_LENGTH,
     SINK_ENV_VAR,
+    SPOOL_MAX_BYTES,
 )
 from upstream_ops.dispatcher import Dispatcher
 from upstream_ops.record import RequestRecord
@@ -92,6 +94,9 @@ class Recorder:
         should_record: RecordFilter | None = None,
         before_flush: RecordHook | None = None,
         max_events: int = MAX_EVENTS_PER_REQUEST,
+        spool_dir: str | os.PathLike[str] | None = None,
+        spool_max_bytes: int = SPOOL_MAX_BYTES,
+        retention: timedelta | str | None = None,
     ) -> None:
         if request_id_header is not None and not _HEADER_NAME_RE.fullmatch(request_id_header):
             raise ValueError(f"request_id_header is not a valid header name: {request_id_header!r}")
@@ -103,7 +108,18 @@ class Recorder:
             raise ValueError("should_record must be a callable taking a RequestRecord")
         if before_flush is not None and not callable(before_flush):
             raise ValueError("before_flush must be a callable taking a RequestRecord")
-        self.dispatcher = dispatcher if dispatcher is not None else Dispatcher(resolve_sink(sink))
+        if dispatcher is not None and (spool_dir is not None or retention is not None):
+            raise ValueError("spool_dir and retention are options of the dispatcher you pass")
+        self.dispatcher = (
+            dispatcher
+            if dispatcher is not None
+            else Dispatcher(
+                resolve_sink(sink),
+                spool_dir=spool_dir,
+                spool_max_bytes=spool_max_bytes,
+                retention=retention,
+            )
+        )
         self.service = sanitize_label(service)
         self.request_id_header = request_id_header
         self.should_record = should_record or default_should_record

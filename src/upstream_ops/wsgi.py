@@ -7,13 +7,15 @@ with its final state. A ``wsgi.file_wrapper`` response is returned as is (server
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
+from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
 from upstream_ops.collector import Collector, _activate, _deactivate
-from upstream_ops.defaults import MAX_EVENTS_PER_REQUEST, REQUEST_ID_HEADER
+from upstream_ops.defaults import MAX_EVENTS_PER_REQUEST, REQUEST_ID_HEADER, SPOOL_MAX_BYTES
 from upstream_ops.dispatcher import Dispatcher
 from upstream_ops.recorder import Recorder, RecordFilter, RecordHook, RequestFacts, now_ms
 from upstream_ops.sinks.base import Sink
@@ -47,6 +49,9 @@ class UpstreamOpsWSGIMiddleware:
         should_record: RecordFilter | None = None,
         before_flush: RecordHook | None = None,
         max_events: int = MAX_EVENTS_PER_REQUEST,
+        spool_dir: str | os.PathLike[str] | None = None,
+        spool_max_bytes: int = SPOOL_MAX_BYTES,
+        retention: timedelta | str | None = None,
     ) -> None:
         self.app = app
         self.recorder = Recorder(
@@ -57,6 +62,9 @@ class UpstreamOpsWSGIMiddleware:
             should_record=should_record,
             before_flush=before_flush,
             max_events=max_events,
+            spool_dir=spool_dir,
+            spool_max_bytes=spool_max_bytes,
+            retention=retention,
         )
         self._environ_key = (
             "HTTP_" + request_id_header.upper().replace("-", "_")
