@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -24,6 +26,7 @@ from upstream_ops.sinks.base import Sink
 from upstream_ops.store import Store
 
 ALL_TIME = (0, 2**62)
+DAY_MS = 86_400_000
 STORES = [pytest.param("sqlite"), pytest.param("postgres", marks=pytest.mark.postgres)]
 AnyStore: TypeAlias = Any  # SQLiteSink | PostgresSink (psycopg is optional for the type checker)
 
@@ -333,3 +336,41 @@ def test_bad_query_arguments(
     with pytest.raises(ValueError, match=name):
         getattr(store, method)(*args, **kwargs)
     assert not touched()  # validated before any I/O
+
+
+# --- retention ----------------------------------------------------------------------------------
+
+
+def test_purge_deletes_old_records_with_their_events_in_batches(store: AnyStore) -> None:
+    now = time.time_ns() // 1_000_000
+    old = [full_record(f"old-{i}", started_at_ms=now - 10 * DAY_MS + i) for i in range(10)]
+    recent = full_record("recent", started_at_ms=now - DAY_MS)
+    store.write([*old[:5], recent, *old[5:]])
+    seen: list[int] = []
+    assert store.purge(timedelta(days=7), batch_size=3, progress=seen.append) == 10
+    assert seen == [3, 6, 9, 10]
+    assert all_records(store) == [recent]
+    assert len(all_events(store)) == 2  # the recent record's, and no orphans
+    assert store.purge("7d") == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "name"),
+    [
+        (("soon",), {}, "older_than"),
+        ((timedelta(0),), {}, "older_than"),
+        ((7,), {}, "older_than"),
+        (("7d",), {"batch_size": 0}, "batch_size"),
+        (("7d",), {"progress": "loud"}, "progress"),
+    ],
+)
+def test_bad_purge_arguments(
+    fresh_store: tuple[AnyStore, Callable[[], bool]],
+    args: tuple[object, ...],
+    kwargs: dict[str, object],
+    name: str,
+) -> None:
+    store, touched = fresh_store
+    with pytest.raises(ValueError, match=name):
+        store.purge(*args, **kwargs)
+    assert not touched()
