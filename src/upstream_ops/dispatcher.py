@@ -594,7 +594,7 @@ class Dispatcher:
                 # errors are retried at once; anything else waits for the circuit.
                 self._replay_limit = max(1, len(records) // 2)
                 if not _is_data_error(exc):
-                    self._open_circuit(exc)
+                    self._open_circuit(exc, back_off=False)  # back off once probes are single
                 return
             if _is_data_error(exc):
                 self._dead_letter(records, exc)
@@ -654,10 +654,10 @@ class Dispatcher:
         with self._lock:
             self._failed += len(records)
 
-    def _open_circuit(self, error: BaseException | None) -> None:
+    def _open_circuit(self, error: BaseException | None, back_off: bool = True) -> None:
         now = time.monotonic()
         with self._lock:
-            if self._circuit_open:
+            if self._circuit_open and back_off:
                 self._probe_delay = min(CIRCUIT_PROBE_MAX_S, self._probe_delay * 2)
             else:
                 self._circuit_open = True
