@@ -311,12 +311,12 @@ def test_a_handler_someone_installed_is_left_alone() -> None:
 _SIGTERM_CHILD = textwrap.dedent(
     """
     import sys, time
-    from upstream_ops import dispatcher as dispatcher_module
+    from upstream_ops import defaults
     from upstream_ops.dispatcher import Dispatcher
     from upstream_ops.record import RequestRecord
     from upstream_ops.sinks import SQLiteSink
 
-    dispatcher_module.FLUSH_TIMEOUT_S = 1.5  # keep the test short
+    defaults.FLUSH_TIMEOUT_S = 1.5  # the SIGTERM drain's deadline: keep the test short
 
     class SlowSink(SQLiteSink):
         def write(self, records):

@@ -13,20 +13,19 @@ passes half full, and the writer replays the spool, oldest first, once the sink 
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import os
 import queue
 import random
-import signal
 import threading
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
+from upstream_ops import lifecycle
+from upstream_ops.circuit import Circuit
 from upstream_ops.defaults import (
     BATCH_INTERVAL_S,
     BATCH_SIZE,
@@ -44,7 +43,7 @@ from upstream_ops.defaults import (
     WRITE_ATTEMPTS,
 )
 from upstream_ops.record import RequestRecord
-from upstream_ops.retention import parse_duration
+from upstream_ops.retention import parse_duration, purge_periodically
 from upstream_ops.sinks.base import Sink, close_sink, record_json
 from upstream_ops.spool import Spool, SpoolChunk
 
@@ -148,9 +147,7 @@ class Dispatcher:
         self.spool = None if spool_dir is None else Spool(spool_dir, max_bytes=spool_max_bytes)
         self._spill_at = max(1, int(queue_size * SPILL_AT_QUEUE_FRACTION))
         self._reset()
-        _live.add(self)
-        if handle_sigterm:
-            _install_sigterm_handler()
+        lifecycle.register(self, handle_sigterm=handle_sigterm)
         if self.spool is not None:
             self._start()
 
@@ -172,10 +169,7 @@ class Dispatcher:
         # Batches go to the spool: it holds older records, or the sink fails or is too slow.
         self._spilling = False
         self._waiting_intake = False  # the intake thread waits for the writer to take a batch
-        self._circuit_open = False
-        self._probe_at = 0.0
-        self._probe_delay = CIRCUIT_PROBE_MIN_S
-        self._replay_limit = self.batch_size
+        self._circuit = Circuit(self.batch_size)
         self._enqueued = 0
         self._written = 0
         self._dropped = 0
@@ -184,7 +178,6 @@ class Dispatcher:
         self._replayed = 0
         self._handled = 0  # written from memory + spooled + failed: what flush() waits for
         self._last_drop_warning = -DROP_WARNING_INTERVAL_S
-        self._last_circuit_warning = -DROP_WARNING_INTERVAL_S
 
     # -- the request path -------------------------------------------------------------------------
 
@@ -280,6 +273,18 @@ class Dispatcher:
             logger.exception("upstream_ops: closing the sink failed")
         return drained
 
+    def running(self) -> bool:
+        """Whether its threads are running (they start on the first record)."""
+        return self._intake is not None or self._writer is not None
+
+    def _after_fork(self) -> None:
+        """In a forked child: a fresh queue and threads, and a spool directory of its own."""
+        if self.spool is not None:
+            self.spool.after_fork()
+        self._reset()
+        if self.spool is not None:
+            self._start()
+
     def stats(self) -> DispatcherStats:
         """Counters: see ``DispatcherStats``."""
         spool = self.spool
@@ -313,7 +318,8 @@ class Dispatcher:
         if not self._spool_ready.wait(max(0.0, deadline - time.monotonic())):
             return False
         return self._wait(
-            lambda: spool.pending == 0 or self._circuit_open or self._spill_now.is_set(), deadline
+            lambda: spool.pending == 0 or self._circuit.is_open or self._spill_now.is_set(),
+            deadline,
         )
 
     def _wait(self, done: Callable[[], bool], deadline: float) -> bool:
@@ -515,18 +521,18 @@ class Dispatcher:
                     spool is not None
                     and spool.pending
                     and not self._spill_now.is_set()
-                    and now >= self._probe_at
+                    and self._circuit.due(now)
                 ):
                     return _REPLAY
                 if self._stop.is_set() and self._intake is None:
                     return _DONE
                 wait = _POLL_S * 4
                 if spool is not None and spool.pending and not self._spill_now.is_set():
-                    wait = min(wait, max(0.0, self._probe_at - now))
+                    wait = min(wait, max(0.0, self._circuit.probe_at - now))
                 self._changed.wait(wait)
 
     def _write_batch(self, batch: list[RequestRecord]) -> None:
-        if self.spool is not None and (self._circuit_open or self._spill_now.is_set()):
+        if self.spool is not None and (self._circuit.is_open or self._spill_now.is_set()):
             with self._route_lock:
                 self._spool_batch(batch)
             return
@@ -555,7 +561,7 @@ class Dispatcher:
                 self._spool_batch(batch)
                 self._spool_handoff()  # the next batch, before anything newer
                 self._spilling = True
-            self._open_circuit(error)
+            self._circuit_failed(error)
             return
         logger.error(
             "upstream_ops: %s failed to write %d records after %d attempts: %r",
@@ -574,10 +580,10 @@ class Dispatcher:
         spool = self.spool
         assert spool is not None
         try:
-            chunk = spool.read(self._replay_limit)
+            chunk = spool.read(self._circuit.probe_size)
         except OSError:
             logger.exception("upstream_ops: could not read the spool")
-            self._open_circuit(None)
+            self._circuit_failed(None)
             return
         if chunk is None:
             with self._route_lock:
@@ -592,15 +598,20 @@ class Dispatcher:
             if len(records) > 1:
                 # The sink is down, or some record in here is bad: try fewer at a time. Data
                 # errors are retried at once; anything else waits for the circuit.
-                self._replay_limit = max(1, len(records) // 2)
-                if not _is_data_error(exc):
-                    self._open_circuit(exc, back_off=False)  # back off once probes are single
+                # The sink is down, or a record in here is bad: try fewer at a time. After a
+                # data error at once; otherwise after a probe delay that grows only once the
+                # probes are single records.
+                if _is_data_error(exc):
+                    with self._lock:
+                        self._circuit.probe_size = max(1, len(records) // 2)
+                else:
+                    self._circuit_failed(exc, shrink=True, back_off=False)
                 return
             if _is_data_error(exc):
                 self._dead_letter(records, exc)
                 self._committed(chunk, 0)
             elif not self._resolved_poison(exc):
-                self._open_circuit(exc)
+                self._circuit_failed(exc)
             return
         self._committed(chunk, len(records))
 
@@ -637,7 +648,7 @@ class Dispatcher:
             if spool.pending == 0:
                 self._spilling = False  # caught up: hand batches to the writer again
         if written:
-            self._close_circuit()
+            self._circuit_succeeded()
         with self._lock:
             self._changed.notify_all()
 
@@ -654,18 +665,11 @@ class Dispatcher:
         with self._lock:
             self._failed += len(records)
 
-    def _open_circuit(self, error: BaseException | None, back_off: bool = True) -> None:
-        now = time.monotonic()
+    def _circuit_failed(
+        self, error: BaseException | None, *, shrink: bool = False, back_off: bool = True
+    ) -> None:
         with self._lock:
-            if self._circuit_open and back_off:
-                self._probe_delay = min(CIRCUIT_PROBE_MAX_S, self._probe_delay * 2)
-            else:
-                self._circuit_open = True
-                self._probe_delay = CIRCUIT_PROBE_MIN_S
-            self._probe_at = now + self._probe_delay * random.uniform(0.75, 1.25)
-            warn = now - self._last_circuit_warning >= DROP_WARNING_INTERVAL_S
-            if warn:
-                self._last_circuit_warning = now
+            warn = self._circuit.failed(shrink=shrink, back_off=back_off)
             self._changed.notify_all()
         if warn:
             assert self.spool is not None
@@ -679,42 +683,24 @@ class Dispatcher:
                 CIRCUIT_PROBE_MAX_S,
             )
 
-    def _close_circuit(self) -> None:
+    def _circuit_succeeded(self) -> None:
         with self._lock:
-            was_open = self._circuit_open
-            self._circuit_open = False
-            self._probe_at = 0.0
-            self._probe_delay = CIRCUIT_PROBE_MIN_S
-            # Grow back to full chunks: fast after an outage, and a bad record is still isolated.
-            self._replay_limit = min(self.batch_size, self._replay_limit * 2)
+            was_open = self._circuit.succeeded()
         if was_open:
             logger.warning(
                 "upstream_ops: %s accepts writes again; replaying the spool",
                 type(self.sink).__name__,
             )
 
-    # -- retention --------------------------------------------------------------------------------
-
     def _run_retention(self) -> None:
         assert self.retention is not None
-        purge = self.sink.purge  # type: ignore[attr-defined]
-        # Soon after start (processes restart more often than the interval), then periodically;
-        # jittered so that the workers of one server do not all purge at once.
-        delay = random.uniform(0.0, min(self.retention_interval, 60.0))
         try:
-            while not self._stop.wait(delay):
-                delay = self.retention_interval * random.uniform(0.9, 1.1)
-                try:
-                    deleted = purge(self.retention)
-                except Exception as exc:
-                    logger.warning("upstream_ops: retention purge failed: %r", exc)
-                    continue
-                if deleted:
-                    logger.info(
-                        "upstream_ops: retention purged %d records older than %s",
-                        deleted,
-                        self.retention,
-                    )
+            purge_periodically(
+                self.sink.purge,  # type: ignore[attr-defined]
+                self.retention,
+                self.retention_interval,
+                self._stop,
+            )
         finally:
             with self._lock:
                 self._retention_thread = None
@@ -730,76 +716,11 @@ def _is_data_error(error: BaseException | None) -> bool:
     return error is not None and any(c.__name__ in _DATA_ERROR_NAMES for c in type(error).__mro__)
 
 
-_live: weakref.WeakSet[Dispatcher] = weakref.WeakSet()
-
-
 def flush(timeout: float = FLUSH_TIMEOUT_S) -> bool:
     """Flush every live dispatcher (see ``Dispatcher.flush``) within one shared ``timeout``."""
     deadline = time.monotonic() + timeout
     ok = True
-    for dispatcher in list(_live):
+    for dispatcher in lifecycle.live():
+        assert isinstance(dispatcher, Dispatcher)
         ok = dispatcher.flush(max(0.0, deadline - time.monotonic())) and ok
     return ok
-
-
-def _close_all(timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    for dispatcher in list(_live):
-        if dispatcher._intake is not None or dispatcher._writer is not None:
-            dispatcher.close(max(0.0, deadline - time.monotonic()))
-
-
-def _drain_at_exit() -> None:
-    _close_all(FLUSH_TIMEOUT_S)
-
-
-_sigterm_installed = False
-
-
-def _install_sigterm_handler() -> None:
-    """Drain on SIGTERM, then die of it, if nobody else handles SIGTERM (see ``_on_sigterm``).
-
-    Servers that handle SIGTERM themselves (uvicorn, gunicorn, waitress under a supervisor ...)
-    keep their handler; their graceful shutdown then drains through lifespan or ``atexit``.
-    Signal handlers can only be installed from the main thread.
-    """
-    global _sigterm_installed
-    if _sigterm_installed or threading.current_thread() is not threading.main_thread():
-        return
-    try:
-        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-            return
-        signal.signal(signal.SIGTERM, _on_sigterm)
-    except (ValueError, OSError):  # pragma: no cover - embedded interpreters
-        return
-    _sigterm_installed = True
-
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    """Close every dispatcher within ``FLUSH_TIMEOUT_S``, then die of SIGTERM as before.
-
-    The draining runs on a helper thread: the interrupted main thread may hold a lock it needs.
-    """
-    global _sigterm_installed
-    drainer = threading.Thread(
-        target=_close_all, args=(FLUSH_TIMEOUT_S,), name="upstream-ops-sigterm", daemon=True
-    )
-    drainer.start()
-    drainer.join(FLUSH_TIMEOUT_S + 1.0)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _sigterm_installed = False
-    os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _after_fork_in_child() -> None:
-    for dispatcher in list(_live):
-        if dispatcher.spool is not None:
-            dispatcher.spool.after_fork()
-        dispatcher._reset()
-        if dispatcher.spool is not None:
-            dispatcher._start()
-
-
-atexit.register(_drain_at_exit)
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)

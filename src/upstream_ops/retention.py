@@ -8,15 +8,20 @@ values or short strings such as ``"30d"``, ``"12h"``, ``"90m"``, ``"45s"`` or ``
 
 from __future__ import annotations
 
+import logging
+import random
 import re
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from threading import Event
 from typing import Final, Protocol, runtime_checkable
 
 from upstream_ops.defaults import PURGE_BATCH_SIZE
 
-__all__ = ["Purgeable", "cutoff_ms", "parse_duration", "purge_in_batches"]
+__all__ = ["Purgeable", "cutoff_ms", "parse_duration", "purge_in_batches", "purge_periodically"]
+
+logger = logging.getLogger("upstream_ops")
 
 #: Progress callback of ``purge``: called after each batch with the number deleted so far.
 PurgeProgress = Callable[[int], None]
@@ -81,3 +86,26 @@ def purge_in_batches(
             progress(total)
         if deleted < batch_size:
             return total
+
+
+def purge_periodically(
+    purge: Callable[[timedelta], int], older_than: timedelta, interval: float, stop: Event
+) -> None:
+    """Call ``purge(older_than)`` soon after start, then every ``interval`` seconds, until ``stop``.
+
+    Soon after start because processes restart more often than an hourly interval; jittered so
+    that the workers of one server do not all purge at once. A failing purge is logged and tried
+    again at the next interval.
+    """
+    delay = random.uniform(0.0, min(interval, 60.0))
+    while not stop.wait(delay):
+        delay = interval * random.uniform(0.9, 1.1)
+        try:
+            deleted = purge(older_than)
+        except Exception as exc:
+            logger.warning("upstream_ops: retention purge failed: %r", exc)
+            continue
+        if deleted:
+            logger.info(
+                "upstream_ops: retention purged %d records older than %s", deleted, older_than
+            )
