@@ -134,6 +134,14 @@ def test_writing_a_batch_twice_leaves_one_row_each(store: AnyStore) -> None:
     assert len(all_events(store)) == 10
 
 
+def test_a_batch_mixing_stored_and_new_records_adds_only_the_new(store: AnyStore) -> None:
+    first = [full_record(f"rec-{i}", started_at_ms=i) for i in range(3)]
+    store.write(first[:2])
+    store.write([first[1], first[2], first[0]])  # a retry that also carries a new record
+    assert all_records(store) == list(reversed(first))
+    assert len(all_events(store)) == 6
+
+
 def test_duplicate_id_inside_one_batch_keeps_the_first(store: AnyStore) -> None:
     first = full_record("same", path="/first")
     second = full_record("same", path="/second", events=[full_event(kind="failover")])

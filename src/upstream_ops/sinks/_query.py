@@ -200,6 +200,28 @@ def event_rows(record: RequestRecord, created_at_ms: int) -> list[tuple[Any, ...
     ]
 
 
+#: Where ``event_rows`` puts the event's JSON.
+EVENT_JSON_INDEX: Final = next(i for i, c in enumerate(EVENT_COLUMNS) if c.name == "event")
+
+
+def record_rows(
+    record: RequestRecord, created_at_ms: int
+) -> tuple[tuple[Any, ...], list[tuple[Any, ...]]]:
+    """``record_row`` and ``event_rows`` at once, serializing each event once.
+
+    The ``upstream_errors`` array is the events' JSON joined: the same text
+    ``marshal_upstream_errors`` makes, at half the cost for a store that writes both.
+    """
+    events = event_rows(record, created_at_ms)
+    values = {name: getattr(record, name) for name in RECORD_FIELDS}
+    values["upstream_errors"] = (
+        "[" + ",".join(row[EVENT_JSON_INDEX] for row in events) + "]" if events else None
+    )
+    values["recovered"] = bool(record.recovered)
+    values["created_at_ms"] = created_at_ms
+    return tuple(values[column.name] for column in RECORD_COLUMNS), events
+
+
 def event_json(event: UpstreamErrorEvent) -> str:
     """One event as compact JSON, the same shape as an item of ``marshal_upstream_errors``."""
     return json.dumps(event.to_dict(), ensure_ascii=False, separators=(",", ":"))

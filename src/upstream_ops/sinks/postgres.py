@@ -48,12 +48,11 @@ from upstream_ops.sinks._query import (
     SET_SCHEMA_VERSION,
     Column,
     event_from_row,
-    event_rows,
     events_select,
     insert_event_sql,
     insert_record_sql,
     record_from_row,
-    record_row,
+    record_rows,
     records_select,
     schema_ddl,
     validate_query,
@@ -78,10 +77,13 @@ _TEXT_ORDER: Final = ' COLLATE "C"'
 _SCHEMA_NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _INT64: Final = (-(2**63), 2**63 - 1)
 
-# A batch is copied into session-local staging tables, then moved with one INSERT ... SELECT that
-# skips ids already stored and inserts events only for records that were new.
+# A batch is copied straight into the tables when all its ids are new (the usual case). If one is
+# stored already (a retry, a replay), it is copied into session-local staging tables instead and
+# moved with one INSERT ... SELECT that skips stored ids and inserts events only for new records.
 _RECORD_NAMES: Final = ", ".join(c.name for c in RECORD_COLUMNS)
 _EVENT_NAMES: Final = ", ".join(c.name for c in EVENT_COLUMNS)
+_COPY_NEW_RECORDS: Final = f"COPY {RECORDS_TABLE} ({_RECORD_NAMES}) FROM STDIN"
+_COPY_NEW_EVENTS: Final = f"COPY {EVENTS_TABLE} ({_EVENT_NAMES}) FROM STDIN"
 _STAGE: Final = (
     f"CREATE TEMP TABLE IF NOT EXISTS upstream_ops_records_in (LIKE {RECORDS_TABLE}) "
     "ON COMMIT DELETE ROWS",
@@ -305,16 +307,16 @@ class PostgresSink:
 
     def _copy(self, staged: Sequence[_Staged]) -> None:
         with self._connection() as connection, connection.transaction():
-            for statement in _STAGE:
-                connection.execute(statement)
             cursor = connection.cursor()
-            with cursor.copy(_COPY_RECORDS) as copy:
-                for _, row, _ in staged:
-                    copy.write_row(row)
-            with cursor.copy(_COPY_EVENTS) as copy:
-                for _, _, events in staged:
-                    for event in events:
-                        copy.write_row(event)
+            try:
+                with connection.transaction():  # a savepoint
+                    _copy_rows(cursor, _COPY_NEW_RECORDS, _COPY_NEW_EVENTS, staged)
+                return
+            except psycopg.errors.UniqueViolation:
+                pass  # some of these ids are stored already
+            for statement in _STAGE:
+                cursor.execute(statement)
+            _copy_rows(cursor, _COPY_RECORDS, _COPY_EVENTS, staged)
             cursor.execute(_MOVE)
 
     def _insert_one_by_one(
@@ -432,6 +434,19 @@ class PostgresSink:
 
 # --- preparing rows -------------------------------------------------------------------------------
 
+
+def _copy_rows(
+    cursor: psycopg.Cursor[Any], records_copy: str, events_copy: str, staged: Sequence[_Staged]
+) -> None:
+    with cursor.copy(records_copy) as copy:
+        for _, row, _ in staged:
+            copy.write_row(row)
+    with cursor.copy(events_copy) as copy:
+        for _, _, events in staged:
+            for event in events:
+                copy.write_row(event)
+
+
 _Staged = tuple[RequestRecord, tuple[Any, ...], list[tuple[Any, ...]]]
 
 
@@ -444,10 +459,10 @@ def _stage(
     seen: set[str] = set()
     for record in records:
         try:
-            storable = _storable(record)
-            row = record_row(storable, created_at_ms)
+            row, events = record_rows(record, created_at_ms)
+            if _unstorable_text(row):  # rare: rebuild from a cleaned record
+                row, events = record_rows(_storable(record), created_at_ms)
             _check_row(row, RECORD_COLUMNS, "RequestRecord")
-            events = event_rows(storable, created_at_ms)
             for event in events:
                 _check_row(event, EVENT_COLUMNS, "UpstreamErrorEvent")
         except (TypeError, ValueError, OverflowError) as exc:
@@ -458,6 +473,30 @@ def _stage(
         seen.add(row[0])
         staged.append((record, row, events))
     return staged, failures
+
+
+def _unstorable_text(row: Sequence[Any]) -> bool:
+    """Whether a record row holds text PostgreSQL refuses: NUL, a lone surrogate, or in the
+    events' JSON (which holds every event string) ``\\u0000`` or a non-finite number. A false
+    alarm only costs the slow path."""
+    for value in row:
+        if type(value) is str and (
+            "\x00" in value
+            or "\\u0000" in value
+            or "NaN" in value
+            or "Infinity" in value
+            or (not value.isascii() and not _is_utf8(value))
+        ):
+            return True
+    return False
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _storable(record: RequestRecord) -> RequestRecord:
@@ -500,28 +539,36 @@ def _storable_text(text: str) -> str:
     return text
 
 
+def _column_types(columns: Sequence[Column]) -> tuple[tuple[type, ...], ...]:
+    """For each column, the exact value types it takes (a NULL where allowed)."""
+    kinds = {
+        "text": (str,),
+        "json": (str,),
+        "bigint": (int,),
+        "double": (float, int),
+        "bool": (bool,),
+    }
+    return tuple(kinds[c.type] + (() if c.not_null else (type(None),)) for c in columns)
+
+
+_RECORD_TYPES: Final = _column_types(RECORD_COLUMNS)
+_EVENT_TYPES: Final = _column_types(EVENT_COLUMNS)
+
+
 def _check_row(row: Sequence[Any], columns: Sequence[Column], what: str) -> None:
     """Reject a value its column cannot take, naming the field, before it can fail a batch."""
-    for value, column in zip(row, columns, strict=True):
-        if value is None:
-            if column.not_null:
+    types = _RECORD_TYPES if columns is RECORD_COLUMNS else _EVENT_TYPES
+    for value, allowed, column in zip(row, types, columns, strict=True):
+        kind = type(value)
+        if kind not in allowed:
+            if value is None:
                 raise ValueError(f"{what}.{column.name} must not be None")
-            continue
-        kind = column.type
-        if kind in ("text", "json"):
-            ok = isinstance(value, str)
-        elif kind == "bigint":
-            ok = isinstance(value, int) and not isinstance(value, bool)
-            if ok and not _INT64[0] <= value <= _INT64[1]:
-                raise ValueError(f"{what}.{column.name} does not fit 64 bits: {value}")
-        elif kind == "double":
-            ok = isinstance(value, int | float) and not isinstance(value, bool)
-        else:
-            ok = isinstance(value, bool)
-        if not ok:
-            raise TypeError(
-                f"{what}.{column.name} must be {kind}, got {type(value).__name__} {value!r:.60}"
-            )
+            if not (isinstance(value, allowed) and not isinstance(value, bool)) or kind is bool:
+                raise TypeError(
+                    f"{what}.{column.name} must be {column.type}, got {kind.__name__} {value!r:.60}"
+                )
+        if kind is int and not _INT64[0] <= value <= _INT64[1]:
+            raise ValueError(f"{what}.{column.name} does not fit 64 bits: {value}")
 
 
 def _split_schema(dsn: str) -> tuple[str, str | None]:
