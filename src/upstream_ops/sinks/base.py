@@ -16,8 +16,11 @@ from upstream_ops.record import RequestRecord
 class Sink(Protocol):
     """Where records go. ``write`` is called on the dispatcher's worker thread, one batch at a time.
 
-    A write that raises is retried by the dispatcher, so a sink must tolerate seeing a record twice
-    (the built-in databases ignore a record id they already hold). ``close()`` is optional.
+    A write that raises is retried by the dispatcher (and replayed from its spool, if it has one),
+    so a sink must tolerate seeing a record twice (the built-in databases ignore a record id they
+    already hold). ``TypeError`` or ``ValueError`` says "none of these can ever be stored": the
+    dispatcher counts the batch as failed instead of retrying or spooling it; any other exception
+    means "try again later". ``close()`` is optional.
     """
 
     def write(self, records: Sequence[RequestRecord], /) -> None: ...
