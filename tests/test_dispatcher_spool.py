@@ -388,3 +388,37 @@ def test_a_forked_child_gets_its_own_spool_and_never_adopts_its_parents(
     sink.down = False
     assert wait_for(lambda: d.stats().in_spool == 0, timeout=10)
     d.close()
+
+
+def test_the_middlewares_and_flask_pass_the_options_through(tmp_path: Path) -> None:
+    from flask import Flask
+
+    from upstream_ops import UpstreamOpsMiddleware, UpstreamOpsWSGIMiddleware
+    from upstream_ops.flask import UpstreamOps
+
+    async def asgi_app(scope: object, receive: object, send: object) -> None:
+        raise AssertionError("not called")
+
+    options = {"spool_max_bytes": 1 << 20, "retention": "7d"}
+    built = [
+        UpstreamOpsMiddleware(
+            asgi_app, sink=f"sqlite:///{tmp_path}/a.db", spool_dir=tmp_path / "a", **options
+        ).dispatcher,
+        UpstreamOpsWSGIMiddleware(
+            lambda environ, start: [],
+            sink=SQLiteSink(tmp_path / "b.db"),
+            spool_dir=tmp_path / "b",
+            **options,
+        ).dispatcher,
+    ]
+    flask_ext = UpstreamOps(
+        Flask("t"), sink=SQLiteSink(tmp_path / "c.db"), spool_dir=tmp_path / "c", **options
+    )
+    assert flask_ext.middleware is not None
+    built.append(flask_ext.middleware.dispatcher)
+    for d, name in zip(built, "abc", strict=True):
+        assert d.spool is not None and d.spool.root == tmp_path / name
+        assert d.spool.max_bytes == 1 << 20 and d.retention == timedelta(days=7)
+        d.close(timeout=2)
+    with pytest.raises(ValueError, match="spool_dir and retention"):
+        UpstreamOpsMiddleware(asgi_app, dispatcher=built[0], spool_dir=tmp_path)
