@@ -349,6 +349,19 @@ def test_a_batch_of_only_bad_records_raises_and_logs_once(
     assert [r.id for r in pg_sink.query_records(*ALL_TIME)] == ["after"]
 
 
+@POSTGRES
+def test_a_database_reset_behind_its_back_is_recreated_on_the_retry(
+    pg_sink: PostgresSink, dsn: str, pg_schema: str
+) -> None:
+    pg_sink.write([full_record("before")])
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        connection.execute(f'DROP SCHEMA "{pg_schema}" CASCADE')
+    with pytest.raises(psycopg.errors.UndefinedTable):
+        pg_sink.write([full_record("again")])
+    pg_sink.write([full_record("again")])  # the dispatcher's retry
+    assert [r.id for r in pg_sink.query_records(*ALL_TIME)] == ["again"]
+
+
 # --- connections ---------------------------------------------------------------------------------
 
 

@@ -225,6 +225,9 @@ class PostgresSink:
         if staged:
             try:
                 self._copy(staged)
+            except psycopg.errors.UndefinedTable:
+                self._schema_ready = False  # dropped behind our back: create it on the retry
+                raise
             except _RECORD_ERRORS:
                 failures += self._insert_one_by_one(staged)
         if not failures:
@@ -357,7 +360,7 @@ class PostgresSink:
     def _why_no_connection(self) -> str:
         """The pool only says it timed out; one direct attempt tells an operator why."""
         try:
-            psycopg.connect(self._conninfo, **self._kwargs).close()
+            psycopg.connect(self._conninfo, **{**self._kwargs, "connect_timeout": 2}).close()
         except psycopg.Error as exc:
             return " ".join(str(exc).split())
         return f"all {self.max_size} connections were busy"
