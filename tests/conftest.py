@@ -98,7 +98,8 @@ def pg_dsn() -> str:
 
         psycopg.connect(dsn, connect_timeout=3).close()
     except Exception as exc:
-        reason = f"PostgreSQL is not reachable at {dsn} ({type(exc).__name__}: {exc})"
+        why = " ".join(str(exc).split())  # libpq's messages span lines
+        reason = f"PostgreSQL is not reachable at {dsn} ({type(exc).__name__}: {why})"
         if os.environ.get("CI"):
             pytest.fail(f"{reason}; CI needs it (start it, or set {PG_DSN_ENV})", pytrace=False)
         pytest.skip(f"{reason}; start it or set {PG_DSN_ENV} to run the PostgreSQL tests")
