@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import wait_for
+from tests.conftest import OTel, wait_for
 from tests.sink_records import bare_record
 from upstream_ops.dispatcher import Dispatcher
 from upstream_ops.record import RequestRecord
@@ -422,3 +422,23 @@ def test_the_middlewares_and_flask_pass_the_options_through(tmp_path: Path) -> N
         d.close(timeout=2)
     with pytest.raises(ValueError, match="spool_dir and retention"):
         UpstreamOpsMiddleware(asgi_app, dispatcher=built[0], spool_dir=tmp_path)
+
+
+def test_the_records_metric_counts_spooled_then_written(
+    spool_dir: Path, dispatchers: list[Dispatcher], otel: OTel
+) -> None:
+    sink = SwitchableSink(down=True)
+    d = make(dispatchers, sink, spool_dir, meter_provider=otel.meter_provider)
+    for i in range(300):
+        d.submit(rec(i))
+    assert d.flush(timeout=10)
+
+    def outcomes() -> dict[str, int]:
+        points = otel.metric_points("upstream_ops.records")
+        return {attributes["outcome"]: value for attributes, value in points}
+
+    assert outcomes() == {"spooled": 300}
+    assert [value for _, value in otel.metric_points("upstream_ops.dispatcher.queued")] == [0]
+    sink.down = False
+    assert wait_for(lambda: d.stats().in_spool == 0, timeout=10)
+    assert outcomes() == {"spooled": 300, "written": 300}  # written once it reached the sink

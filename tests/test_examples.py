@@ -100,3 +100,21 @@ def test_custom_sink_example(tmp_path: Path) -> None:
         "custom-sink-demo,429,http_error,rate limited",
         "custom-sink-demo,200,failover,backup account ok",
     ]
+
+
+def test_capture_failover_example() -> None:
+    result = subprocess.run(
+        [sys.executable, "examples/capture_failover.py"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert result.stdout.splitlines() == [
+        "client saw 200 {'ok': True, 'account': 3}",
+        "1 http_error 429 primary rate_limited Rate limit reached for requests",
+        "1 failover       primary -            failover from account 1 to account 2: HTTP 429",
+        "2 http_error 529 backup  overloaded   Overloaded",
+        "2 failover       backup  -            failover from account 2 to account 3: HTTP 529",
+    ]

@@ -21,11 +21,13 @@ from upstream_ops import (
 from upstream_ops.flask import UpstreamOps
 from upstream_ops.sinks import MemorySink
 
-from .conftest import serve_wsgi
+from .conftest import serve_wsgi, wait_for
 
 
-def records_of(sink: MemorySink) -> list[RequestRecord]:
-    assert upstream_ops.flush(timeout=5)
+def records_of(sink: MemorySink, expected: int = 1) -> list[RequestRecord]:
+    # A WSGI server closes the response iterable (which finishes the record) after the client
+    # already has the response, so the record may reach the queue a moment after the client returns.
+    wait_for(lambda: upstream_ops.flush(timeout=1) and len(sink.records) >= expected)
     return list(sink.records)
 
 
@@ -141,7 +143,7 @@ def test_plain_wsgi_app_and_its_errors() -> None:
         assert httpx.get(f"{url}/raise").status_code == 500
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"{url}/raise-in-body")
-    records = {r.path: r for r in records_of(sink)}
+    records = {r.path: r for r in records_of(sink, expected=3)}
     assert records["/ok"].status_code == 200 and records["/ok"].recovered
     assert records["/ok"].request_id == ok.headers["x-request-id"]
     assert (records["/raise"].status_code, records["/raise"].error) == (500, "ValueError")

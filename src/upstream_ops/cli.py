@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from upstream_ops._ops_cli import OPS_COMMANDS, add_ops_commands, run_ops_command
 from upstream_ops._version import __version__
 from upstream_ops.defaults import DEFAULT_SINK_URL, SINK_ENV_VAR
 
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run a flaky upstream and a gateway, show the records")
     demo.add_argument("--db", type=Path, default=None, help="SQLite file to keep (default: temp)")
     demo.add_argument("--requests", type=int, default=36, help="client requests to send")
+    add_ops_commands(commands)
     migrate = commands.add_parser("migrate", help="create or upgrade a database's schema now")
     migrate.add_argument("--sink", required=True, help="sink URL, e.g. postgresql://user@host/db")
     purge = commands.add_parser("purge", help="delete records older than an age")
@@ -53,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _demo(args)
+        if args.command in OPS_COMMANDS:
+            return run_ops_command(args)
         if args.command == "migrate":
             return _migrate(args)
         if args.command == "purge":

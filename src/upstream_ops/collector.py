@@ -21,6 +21,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from upstream_ops.defaults import MAX_EVENTS_PER_REQUEST
 from upstream_ops.events import UpstreamErrorEvent
+from upstream_ops.labels import current_labels
 from upstream_ops.sanitize import sanitize_detail, sanitize_label, sanitize_message, sanitize_url
 
 __all__ = [
@@ -73,6 +74,7 @@ class Collector:
         "_events",
         "_finished",
         "_lock",
+        "_sends",
         "dropped_events",
         "listeners",
         "request_id",
@@ -95,6 +97,7 @@ class Collector:
         self.upstream_error_detail: str | None = None
         #: Called with each stored event (telemetry hooks in here); a failing listener is logged.
         self.listeners: list[EventListener] = []
+        self._sends: dict[tuple[str, str], int] | None = None
 
     @property
     def events(self) -> list[UpstreamErrorEvent]:
@@ -136,6 +139,11 @@ class Collector:
         if detail := sanitize_detail(detail):
             self.upstream_error_detail = detail
 
+    @property
+    def attempts(self) -> int:
+        """How many upstream attempts the capture integrations made in this request so far."""
+        return self._attempts
+
     def next_attempt(self) -> int:
         """The 1-based number of the next upstream attempt in this request (capture integrations)."""
         with self._lock:
@@ -145,6 +153,18 @@ class Collector:
     def finish(self) -> None:
         """Close the collector: the record is being built from it."""
         self._finished = True
+
+    def count_send(self, method: str, url: str) -> int:
+        """Count one upstream attempt to ``method url``; returns how many earlier attempts in this
+        request had the same method and URL (OpenTelemetry's ``http.request.resend_count``)."""
+        key = (method, url)
+        with self._lock:
+            sends = self._sends
+            if sends is None:
+                sends = self._sends = {}
+            earlier = sends.get(key, 0)
+            sends[key] = earlier + 1
+        return earlier
 
 
 def _clean_event(event: UpstreamErrorEvent) -> UpstreamErrorEvent:
@@ -177,10 +197,11 @@ def append_upstream_error(
 ) -> UpstreamErrorEvent | None:
     """Record one failed upstream attempt on the current request.
 
-    Pass an ``UpstreamErrorEvent`` or its fields as keywords (or both: keywords override). Fills
-    ``at_unix_ms``, trims and sanitizes every string, and drops an event with no status, no message and
-    no detail. Never raises into the app: an invalid field is logged as a warning naming it and the event
-    is skipped. Returns the stored (sanitized) event, or ``None``.
+    Pass an ``UpstreamErrorEvent`` or its fields as keywords (or both: keywords override). Label
+    fields left empty are taken from the enclosing ``upstream(...)`` block. Fills ``at_unix_ms``, trims
+    and sanitizes every string, and drops an event with no status, no message and no detail. Never
+    raises into the app: an invalid field is logged as a warning naming it and the event is skipped.
+    Returns the stored (sanitized) event, or ``None``.
     """
     collector = _current.get()
     if collector is None:
@@ -195,6 +216,10 @@ def append_upstream_error(
                     raise TypeError(f"UpstreamErrorEvent has no field {name!r}")
                 setattr(event, name, value)
             event.__post_init__()
+        labels = current_labels()
+        if labels:
+            event = copy.copy(event)  # never change the caller's object
+            labels.fill(event)
         return collector.append(event)
     except (TypeError, ValueError) as exc:
         logger.warning("upstream_ops: event not recorded: %s", exc)

@@ -74,3 +74,31 @@ QUERY_LIMIT_MAX: Final = 500
 
 #: Sanitized URLs are cut to this many bytes (query strings run longer than other labels).
 URL_MAX_BYTES: Final = 2048
+
+#: Ops read side (HTTP API, dashboard, CLI). The longest time window one query may cover, the window
+#: used when a caller names none, and the longest text a ``q`` search may be.
+QUERY_WINDOW_MAX_MS: Final = 30 * 24 * 3600 * 1000
+QUERY_WINDOW_DEFAULT_MS: Final = 24 * 3600 * 1000
+QUERY_TEXT_MAX: Final = 200
+#: Stats: at most this many time buckets per answer (one day of minutes, two days at most), and the
+#: number of top upstream messages reported.
+STATS_MAX_BUCKETS: Final = 2880
+STATS_TOP_MESSAGES: Final = 10
+
+#: ``upstream-ops serve``: where the ops API and dashboard listen, and the environment variable
+#: that holds the bearer token when ``--token`` is not given.
+OPS_HOST: Final = "127.0.0.1"
+OPS_PORT: Final = 8700
+OPS_TOKEN_ENV_VAR: Final = "UPSTREAM_OPS_TOKEN"  # noqa: S105 (a variable name, not a secret)
+#: ``upstream-ops tail``: records shown at start, the poll interval of ``--follow`` and how far back
+#: (by request start) each poll looks, so a long request written late is still shown.
+TAIL_RECORDS: Final = 20
+TAIL_INTERVAL_S: Final = 1.0
+TAIL_LOOKBACK_MS: Final = 10 * 60 * 1000
+
+#: Capture integrations (httpx transports, requests adapter): the statuses recorded as failed
+#: attempts, and how much of an error body is kept. Only what the caller itself reads is captured.
+CAPTURE_STATUSES: Final = range(400, 600)
+CAPTURE_BODY_MAX_BYTES: Final = 2048
+#: Lines of a ``text/event-stream`` longer than this are skipped while looking for error events.
+SSE_LINE_MAX_BYTES: Final = 16 * 1024

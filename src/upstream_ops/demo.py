@@ -1,8 +1,9 @@
 """``upstream-ops demo``: a flaky upstream, a gateway in front of it, and what landed in SQLite.
 
 Both servers run under uvicorn on 127.0.0.1 (ephemeral ports), the gateway answers its clients 200
-whenever a retry or a failover saves the day, and the demo then prints the records the middleware
-wrote: the failures a plain access log would have hidden.
+whenever a failover saves the day, and the demo then prints the records the middleware wrote: the
+failures a plain access log would have hidden. The gateway's httpx client captures its failed
+attempts through ``AsyncUpstreamOpsTransport``; nothing is appended by hand.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -24,9 +25,12 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 import upstream_ops
-from upstream_ops import UpstreamOpsMiddleware, append_upstream_error
+from upstream_ops import UpstreamOpsMiddleware, record_failover, upstream
+from upstream_ops.events import HTTP_ERROR, REQUEST_ERROR, STREAM_ERROR
+from upstream_ops.httpx import AsyncUpstreamOpsTransport
 from upstream_ops.record import RequestRecord
 from upstream_ops.sinks import SQLiteSink
+from upstream_ops.testing import FaultInjectionTransport, broken_stream, timeout
 
 REQUESTS = 36
 ACCOUNTS = ((1, "primary"), (2, "backup"))
@@ -58,46 +62,60 @@ def build_upstream() -> FastAPI:
 
 
 def build_gateway(sink: SQLiteSink, upstream_url: str, dead_url: str) -> FastAPI:
-    """A gateway that fails over from the primary account to the backup one."""
-    app = FastAPI()
+    """A gateway that fails over from the primary account to the backup one.
+
+    Its client records every failed attempt by itself (the capture transport); the endpoint only
+    labels the attempts (platform and model for the call, the account per try) and records its
+    failover decisions. A fault-injecting transport under it adds what the flaky upstream cannot
+    do on its own: a body cut off mid-way and a read timeout, both on the backup account.
+    """
+    faults = FaultInjectionTransport(
+        httpx.AsyncHTTPTransport(),
+        faults=[
+            broken_stream(after_bytes=8, match=_on_backup(lambda key: key % 11 == 10)),
+            timeout("read", match=_on_backup(lambda key: key % 17 == 16)),
+        ],
+    )
+    client = httpx.AsyncClient(timeout=2.0, transport=AsyncUpstreamOpsTransport(faults))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await client.aclose()
+
+    app = FastAPI(lifespan=lifespan)
     app.add_middleware(UpstreamOpsMiddleware, sink=sink, service="demo-gateway")
 
     @app.post("/generate/{key}")
+    @upstream(platform="rix", model="img-v2")
     async def generate(key: int) -> JSONResponse:
-        async with httpx.AsyncClient(timeout=2.0) as client:
-            for account_id, account_name in ACCOUNTS:
-                base = dead_url if key % 5 == 4 and account_id == 1 else upstream_url
-                url = f"{base}/v1/images/{key}?account={account_id}"
+        for index, (account_id, account_name) in enumerate(ACCOUNTS):
+            base = dead_url if key % 5 == 4 and account_id == 1 else upstream_url
+            with upstream(account_id=account_id, account_name=account_name):
                 try:
-                    response = await client.post(url)
+                    response = await client.post(f"{base}/v1/images/{key}?account={account_id}")
                 except httpx.TransportError as exc:
-                    append_upstream_error(
-                        platform="rix",
-                        account_id=account_id,
-                        account_name=account_name,
-                        kind="request_error",
-                        message=f"{type(exc).__name__}: {exc}",
-                        method="POST",
-                        upstream_url=url,
-                    )
-                    continue
-                if response.status_code < 400:
-                    return JSONResponse(response.json())
-                append_upstream_error(
-                    platform="rix",
-                    account_id=account_id,
-                    account_name=account_name,
-                    upstream_status_code=response.status_code,
-                    upstream_request_id=response.headers.get("x-request-id", ""),
-                    kind="http_error",
-                    message=response.reason_phrase,
-                    detail=response.text,
-                    method="POST",
-                    upstream_url=url,
-                )
+                    reason = type(exc).__name__
+                else:
+                    if response.status_code < 400:
+                        return JSONResponse(response.json())
+                    reason = f"HTTP {response.status_code}"
+                if index + 1 < len(ACCOUNTS):
+                    next_account = ACCOUNTS[index + 1][0]
+                    record_failover(from_account=account_id, to_account=next_account, reason=reason)
         return JSONResponse({"error": "all upstream accounts failed"}, status_code=502)
 
     return app
+
+
+def _on_backup(keys: Callable[[int], bool]) -> Callable[[httpx.Request], bool]:
+    """A fault rule matching the backup account's calls for the image keys ``keys`` selects."""
+
+    def match(request: httpx.Request) -> bool:
+        key = request.url.path.rsplit("/", 1)[-1]
+        return request.url.params.get("account") == "2" and key.isdigit() and keys(int(key))
+
+    return match
 
 
 @contextmanager
@@ -138,14 +156,18 @@ async def drive(url: str, count: int) -> dict[int, int]:
     return statuses
 
 
+_FAILED_ATTEMPT_KINDS = (HTTP_ERROR, REQUEST_ERROR, STREAM_ERROR)
+
+
 def format_table(records: list[RequestRecord]) -> str:
-    """Records as an 80-column table: one line per request."""
+    """Records as an 80-column table: one line per request, its failed attempts in order."""
     header = f"{'request':<10} {'route':<16} {'client':>6} {'attempts failed':<28} {'recovered':<9}"
     lines = [header, "-" * len(header)]
     for record in sorted(records, key=lambda r: int(r.path.rsplit("/", 1)[-1] or 0)):
         failures = ",".join(
-            str(e.upstream_status_code) if e.upstream_status_code else e.kind
+            str(e.upstream_status_code) if e.kind == HTTP_ERROR else e.kind
             for e in record.upstream_errors
+            if e.kind in _FAILED_ATTEMPT_KINDS
         )
         lines.append(
             f"{record.request_id[:10]:<10} {record.path[:16]:<16} {record.status_code:>6} "

@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
+from opentelemetry.metrics import MeterProvider
+
 from upstream_ops import lifecycle
 from upstream_ops.circuit import Circuit
 from upstream_ops.defaults import (
@@ -46,6 +48,14 @@ from upstream_ops.record import RequestRecord
 from upstream_ops.retention import parse_duration, purge_periodically
 from upstream_ops.sinks.base import Sink, close_sink, record_json
 from upstream_ops.spool import Spool, SpoolChunk
+from upstream_ops.telemetry._metrics import (
+    DROPPED,
+    EVICTED,
+    FAILED,
+    SPOOLED,
+    WRITTEN,
+    DispatcherMetrics,
+)
 
 __all__ = ["Dispatcher", "DispatcherStats", "flush"]
 
@@ -103,6 +113,8 @@ class Dispatcher:
     ``purge``. Threads start on the first record (at once with a spool, to adopt a dead process's
     spool), and again in a forked child. ``handle_sigterm`` installs a SIGTERM handler that drains
     before the process ends, only if SIGTERM has its default action and this is the main thread.
+    Outcomes and the queue length are also OpenTelemetry metrics, on ``meter_provider`` (default:
+    the global one); a replayed record is counted ``written`` when it reaches the sink.
     """
 
     def __init__(
@@ -113,6 +125,7 @@ class Dispatcher:
         batch_size: int = BATCH_SIZE,
         batch_interval: float = BATCH_INTERVAL_S,
         write_attempts: int = WRITE_ATTEMPTS,
+        meter_provider: MeterProvider | None = None,
         spool_dir: str | os.PathLike[str] | None = None,
         spool_max_bytes: int = SPOOL_MAX_BYTES,
         retention: timedelta | str | None = None,
@@ -146,6 +159,7 @@ class Dispatcher:
         self.retention_interval = float(retention_interval)
         self.spool = None if spool_dir is None else Spool(spool_dir, max_bytes=spool_max_bytes)
         self._spill_at = max(1, int(queue_size * SPILL_AT_QUEUE_FRACTION))
+        self._metrics = DispatcherMetrics(meter_provider)
         self._reset()
         lifecycle.register(self, handle_sigterm=handle_sigterm)
         if self.spool is not None:
@@ -185,9 +199,11 @@ class Dispatcher:
         """Queue ``record`` for writing; ``False`` (and counted) when the queue is full."""
         if self._intake is None:
             self._start()
+        self._metrics.queued(1)  # before the worker can take it: the gauge never goes below zero
         try:
             self._queue.put_nowait(record)
         except queue.Full:
+            self._metrics.queued(-1)
             self._record_drop()
             return False
         with self._lock:
@@ -197,6 +213,7 @@ class Dispatcher:
         return True
 
     def _record_drop(self) -> None:
+        self._metrics.count(DROPPED)
         with self._lock:
             self._dropped += 1
             now = time.monotonic()
@@ -445,17 +462,22 @@ class Dispatcher:
 
     def _spool_batch(self, batch: Sequence[RequestRecord]) -> None:
         """Append to the spool (the caller holds ``_route_lock``) and count what happened."""
-        assert self.spool is not None
+        spool = self.spool
+        assert spool is not None
+        evicted = spool.evicted
         try:
-            rejected = len(self.spool.append(batch))
+            rejected = len(spool.append(batch))
         except OSError as exc:
             logger.error(
                 "upstream_ops: could not spool %d records to %s: %r; they are lost",
                 len(batch),
-                self.spool.root,
+                spool.root,
                 exc,
             )
             rejected = len(batch)
+        self._settle(SPOOLED, len(batch) - rejected)
+        self._settle(FAILED, rejected)
+        self._metrics.count(EVICTED, spool.evicted - evicted)
         with self._lock:
             self._spooled += len(batch) - rejected
             self._failed += rejected
@@ -547,6 +569,7 @@ class Dispatcher:
             except Exception as exc:
                 error = exc
                 continue
+            self._settle(WRITTEN, len(batch))
             with self._lock:
                 self._written += len(batch)
                 self._handled += len(batch)
@@ -570,6 +593,7 @@ class Dispatcher:
             self.write_attempts,
             error,
         )
+        self._settle(FAILED, len(batch))
         with self._lock:
             self._failed += len(batch)
             self._handled += len(batch)
@@ -639,6 +663,8 @@ class Dispatcher:
     def _committed(self, chunk: SpoolChunk, written: int) -> None:
         spool = self.spool
         assert spool is not None
+        self._metrics.count(WRITTEN, written)
+        self._metrics.count(FAILED, chunk.unreadable)
         with self._lock:  # counted before the spool shrinks, so a flush sees both
             self._written += written
             self._replayed += written
@@ -662,6 +688,7 @@ class Dispatcher:
                 error,
                 record_json(record),
             )
+        self._metrics.count(FAILED, len(records))
         with self._lock:
             self._failed += len(records)
 
@@ -704,6 +731,16 @@ class Dispatcher:
         finally:
             with self._lock:
                 self._retention_thread = None
+
+    def _settle(self, outcome: str, records: int) -> None:
+        """``records`` left the queue as ``outcome``: the records metric and the queue gauge.
+
+        Called before ``flush()`` can see them handled, so a flushed dispatcher's metrics are current.
+        """
+        if not records:
+            return
+        self._metrics.count(outcome, records)
+        self._metrics.queued(-records)
 
 
 _REPLAY = object()

@@ -5,23 +5,25 @@ JSON bodies with passwords. Every string that reaches a sink, a span or a log go
 :class:`Sanitizer` first, which
 
 * replaces secrets with ``[REDACTED]``, keeping the key or prefix so an operator still sees which kind
-  of secret was there: PEM private keys, the token shapes of :data:`TOKEN_RULES`, and the value of every
+  of secret was there: PEM private keys and URL userinfo (:data:`BLOCK_RULES`), then the value of every
   ``key=value`` / ``key: value`` / JSON / Python-repr pair whose key is secret by
-  :meth:`Sanitizer.is_secret_key`;
-* drops control characters (C0 except tab and newline, DEL, C1, bidi embeddings and overrides; labels
-  and URLs also lose tab and newline) and turns lone surrogates into U+FFFD, so the result always
-  encodes as UTF-8;
+  :meth:`Sanitizer.is_secret_key`, then the token shapes of :data:`TOKEN_RULES`;
+* drops control characters (C0 except tab and newline, so CRLF becomes LF; DEL; C1; bidi embeddings,
+  overrides and isolates), turns tab and newline into spaces in labels and drops them from URLs, and
+  turns lone surrogates into U+FFFD, so that the result always encodes as UTF-8;
 * trims, and cuts to a byte limit on a code-point boundary, ending with ``…[truncated N bytes]``.
 
 Redaction runs before truncation, so a cut can never leave the start of a secret behind. Nothing here
-raises, and the work is linear in the input: every pattern starts with a literal and uses possessive or
-bounded repetition, and input beyond 64 times the limit (at most 1 MiB) is cut before the pattern pass.
+raises, and the work is linear in the input: every pattern starts with a literal the engine can jump to
+and never backtracks over a run (possessive or bounded repetition, lookbehinds for the context), and
+input beyond 64 times the limit (at most 1 MiB) is cut before the pattern pass.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from itertools import compress, repeat
 from typing import Final, NamedTuple
 from urllib.parse import unquote_plus
 
@@ -34,8 +36,8 @@ from upstream_ops.defaults import (
 
 __all__ = [
     "AUTH_SCHEMES",
+    "BLOCK_RULES",
     "NON_SECRET_KEY_QUALIFIERS",
-    "PRIVATE_KEY_RULE",
     "REDACTED",
     "SECRET_HEADERS",
     "SECRET_KEY_SEGMENTS",
@@ -63,7 +65,7 @@ REDACTED: Final = "[REDACTED]"
 SECRET_KEY_SEGMENTS: Final = frozenset(
     {
         "key", "keys", "apikeys", "authkey", "appkey", "signingkey", "masterkey", "accesskeyid",
-        "pass", "pwd", "secrets", "passwords", "signatures", "sig", "sid", "sessid", "session",
+        "pass", "pwd", "secrets", "passwords", "signatures", "sig", "sid", "session",
         "auth", "oauth", "cookies", "private", "jwt", "bearer", "otp", "totp", "cred", "creds",
     }
 )  # fmt: skip
@@ -71,7 +73,7 @@ SECRET_KEY_SEGMENTS: Final = frozenset(
 #: plural "tokens" is not here: max_tokens, input_tokens, total_tokens ... are counts, not secrets.
 SECRET_KEY_SUFFIXES: Final = (
     "password", "passwd", "passphrase", "secret", "token", "apikey", "accesskey", "privatekey",
-    "secretkey", "sessionid", "sessionkey", "credential", "credentials", "signature",
+    "secretkey", "sessionid", "sessid", "sessionkey", "credential", "credentials", "signature",
     "authorization", "cookie",
 )  # fmt: skip
 #: A key with one of these segments describes a secret instead of holding one, and is kept:
@@ -81,8 +83,8 @@ NON_SECRET_KEY_QUALIFIERS: Final = frozenset(
     {
         "count", "counts", "limit", "limits", "max", "min", "total", "length", "len", "size",
         "type", "kind", "scheme", "method", "format", "usage", "used", "remaining", "expires",
-        "expiry", "expiration", "ttl", "url", "uri", "endpoint", "name", "file", "path",
-        "version", "algorithm", "alg",
+        "expiry", "expiration", "ttl", "timeout", "duration", "status", "error", "url", "uri",
+        "endpoint", "name", "file", "path", "version", "algorithm", "alg",
     }
 )  # fmt: skip
 #: When the last segment is one of these, the whole value to the end of the line is the secret
@@ -109,7 +111,7 @@ AUTH_SCHEMES: Final = (
 class TokenRule(NamedTuple):
     """A secret recognised by its shape.
 
-    ``pattern`` starts with a literal that is rare in prose, and runs only when the single character
+    ``pattern`` starts with a literal the engine can jump to, and runs only when the character
     ``gate`` is in the text (a memchr, not a scan). Its group ``keep``, the prefix that says which kind
     of secret it was, is kept; the rest of the match becomes ``[REDACTED]``.
     """
@@ -123,72 +125,30 @@ class TokenRule(NamedTuple):
 # engine can still jump to that literal): "risk-..." or "high_..." are not tokens.
 _CREDENTIAL = r"[A-Za-z0-9._~+/=-]"  # RFC 7235 token68
 # A credential after a bare "Bearer"/"Basic" must not look like a word ("Bearer authentication").
-_NOT_A_WORD = r"(?=[A-Za-z0-9._~+/=-][a-z]{0,22}+[A-Z0-9._~+/=-]|[a-z]{24})"
+_NOT_A_WORD = r"(?=[A-Za-z0-9._~+/=-](?:[a-z]{0,22}+[A-Z0-9._~+/=-]|[a-z]{23}))"
 _AUTHORITY = r"[^\s/?#@\"'<>\\]"
 
-#: PEM private key blocks, whole; an unterminated block is redacted to the end. Runs first.
-PRIVATE_KEY_RULE: Final = TokenRule(
-    "private_key",
-    "G",
-    re.compile(
-        r"(?P<keep>-----BEGIN (?:[A-Z0-9]{1,24} ){0,4}PRIVATE KEY(?: BLOCK)?-----)"
-        r"(?:.*?-----END [A-Z0-9 ]{0,100}?PRIVATE KEY(?: BLOCK)?-----|.*)",
-        re.DOTALL,
+#: Shapes redacted first, before the key/value pairs: a PEM block has "Proc-Type: ..." lines of its own,
+#: and a URL's user:password would otherwise be read as a pair.
+BLOCK_RULES: Final = (
+    TokenRule(  # PEM private key blocks, whole; an unterminated block is redacted to the end
+        "private_key",
+        "G",
+        re.compile(
+            r"(?P<keep>-----BEGIN (?:[A-Z0-9]{1,24} ){0,4}PRIVATE KEY(?: BLOCK)?-----)"
+            r"(?:.*?-----END [A-Z0-9 ]{0,100}?PRIVATE KEY(?: BLOCK)?-----|.*)",
+            re.DOTALL,
+        ),
     ),
-)
-#: Token shapes, applied in this order after the key/value rules.
-TOKEN_RULES: Final = (
     TokenRule(  # scheme://user:password@host -> scheme://[REDACTED]@host (up to the last "@")
         "url_userinfo",
         "@",
         re.compile(rf"(?P<keep>://)(?:{_AUTHORITY}*+@(?={_AUTHORITY}*+@))*+{_AUTHORITY}*+(?=@)"),
     ),
-    TokenRule(  # sk-..., sk-proj-..., sk-ant-api03-..., sk_live_...
-        "openai_anthropic_stripe_key",
-        "k",
-        re.compile(
-            r"(?P<keep>k(?<=sk)(?<![A-Za-z0-9]sk)"
-            r"(?:-(?:proj-|svcacct-|admin-|ant-(?:[a-z]{2,8}[0-9]{2}-)?)?|_(?:live|test)_))"
-            r"[A-Za-z0-9_-]{20,}+"
-        ),
-    ),
-    TokenRule(  # AKIA... / ASIA... + 16
-        "aws_access_key_id",
-        "I",
-        re.compile(r"(?P<keep>IA(?<=A[KS]IA)(?<![A-Za-z0-9]A[KS]IA))[A-Z0-9]{16}(?![A-Za-z0-9])"),
-    ),
-    TokenRule(  # AIza...
-        "google_api_key",
-        "z",
-        re.compile(r"(?P<keep>za(?<=AIza)(?<![A-Za-z0-9]AIza))[A-Za-z0-9_-]{30,}+"),
-    ),
-    TokenRule(  # ya29....
-        "google_oauth_token",
-        "9",
-        re.compile(r"(?P<keep>ya29\.(?<![A-Za-z0-9]ya29\.))[A-Za-z0-9_-]{20,}+"),
-    ),
-    TokenRule(  # ghp_, gho_, ghu_, ghs_, ghr_, github_pat_
-        "github_token",
-        "_",
-        re.compile(r"(?P<keep>gh(?<![A-Za-z0-9]gh)(?:[pousr]_|ithub_pat_))[A-Za-z0-9_]{20,}+"),
-    ),
-    TokenRule(  # xoxb-, xoxp-, xoxa-, ..., xapp-
-        "slack_token",
-        "x",
-        re.compile(r"(?P<keep>x(?<![A-Za-z0-9]x)(?:ox[abeoprs]|app)-)[A-Za-z0-9-]{10,}+"),
-    ),
-    TokenRule(  # hf_...
-        "huggingface_token",
-        "_",
-        re.compile(r"(?P<keep>f_(?<=hf_)(?<![A-Za-z0-9]hf_))[A-Za-z0-9]{30,}+"),
-    ),
-    TokenRule(  # header.payload.signature, header starting with eyJ ('{"')
-        "jwt",
-        "J",
-        re.compile(
-            r"(?P<keep>)eyJ(?<![A-Za-z0-9_-]eyJ)[A-Za-z0-9_-]*+\.[A-Za-z0-9_-]++\.[A-Za-z0-9_-]*+"
-        ),
-    ),
+)
+#: Token shapes, applied in this order after the key/value pairs (a token pattern must not swallow the
+#: key of a pair, as in "Bearer client_secret:...").
+TOKEN_RULES: Final = (
     TokenRule(  # a bare "Bearer <token>" / "Basic <base64>" outside an Authorization pair
         "bearer_or_basic_credential",
         "B",
@@ -199,46 +159,96 @@ TOKEN_RULES: Final = (
             + "{8,}+"
         ),
     ),
+    TokenRule(  # sk-..., sk-proj-..., sk-ant-api03-..., sk_live_...
+        "openai_anthropic_stripe_key",
+        "k",
+        re.compile(
+            r"(?P<keep>k(?<=sk)(?<![A-Za-z0-9]sk)"
+            r"(?:-(?:proj-|svcacct-|admin-|ant-(?:[a-z]{2,8}[0-9]{2}-)?)?|_(?:live|test)_))"
+            r"[A-Za-z0-9_-]{20,}+"
+        ),
+    ),
+    TokenRule(  # AKIA / ASIA + 16 (AWS access key ids), AIza + 35 (Google API keys)
+        "aws_access_key_id_or_google_api_key",
+        "A",
+        re.compile(
+            r"(?P<keep>A(?<![A-Za-z0-9]A)(?:[KS]IA|Iza))"
+            r"(?:(?<=IA)[A-Z0-9]{16}(?![A-Za-z0-9])|(?<=za)[A-Za-z0-9_-]{30,}+)"
+        ),
+    ),
+    TokenRule(  # ya29....
+        "google_oauth_token",
+        "9",
+        re.compile(r"(?P<keep>ya29\.(?<![A-Za-z0-9]ya29\.))[A-Za-z0-9_-]{20,}+"),
+    ),
+    TokenRule(  # ghp_, gho_, ghu_, ghs_, ghr_, github_pat_ (GitHub), hf_ (Hugging Face)
+        "github_or_huggingface_token",
+        "_",
+        re.compile(
+            r"(?P<keep>_(?:(?<=gh[pousr]_)(?<![A-Za-z0-9]gh[pousr]_)|(?<=hf_)(?<![A-Za-z0-9]hf_)"
+            r"|(?<=github_)(?<![A-Za-z0-9]github_)pat_))[A-Za-z0-9_]{20,}+"
+        ),
+    ),
+    TokenRule(  # xoxb-, xoxp-, xoxa-, ..., xapp-
+        "slack_token",
+        "x",
+        re.compile(r"(?P<keep>x(?<![A-Za-z0-9]x)(?:ox[abeoprs]|app)-)[A-Za-z0-9-]{10,}+"),
+    ),
+    TokenRule(  # header.payload.signature, header starting with eyJ ('{"')
+        "jwt",
+        "J",
+        re.compile(
+            r"(?P<keep>)eyJ(?<![A-Za-z0-9_-]eyJ)[A-Za-z0-9_-]*+\.[A-Za-z0-9_-]++\.[A-Za-z0-9_-]*+"
+        ),
+    ),
 )
 
 
 # --- Key/value pairs -------------------------------------------------------------------------------
 # A pair is found from its separator: in the reversed text the engine jumps from one "=" (or ":") to
-# the next and reads the key backwards from there, instead of trying a key at every word. Only keys
-# found secret have their value matched, forwards, from the separator.
+# the next and reads the key backwards from there, instead of trying a key at every word. re.split
+# hands all of them over at once (no match objects), so that Python code only touches secret keys.
+# A key never contains a separator, so that one match cannot swallow the next separator.
 _KEY_CHARS = r"A-Za-z0-9_.%\[\]-"
 _REVERSED_KEY = (
-    r"[ \t]{0,16}+(?P<q>\"\\{0,8}+|')?"  # the closing quote of "key", 'key', \"key\" comes first
-    rf"(?P<key>(?(q)[^\"'\\\r\n]{{1,128}}+|[{_KEY_CHARS}]{{1,128}}+(?![{_KEY_CHARS}])))(?(q)(?P=q))"
+    r"[ \t]*+(?:"
+    r"\"\\{0,8}+[^\"'\\\r\n:=]{1,128}+\"\\{0,8}+"  # "key" or \"key\"
+    r"|'[^\"'\\\r\n:=]{1,128}+'"  # 'key'
+    rf"|[{_KEY_CHARS}]{{1,128}}+(?![{_KEY_CHARS}])"  # key, X-Api-Key, user[password]
+    r"))"
 )
-_REVERSED_PAIRS: Final = (
-    ("=", re.compile("=" + _REVERSED_KEY)),  # also "=>"
-    (":", re.compile(":" + _REVERSED_KEY)),
-    ("%3", re.compile("[DdAa]3%" + _REVERSED_KEY)),  # %3D, %3A in URL-encoded text
+_REVERSED_PAIRS: Final = (  # (gate, pattern, separator characters the match leaves out)
+    ("=", re.compile("(=" + _REVERSED_KEY), 0),  # also "=>"
+    (":", re.compile("(:(?<!//:)" + _REVERSED_KEY), 0),  # not the colon of "https://"
+    ("%", re.compile("(3%(?<=[DdAa]3%)" + _REVERSED_KEY), 1),  # %3D, %3A in URL-encoded text
 )
+_REVERSED_KEY_TEXT = re.compile(r"(?:[=:]|3%)[ \t]*[\"'\\]*(.*?)[\"'\\]*", re.DOTALL)
 # The value after a separator. A quoted value may be unterminated (cut off): it is redacted to the end
 # of the line. Each quoted kind has an opening group followed directly by its closing group.
 _VALUE = re.compile(
     r"""
     >?[ \t]{0,16}+(?:\n[ \t]{0,64}+(?=["'\\\[{]))?
     (?:
-        (?P<dqo>")(?:[^"\\\n]|\\.)*+(?P<dqc>"?)
+        (?P<dqo>[bBrRuU]?")(?:[^"\\\n]|\\.)*+(?P<dqc>"?)
       | (?P<eqo>\\")(?:[^"\\\n]|\\\\(?:\\.|[^"\\\n])|\\[^"\\\n])*+(?P<eqc>(?:\\")?)
-      | (?P<bqo>\\{2,8}+")(?:(?!(?P=bqo))[^\n])*+(?P<bqc>(?P=bqo)?)
-      | (?P<sqo>[bBrRuU]?')(?:[^'\\\n]|\\.)*+(?P<sqc>'?)
-      | (?P<literal>(?:null|true|false|None|True|False|nil)(?![A-Za-z0-9_-]))
       | (?P<flat>\[[^\[\]{}]*+\]|\{[^{}]*+\})
-      | (?P<bare>[^\s&;,"'<>(){}\[\]]++)
+      | (?P<literal>(?:null|true|false|None|True|False|nil)(?![A-Za-z0-9_-]))
+      | (?P<sqo>[bBrRuU]?')(?:[^'\\\n]|\\.)*+(?P<sqc>'?)
+      | (?P<bqo>\\{2,8}+")(?:(?!(?P=bqo))[^\n])*+(?P<bqc>(?P=bqo)?)
+      | (?P<bare>[^\s&;,"'<>(){}]++)
     )
     """,
     re.VERBOSE | re.DOTALL,
 )
+_BLOCK_SUBSTITUTIONS: Final = tuple((rule.gate, rule.pattern.sub) for rule in BLOCK_RULES)
+_TOKEN_SUBSTITUTIONS: Final = tuple((rule.gate, rule.pattern.sub) for rule in TOKEN_RULES)
 _QUOTE_CLOSE: Final = frozenset(_VALUE.groupindex[g] for g in ("dqc", "eqc", "bqc", "sqc"))
-_LITERAL: Final = _VALUE.groupindex["literal"]
-_BARE = re.compile(r"[^\s&;,\"'<>(){}\[\]]++")
+_FLAT: Final = _VALUE.groupindex["flat"]
+_BARE_VALUE: Final = _VALUE.groupindex["bare"]
+_BARE = re.compile(r"[^\s&;,\"'<>(){}]++")
 _SCHEME = re.compile("(?i:" + "|".join(map(re.escape, AUTH_SCHEMES)) + r")[ \t]++(?=\S)")
 _SEGMENT = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
-_NOT_SECRET, _SECRET, _SECRET_TO_LINE_END = 0, 1, 2
+_UNKNOWN, _NOT_SECRET, _SECRET, _SECRET_TO_LINE_END = -1, 0, 1, 2
 _KEY_CACHE_SIZE = 4096
 
 # --- Control characters and limits ------------------------------------------------------------------
@@ -265,8 +275,9 @@ class Sanitizer:
 
     ``extra_patterns`` (strings or compiled patterns) are replaced by ``[REDACTED]`` after the built-in
     rules; keeping them linear is up to you. ``extra_secret_keys`` adds secret segments (one-word
-    entries) or whole key names; ``keep_keys`` names keys that are never secret. Names are compared by
-    their lowercased segments, so ``x-request-token``, ``X_Request_Token`` and ``xRequestToken`` match.
+    entries) or whole key names; ``keep_keys`` names keys that are never secret (the headers of
+    :data:`SECRET_HEADERS` stay redacted). Names are compared by their lowercased segments, so
+    ``x-request-token``, ``X_Request_Token`` and ``xRequestToken`` are the same name.
     """
 
     def __init__(
@@ -279,8 +290,7 @@ class Sanitizer:
         self._extra_patterns = tuple(
             p if isinstance(p, re.Pattern) else re.compile(p) for p in extra_patterns
         )
-        segments: set[str] = set(SECRET_KEY_SEGMENTS)
-        names: set[str] = set()
+        segments, names = set(SECRET_KEY_SEGMENTS), set[str]()
         for key in extra_secret_keys:
             parts = _segments(key)
             if parts:
@@ -311,7 +321,7 @@ class Sanitizer:
             if "=" in text:
                 text = self._redact_url_parameters(text)
             return _fit(self._redact(text).strip(), max_bytes, dropped)
-        except Exception:
+        except Exception:  # a sanitizer error must not break the request it records
             return _fallback(max_bytes)
 
     def headers(self, headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> dict[str, str]:
@@ -339,8 +349,8 @@ class Sanitizer:
                 if key in out and not secret:
                     value = _fit(f"{out[key]}, {value}", LABEL_MAX_BYTES, 0)
                 out[key] = value
-        except Exception:  # noqa: S110 - keep the headers sanitized so far
-            pass
+        except Exception:  # keep the headers sanitized so far
+            return out
         return out
 
     def is_secret_key(self, name: str) -> bool:
@@ -374,20 +384,24 @@ class Sanitizer:
 
     def _clean(self, value: object, max_bytes: int, controls: tuple[bytes | None, bytes]) -> str:
         try:
-            text, dropped = _coerce(value, _scan_limit(max_bytes))
+            if type(value) is str and len(value) <= _SCAN_MIN_CHARS:
+                text, dropped = value, 0
+            else:
+                text, dropped = _coerce(value, _scan_limit(max_bytes))
             text = _strip_controls(text, controls)
             return _fit(self._redact(text).strip(), max_bytes, dropped)
-        except Exception:
+        except Exception:  # a sanitizer error must not break the request it records
             return _fallback(max_bytes)
 
     def _redact(self, text: str) -> str:
-        if "G" in text and "-----BEGIN" in text:
-            text = PRIVATE_KEY_RULE.pattern.sub(_keep_prefix, text)
-        if "=" in text or ":" in text or ("%" in text and "%3" in text):
+        for gate, substitute in _BLOCK_SUBSTITUTIONS:
+            if gate in text:
+                text = substitute(_keep_prefix, text)
+        if "=" in text or ":" in text or "%" in text:
             text = self._redact_pairs(text)
-        for rule in TOKEN_RULES:
-            if rule.gate in text:
-                text = rule.pattern.sub(_keep_prefix, text)
+        for gate, substitute in _TOKEN_SUBSTITUTIONS:
+            if gate in text:
+                text = substitute(_keep_prefix, text)
         for pattern in self._extra_patterns:
             text = pattern.sub(REDACTED, text)
         return text
@@ -396,19 +410,24 @@ class Sanitizer:
         """Replace the values of secret keys; keys, and the values of other keys, stay."""
         size = len(text)
         reversed_text = text[::-1]
-        modes = self._reversed_modes
         hits: list[tuple[int, int]] = []  # (index just after the separator, key mode)
-        for gate, pattern in _REVERSED_PAIRS:
-            if gate in text:
-                for match in pattern.finditer(reversed_text):
-                    key = match["key"]
-                    mode = modes.get(key)
-                    if mode is None:
-                        if len(modes) >= _KEY_CACHE_SIZE:
-                            modes.clear()
-                        mode = modes[key] = self._key_mode(key[::-1])
-                    if mode:
-                        hits.append((size - match.start(), mode))
+        for gate, pattern, shift in _REVERSED_PAIRS:
+            if gate not in text:
+                continue
+            parts = pattern.split(reversed_text)  # text, separator+key, text, separator+key, ...
+            keys = parts[1::2]
+            modes = list(map(self._reversed_modes.get, keys, repeat(_UNKNOWN)))
+            if _UNKNOWN in modes:
+                modes = [
+                    self._reversed_mode(k) if m == _UNKNOWN else m
+                    for k, m in zip(keys, modes, strict=True)
+                ]
+            if any(modes):
+                start, summed = 0, 0  # the offset in the reversed text of parts[summed]
+                for i in compress(range(1, len(parts), 2), modes):
+                    start += sum(map(len, parts[summed:i]))
+                    summed = i
+                    hits.append((size - start + shift, modes[i // 2]))
         if not hits:
             return text
         hits.sort()
@@ -422,6 +441,17 @@ class Sanitizer:
                     done = span[1]
         out.append(text[done:])
         return "".join(out)
+
+    def _reversed_mode(self, separator_and_key: str) -> int:
+        mode = self._reversed_modes.get(separator_and_key)  # a key seen earlier in the same text
+        if mode is not None:
+            return mode
+        match = _REVERSED_KEY_TEXT.fullmatch(separator_and_key)
+        mode = self._key_mode(match[1][::-1]) if match else _NOT_SECRET
+        if len(self._reversed_modes) >= _KEY_CACHE_SIZE:
+            self._reversed_modes.clear()
+        self._reversed_modes[separator_and_key] = mode
+        return mode
 
     def _redact_url_parameters(self, url: str) -> str:
         rest, hash_mark, fragment = url.partition("#")
@@ -450,21 +480,18 @@ def _keep_prefix(match: re.Match[str]) -> str:
 
 
 def _value_span(text: str, position: int, mode: int) -> tuple[int, int, str] | None:
-    """Where the value after a secret key's separator is, and its replacement (None: keep it)."""
+    """Where the value after a secret key's separator is, and its replacement (None: keep it).
+
+    null/true/false and "" are kept: whether a secret was missing or empty is worth seeing.
+    """
     match = _VALUE.match(text, position)
     last = match.lastindex if match else None
-    if match is None or last is None or last == _LITERAL:
-        return None  # nothing there, or null/true/false: worth seeing, and not a secret
-    end = match.end()
-    if last in _QUOTE_CLOSE:
-        start, body, close = match.start(last - 1), match.end(last - 1), match.start(last)
-        if body == close:
-            return None  # "" says that the secret was empty, which is worth seeing
-        scheme = _SCHEME.match(text, body, close) if mode == _SECRET_TO_LINE_END else None
-        keep = match[last - 1] + (scheme[0] if scheme else "")
-        return start, end, keep + REDACTED + match[last]
-    start = match.start(last)
-    if match.lastgroup == "bare" and (mode == _SECRET_TO_LINE_END or text[end : end + 1] in " \t"):
+    if match is None or last is None:
+        return None
+    if last == _BARE_VALUE:
+        start, end = match.span(last)
+        if mode == _SECRET and text[end : end + 1] not in (" ", "\t"):
+            return start, end, REDACTED  # the common case: key=value, "key": 123
         scheme = _SCHEME.match(text, start)  # "Bearer abc": keep the scheme, redact the credential
         if mode == _SECRET_TO_LINE_END:
             line_end = text.find("\n", start)
@@ -473,7 +500,17 @@ def _value_span(text: str, position: int, mode: int) -> tuple[int, int, str] | N
             end = credential.end()
         if scheme and scheme.end() < end:
             return start, end, scheme[0] + REDACTED
-    return start, end, REDACTED
+        return start, end, REDACTED
+    if last in _QUOTE_CLOSE:
+        body, close = match.end(last - 1), match.start(last)
+        if body == close:
+            return None
+        scheme = _SCHEME.match(text, body, close) if mode == _SECRET_TO_LINE_END else None
+        keep = match[last - 1] + scheme[0] if scheme else match[last - 1]
+        return match.start(last - 1), match.end(), keep + REDACTED + match[last]
+    if last == _FLAT:
+        return match.start(last), match.end(), REDACTED
+    return None  # null, true, false ...
 
 
 def _segments(name: str) -> list[str]:
@@ -494,7 +531,7 @@ def _coerce(value: object, limit: int) -> tuple[str, int]:
     if value is None:
         return "", 0
     if isinstance(value, str):
-        text = value
+        text = value if type(value) is str else str.__str__(value)  # no overridden methods
     elif isinstance(value, bytes | bytearray | memoryview):
         data = bytes(value)
         if len(data) > limit:
@@ -504,7 +541,7 @@ def _coerce(value: object, limit: int) -> tuple[str, int]:
     else:
         try:
             text = str(value)
-        except Exception:
+        except Exception:  # an object whose __str__ fails is stored as ""
             return "", 0
     if len(text) > limit:
         dropped += _utf8_size(text[limit:])
@@ -530,7 +567,7 @@ def _strip_controls(text: str, controls: tuple[bytes | None, bytes]) -> str:
 
 
 def _utf8_size(text: str) -> int:
-    return len(text.encode("utf-8", "surrogatepass"))
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def _fit(text: str, max_bytes: int, dropped: int) -> str:

@@ -1,7 +1,9 @@
-"""One suite, two stores: SQLite and PostgreSQL give identical results for identical data.
+"""One suite, two stores: SQLite and PostgreSQL write, deduplicate, reject bad records, query and
+purge alike, with identical results for identical data.
 
-Everything here runs against ``SQLiteSink`` and ``PostgresSink`` (the machine's PostgreSQL, one
-schema per test). What only one store has (pragmas, JSONB, pools) is in its own test module.
+Everything here runs against each of ``conftest.STORES`` (PostgreSQL: the machine's server, one
+schema per test). The search, pagination and stats side is in test_store.py; what only one store
+has (pragmas, JSONB, pools) is in its own module.
 """
 
 from __future__ import annotations
@@ -16,48 +18,31 @@ from typing import Any, TypeAlias
 
 import pytest
 
+from tests.conftest import STORE_PARAMS, STORES
 from tests.sink_records import BAD_RECORDS, bare_record, full_event, full_record
 from upstream_ops.defaults import QUERY_LIMIT_MAX
 from upstream_ops.events import UpstreamErrorEvent
 from upstream_ops.record import RequestRecord
 from upstream_ops.retention import Purgeable
-from upstream_ops.sinks import SQLiteSink
 from upstream_ops.sinks.base import Sink
 from upstream_ops.store import Store
 
 ALL_TIME = (0, 2**62)
 DAY_MS = 86_400_000
-STORES = [pytest.param("sqlite"), pytest.param("postgres", marks=pytest.mark.postgres)]
 AnyStore: TypeAlias = Any  # SQLiteSink | PostgresSink (psycopg is optional for the type checker)
 
 
-def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AnyStore:
-    if request.param == "sqlite":
-        return SQLiteSink(tmp_path / "ops.db")
-    from upstream_ops.sinks.postgres import PostgresSink
-
-    dsn = request.getfixturevalue("pg_dsn")
-    return PostgresSink(dsn, schema=request.getfixturevalue("pg_schema"))
-
-
-@pytest.fixture(params=STORES)
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AnyStore]:
-    s = make_store(request, tmp_path)
-    yield s
-    s.close()
-
-
-@pytest.fixture(params=STORES)
+@pytest.fixture(params=STORE_PARAMS)
 def fresh_store(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> Iterator[tuple[AnyStore, Callable[[], bool]]]:
     """A store and a check that it has not touched its database yet."""
-    s = make_store(request, tmp_path)
-    if request.param == "sqlite":
-        yield s, lambda: (tmp_path / "ops.db").exists()
-    else:
-        yield s, lambda: s._pool is not None
-    s.close()
+    with STORES[request.param](request, tmp_path) as built:
+        s: AnyStore = built
+        if request.param == "sqlite":
+            yield s, lambda: s.path.exists()
+        else:
+            yield s, lambda: s._pool is not None
 
 
 def all_records(store: AnyStore) -> list[RequestRecord]:
