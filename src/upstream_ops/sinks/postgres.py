@@ -6,9 +6,7 @@ Same tables, columns, indexes and queries as ``SQLiteSink`` (all defined once in
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 import os
 import re
 import threading
@@ -39,6 +37,7 @@ from upstream_ops.events import UpstreamErrorEvent
 from upstream_ops.record import RequestRecord
 from upstream_ops.retention import PurgeProgress, cutoff_ms, purge_in_batches
 from upstream_ops.sinks import _search
+from upstream_ops.sinks._postgres_rows import Staged, stage
 from upstream_ops.sinks._query import (
     EVENT_COLUMNS,
     EVENTS_TABLE,
@@ -48,13 +47,11 @@ from upstream_ops.sinks._query import (
     SCHEMA_VERSION,
     SELECT_SCHEMA_VERSION,
     SET_SCHEMA_VERSION,
-    Column,
     event_from_row,
     events_select,
     insert_event_sql,
     insert_record_sql,
     record_from_row,
-    record_rows,
     records_select,
     schema_ddl,
     validate_query,
@@ -86,7 +83,6 @@ _MIGRATIONS: Final = {1: schema_ddl(_TYPES)}
 #: ``ORDER BY id`` compares bytes in SQLite; the same order here.
 _TEXT_ORDER: Final = ' COLLATE "C"'
 _SCHEMA_NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
-_INT64: Final = (-(2**63), 2**63 - 1)
 
 # A batch is copied straight into the tables when all its ids are new (the usual case). If one is
 # stored already (a retry, a replay), it is copied into session-local staging tables instead and
@@ -232,7 +228,7 @@ class PostgresSink:
         if not records:
             return
         created_at_ms = time.time_ns() // 1_000_000
-        staged, failures = _stage(records, created_at_ms)
+        staged, failures = stage(records, created_at_ms)
         if staged:
             try:
                 self._copy(staged)
@@ -361,7 +357,7 @@ class PostgresSink:
 
     # --- writing ----------------------------------------------------------------------------------
 
-    def _copy(self, staged: Sequence[_Staged]) -> None:
+    def _copy(self, staged: Sequence[Staged]) -> None:
         with self._connection() as connection, connection.transaction():
             cursor = connection.cursor()
             try:
@@ -375,9 +371,7 @@ class PostgresSink:
             _copy_rows(cursor, _COPY_RECORDS, _COPY_EVENTS, staged)
             cursor.execute(_MOVE)
 
-    def _insert_one_by_one(
-        self, staged: Sequence[_Staged]
-    ) -> list[tuple[RequestRecord, Exception]]:
+    def _insert_one_by_one(self, staged: Sequence[Staged]) -> list[tuple[RequestRecord, Exception]]:
         """The slow path, for a batch with a record the database rejects: a savepoint each."""
         failures: list[tuple[RequestRecord, Exception]] = []
         with self._connection() as connection, connection.transaction():
@@ -488,11 +482,11 @@ class PostgresSink:
             self._pid = os.getpid()
 
 
-# --- preparing rows -------------------------------------------------------------------------------
+# --- COPY -----------------------------------------------------------------------------------------
 
 
 def _copy_rows(
-    cursor: psycopg.Cursor[Any], records_copy: str, events_copy: str, staged: Sequence[_Staged]
+    cursor: psycopg.Cursor[Any], records_copy: str, events_copy: str, staged: Sequence[Staged]
 ) -> None:
     with cursor.copy(records_copy) as copy:
         for _, row, _ in staged:
@@ -501,130 +495,6 @@ def _copy_rows(
         for _, _, events in staged:
             for event in events:
                 copy.write_row(event)
-
-
-_Staged = tuple[RequestRecord, tuple[Any, ...], list[tuple[Any, ...]]]
-
-
-def _stage(
-    records: Sequence[RequestRecord], created_at_ms: int
-) -> tuple[list[_Staged], list[tuple[RequestRecord, Exception]]]:
-    """Rows for the records that can be stored, first of each id; the others with their error."""
-    staged: list[_Staged] = []
-    failures: list[tuple[RequestRecord, Exception]] = []
-    seen: set[str] = set()
-    for record in records:
-        try:
-            row, events = record_rows(record, created_at_ms)
-            if _unstorable_text(row):  # rare: rebuild from a cleaned record
-                row, events = record_rows(_storable(record), created_at_ms)
-            _check_row(row, RECORD_COLUMNS, "RequestRecord")
-            for event in events:
-                _check_row(event, EVENT_COLUMNS, "UpstreamErrorEvent")
-        except (TypeError, ValueError, OverflowError) as exc:
-            failures.append((record, exc))
-            continue
-        if row[0] in seen:
-            continue  # like ON CONFLICT: the first of a duplicated id wins
-        seen.add(row[0])
-        staged.append((record, row, events))
-    return staged, failures
-
-
-def _unstorable_text(row: Sequence[Any]) -> bool:
-    """Whether a record row holds text PostgreSQL refuses: NUL, a lone surrogate, or in the
-    events' JSON (which holds every event string) ``\\u0000`` or a non-finite number. A false
-    alarm only costs the slow path."""
-    for value in row:
-        if type(value) is str and (
-            "\x00" in value
-            or "\\u0000" in value
-            or "NaN" in value
-            or "Infinity" in value
-            or (not value.isascii() and not _is_utf8(value))
-        ):
-            return True
-    return False
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _storable(record: RequestRecord) -> RequestRecord:
-    """``record`` with the text PostgreSQL cannot hold replaced; the same object when clean."""
-    changes: dict[str, Any] = {}
-    for field in dataclasses.fields(record):
-        value = getattr(record, field.name)
-        if isinstance(value, str) and (clean := _storable_text(value)) is not value:
-            changes[field.name] = clean
-    events = []
-    for position, event in enumerate(record.upstream_errors):
-        if not isinstance(event, UpstreamErrorEvent):
-            raise TypeError(f"upstream_errors[{position}] must be an UpstreamErrorEvent")
-        if not math.isfinite(event.duration_ms):
-            raise ValueError(
-                f"upstream_errors[{position}].duration_ms must be finite for JSONB, "
-                f"got {event.duration_ms!r}"
-            )
-        event_changes: dict[str, Any] = {}
-        for field in dataclasses.fields(event):
-            value = getattr(event, field.name)
-            if isinstance(value, str) and (clean := _storable_text(value)) is not value:
-                event_changes[field.name] = clean
-        events.append(dataclasses.replace(event, **event_changes) if event_changes else event)
-    if any(new is not old for new, old in zip(events, record.upstream_errors, strict=True)):
-        changes["upstream_errors"] = events
-    return dataclasses.replace(record, **changes) if changes else record
-
-
-def _storable_text(text: str) -> str:
-    """NUL (PostgreSQL text cannot hold it) and lone surrogates (not UTF-8) become U+FFFD."""
-    if "\x00" in text:
-        text = text.replace("\x00", "\ufffd")
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            # UTF-16 joins a split surrogate pair back into its character; lone halves become U+FFFD.
-            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-    return text
-
-
-def _column_types(columns: Sequence[Column]) -> tuple[tuple[type, ...], ...]:
-    """For each column, the exact value types it takes (a NULL where allowed)."""
-    kinds = {
-        "text": (str,),
-        "json": (str,),
-        "bigint": (int,),
-        "double": (float, int),
-        "bool": (bool,),
-    }
-    return tuple(kinds[c.type] + (() if c.not_null else (type(None),)) for c in columns)
-
-
-_RECORD_TYPES: Final = _column_types(RECORD_COLUMNS)
-_EVENT_TYPES: Final = _column_types(EVENT_COLUMNS)
-
-
-def _check_row(row: Sequence[Any], columns: Sequence[Column], what: str) -> None:
-    """Reject a value its column cannot take, naming the field, before it can fail a batch."""
-    types = _RECORD_TYPES if columns is RECORD_COLUMNS else _EVENT_TYPES
-    for value, allowed, column in zip(row, types, columns, strict=True):
-        kind = type(value)
-        if kind not in allowed:
-            if value is None:
-                raise ValueError(f"{what}.{column.name} must not be None")
-            if not (isinstance(value, allowed) and not isinstance(value, bool)) or kind is bool:
-                raise TypeError(
-                    f"{what}.{column.name} must be {column.type}, got {kind.__name__} {value!r:.60}"
-                )
-        if kind is int and not _INT64[0] <= value <= _INT64[1]:
-            raise ValueError(f"{what}.{column.name} does not fit 64 bits: {value}")
 
 
 def _split_schema(dsn: str) -> tuple[str, str | None]:
