@@ -21,8 +21,8 @@ demo: $(VENV)/.demo-installed
 	$(BIN)/upstream-ops demo
 
 lint: $(VENV)/.dev-installed
-	$(BIN)/ruff check src tests examples
-	$(BIN)/ruff format --check src tests examples
+	$(BIN)/ruff check src tests examples bench
+	$(BIN)/ruff format --check src tests examples bench
 
 typecheck: $(VENV)/.dev-installed
 	$(BIN)/mypy src
@@ -31,6 +31,10 @@ unit: $(VENV)/.dev-installed
 	$(BIN)/pytest
 
 test: lint typecheck unit
+
+# Write throughput of the stores (PostgreSQL when reachable); results in bench/results/.
+bench: $(VENV)/.dev-installed
+	$(BIN)/python bench/bench_sinks.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
