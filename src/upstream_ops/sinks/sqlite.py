@@ -32,6 +32,7 @@ from upstream_ops.sinks._query import (
     insert_record_sql,
     record_from_row,
     record_row,
+    record_rows,
     records_select,
     schema_ddl,
     validate_query,
@@ -308,8 +309,7 @@ class SQLiteSink:
         """The common case: every record of the batch is storable; raises at the first that is not."""
         insert_record, insert_event = self._insert_record, self._insert_event
         for record in records:
-            row = record_row(record, created_at_ms)
-            events = event_rows(record, created_at_ms)
+            row, events = record_rows(record, created_at_ms)  # each event serialized once
             # rowcount 0: the id is already stored (a retried batch), and so are its events.
             if connection.execute(insert_record, row).rowcount == 1 and events:
                 connection.executemany(insert_event, events)
