@@ -250,6 +250,9 @@ def table(result: dict[str, Any]) -> str:
         f"Mode: {result['settings']['mode']}.",
         "",
     ]
+    versions = info.get("versions")
+    if versions:
+        lines += ["Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".", ""]
     inproc = result.get("in_process")
     if inproc:
         lines += [
