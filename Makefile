@@ -1,4 +1,4 @@
-# The two commands a new user needs: `make demo` and `make test`.
+# The two commands a new user needs: `make demo` and `make test` (`make bench` measures the overhead).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -17,6 +17,10 @@ $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@ $(VENV)/.demo-installed
 
+$(VENV)/.bench-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	touch $@
+
 demo: $(VENV)/.demo-installed
 	$(BIN)/upstream-ops demo
 
@@ -32,9 +36,13 @@ unit: $(VENV)/.dev-installed
 
 test: lint typecheck unit
 
-# Write throughput of the stores (PostgreSQL when reachable); results in bench/results/.
-bench: $(VENV)/.dev-installed
-	$(BIN)/python bench/bench_sinks.py
+# BENCH_ARGS=--quick for a shorter run; --docs also writes the tables into docs/performance.md.
+# wrk comes from Debian when apt-get can install it; without it a bounded Python load generator runs.
+bench: $(VENV)/.bench-installed
+	@command -v wrk >/dev/null || { [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null 2>&1; } || \
+		echo "wrk not installed: using the Python load generator"
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

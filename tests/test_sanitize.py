@@ -726,3 +726,14 @@ def test_hostile_input_is_linear(text: str) -> None:
     sanitize_label(text)
     sanitize_headers([("X-Text", text)])
     assert time.perf_counter() - started < 1.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.one_of(st.text(max_size=600), contexts))
+def test_cached_labels_and_urls_are_what_the_rules_give(text: str) -> None:
+    sanitizer = Sanitizer()
+    first_label, first_url = sanitizer.label(text), sanitizer.url(text)
+    assert sanitizer.label(text) == first_label  # now from the cache
+    assert sanitizer.url(text) == first_url
+    assert first_label == Sanitizer().label(text)
+    assert first_url == Sanitizer().url(text)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import time
 from datetime import timedelta
-from typing import Any
 
 import anyio
 from opentelemetry import metrics, trace
@@ -169,26 +168,27 @@ class _HTTPRequestRecording:
             _deactivate(token)
             ended = self._response_ended_at or time.perf_counter()
             status_code = self._final_status(error)
-            route = _route_template(scope, root_path)
             app_error = None if _is_cancellation(error) else error
-            span_context = None
+            route = span_context = None
             if telemetry is not None:
+                route = _route_template(scope, root_path)
                 telemetry.end(status_code=status_code, route=route, error=app_error)
                 telemetry.deactivate(otel_token)
                 span_context = telemetry.span_context
-            recorder.finish(
-                collector,
-                RequestFacts(
-                    method=scope.get("method", ""),
-                    path=path,
-                    route=route,
-                    status_code=status_code,
-                    started_at_ms=started_at_ms,
-                    duration_ms=(ended - started) * 1000.0,
-                    error=app_error,
-                    span_context=span_context,
-                ),
-            )
+            if not recorder.finish_if_healthy(collector, status_code, app_error):
+                recorder.finish(
+                    collector,
+                    RequestFacts(
+                        method=scope.get("method", ""),
+                        path=path,
+                        route=route if telemetry is not None else _route_template(scope, root_path),
+                        status_code=status_code,
+                        started_at_ms=started_at_ms,
+                        duration_ms=(ended - started) * 1000.0,
+                        error=app_error,
+                        span_context=span_context,
+                    ),
+                )
 
     def _incoming_request_id(self) -> str | None:
         name = self._middleware._header_name or b"x-request-id"
@@ -279,12 +279,11 @@ def _describe(scope: Scope) -> IncomingRequest:
 
 
 def _with_header(message: Message, name: bytes, value: bytes) -> Message:
-    headers: list[Any] = list(message.get("headers", ()))
+    headers = message.get("headers", ())
     for key, _ in headers:
         if key.lower() == name:
             return message
-    headers.append((name, value))
-    return {**message, "headers": headers}
+    return {**message, "headers": [*headers, (name, value)]}
 
 
 def _route_template(scope: Scope, entry_root_path: str) -> str | None:

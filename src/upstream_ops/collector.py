@@ -13,6 +13,7 @@ import contextvars
 import copy
 import functools
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -43,6 +44,19 @@ EventListener = Callable[[UpstreamErrorEvent], None]
 _current: contextvars.ContextVar[Collector | None] = contextvars.ContextVar(
     "upstream_ops_collector", default=None
 )
+# One lock for every collector: it is held for a few bytecodes when an event is stored or an attempt
+# counted, which is rare next to the requests that make a collector and never take it. A forked child
+# gets a fresh one: a thread of the parent may have held it at the fork.
+_lock = threading.Lock()
+
+
+def _new_lock_after_fork() -> None:
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 # Short event fields: bounded and redacted like labels. ``message``, ``detail`` and ``upstream_url``
 # have their own rules.
@@ -73,7 +87,7 @@ class Collector:
         "_attempts",
         "_events",
         "_finished",
-        "_lock",
+        "_max_events",
         "_sends",
         "dropped_events",
         "listeners",
@@ -87,8 +101,9 @@ class Collector:
         if max_events < 1:
             raise ValueError(f"max_events must be at least 1, got {max_events!r}")
         self.request_id = request_id
-        self._events: deque[UpstreamErrorEvent] = deque(maxlen=max_events)
-        self._lock = threading.Lock()
+        # Most requests never see an upstream failure: the deque is made by the first append.
+        self._events: deque[UpstreamErrorEvent] | tuple[()] = ()
+        self._max_events = max_events
         self._finished = False
         self._attempts = 0
         self.dropped_events = 0
@@ -102,8 +117,12 @@ class Collector:
     @property
     def events(self) -> list[UpstreamErrorEvent]:
         """A copy of the events kept so far, oldest first."""
-        with self._lock:
+        with _lock:
             return list(self._events)
+
+    def has_events(self) -> bool:
+        """Whether an event is kept; cheaper than ``events`` (no copy), for the end of every request."""
+        return bool(self._events)
 
     @property
     def finished(self) -> bool:
@@ -112,15 +131,22 @@ class Collector:
 
     def append(self, event: UpstreamErrorEvent) -> UpstreamErrorEvent | None:
         """Sanitize and store ``event``; returns the stored copy, or ``None`` when it was empty."""
+        return self._append(event, owned=False)
+
+    def _append(self, event: UpstreamErrorEvent, *, owned: bool) -> UpstreamErrorEvent | None:
+        """``append``; ``owned``: ``event`` was made for this call, so it is cleaned in place."""
         if self._finished:
             return None
-        stored = _clean_event(event)
+        stored = _clean_event(event if owned else copy.copy(event))
         if not stored.upstream_status_code and not stored.message and not stored.detail:
             return None
-        with self._lock:
-            if len(self._events) == self._events.maxlen:
+        with _lock:
+            events = self._events
+            if not isinstance(events, deque):
+                events = self._events = deque(maxlen=self._max_events)
+            if len(events) == events.maxlen:
                 self.dropped_events += 1
-            self._events.append(stored)
+            events.append(stored)
         for listener in self.listeners:
             try:
                 listener(stored)
@@ -146,7 +172,7 @@ class Collector:
 
     def next_attempt(self) -> int:
         """The 1-based number of the next upstream attempt in this request (capture integrations)."""
-        with self._lock:
+        with _lock:
             self._attempts += 1
             return self._attempts
 
@@ -158,7 +184,7 @@ class Collector:
         """Count one upstream attempt to ``method url``; returns how many earlier attempts in this
         request had the same method and URL (OpenTelemetry's ``http.request.resend_count``)."""
         key = (method, url)
-        with self._lock:
+        with _lock:
             sends = self._sends
             if sends is None:
                 sends = self._sends = {}
@@ -167,9 +193,8 @@ class Collector:
         return earlier
 
 
-def _clean_event(event: UpstreamErrorEvent) -> UpstreamErrorEvent:
-    """A sanitized, trimmed copy of ``event`` with its timestamp filled in."""
-    clean = copy.copy(event)
+def _clean_event(clean: UpstreamErrorEvent) -> UpstreamErrorEvent:
+    """``clean`` sanitized and trimmed in place, with its timestamp filled in."""
     if clean.at_unix_ms <= 0:
         clean.at_unix_ms = time.time_ns() // 1_000_000
     for name in _LABEL_FIELDS:
@@ -207,6 +232,7 @@ def append_upstream_error(
     if collector is None:
         return None
     try:
+        owned = event is None or bool(fields)  # an object made here: no copy needed below
         if event is None:
             event = UpstreamErrorEvent(**fields)
         elif fields:
@@ -218,9 +244,11 @@ def append_upstream_error(
             event.__post_init__()
         labels = current_labels()
         if labels:
-            event = copy.copy(event)  # never change the caller's object
+            if not owned:
+                event = copy.copy(event)  # never change the caller's object
+                owned = True
             labels.fill(event)
-        return collector.append(event)
+        return collector._append(event, owned=owned)
     except (TypeError, ValueError) as exc:
         logger.warning("upstream_ops: event not recorded: %s", exc)
         return None

@@ -60,9 +60,11 @@ def _adopt_server_span(environ: dict[str, Any]) -> None:
 
 
 def _before_request() -> None:
-    environ = request.environ
+    # One context lookup instead of one per attribute (werkzeug LocalProxy API; typed as Request).
+    current = request._get_current_object()  # type: ignore[attr-defined]
+    environ = current.environ
     g.upstream_ops = environ.get(ENVIRON_COLLECTOR)
-    rule = request.url_rule
+    rule = current.url_rule
     if rule is not None:
         environ[ENVIRON_ROUTE] = rule.rule
     _adopt_server_span(environ)

@@ -250,6 +250,7 @@ _SCHEME = re.compile("(?i:" + "|".join(map(re.escape, AUTH_SCHEMES)) + r")[ \t]+
 _SEGMENT = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
 _UNKNOWN, _NOT_SECRET, _SECRET, _SECRET_TO_LINE_END = -1, 0, 1, 2
 _KEY_CACHE_SIZE = 4096
+_CACHED_CHARS = 512  # labels and URLs up to this long are cached
 
 # --- Control characters and limits ------------------------------------------------------------------
 # Stripped on the UTF-8 bytes: bytes.translate is far faster than str.translate, and ASCII bytes never
@@ -300,6 +301,11 @@ class Sanitizer:
         self._keep_names = frozenset("".join(_segments(key)) for key in keep_keys)
         self._modes: dict[str, int] = {}
         self._reversed_modes: dict[str, int] = {}
+        # Labels and URLs repeat (the same platform, model, kind, endpoint on every event): their
+        # results are kept, bounded like the key caches. The output depends only on the input and on
+        # this sanitizer's rules, which never change after __init__.
+        self._labels: dict[str, str] = {}
+        self._urls: dict[str, str] = {}
 
     def message(self, text: str | bytes | None, max_bytes: int = MESSAGE_MAX_BYTES) -> str:
         """An error message, redacted, without control characters, cut to ``max_bytes`` bytes."""
@@ -311,10 +317,29 @@ class Sanitizer:
 
     def label(self, text: str | bytes | None, max_bytes: int = LABEL_MAX_BYTES) -> str:
         """A short field (platform, model, request id ...): like a message, on one line."""
-        return self._clean(text, max_bytes, _LABEL_CONTROLS)
+        if type(text) is not str or len(text) > _CACHED_CHARS or max_bytes != LABEL_MAX_BYTES:
+            return self._clean(text, max_bytes, _LABEL_CONTROLS)
+        cleaned = self._labels.get(text)
+        if cleaned is None:
+            cleaned = self._clean(text, max_bytes, _LABEL_CONTROLS)
+            if len(self._labels) >= _KEY_CACHE_SIZE:
+                self._labels.clear()
+            self._labels[text] = cleaned
+        return cleaned
 
     def url(self, url: str | None, max_bytes: int = URL_MAX_BYTES) -> str:
         """A URL without userinfo, with the values of secret query and fragment parameters redacted."""
+        if type(url) is not str or len(url) > _CACHED_CHARS or max_bytes != URL_MAX_BYTES:
+            return self._url(url, max_bytes)
+        cleaned = self._urls.get(url)
+        if cleaned is None:
+            cleaned = self._url(url, max_bytes)
+            if len(self._urls) >= _KEY_CACHE_SIZE:
+                self._urls.clear()
+            self._urls[url] = cleaned
+        return cleaned
+
+    def _url(self, url: str | None, max_bytes: int) -> str:
         try:
             text, dropped = _coerce(url, _scan_limit(max_bytes))
             text = _strip_controls(text, _URL_CONTROLS).strip()  # as browsers drop tab and newline

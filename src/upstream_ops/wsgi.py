@@ -193,7 +193,10 @@ class _WSGIRequestRecording:
         if self.telemetry is not None:
             self.telemetry.end(status_code=status_code, route=route, error=error)
             span_context = self.telemetry.span_context
-        self.middleware.recorder.finish(
+        recorder = self.middleware.recorder
+        if recorder.finish_if_healthy(self.collector, status_code, error):
+            return
+        recorder.finish(
             self.collector,
             RequestFacts(
                 method=str(self.environ.get("REQUEST_METHOD", "")),

@@ -32,6 +32,7 @@ from upstream_ops.sinks._query import (
     insert_record_sql,
     record_from_row,
     record_row,
+    record_rows,
     records_select,
     schema_ddl,
     validate_query,
@@ -68,6 +69,9 @@ _OLDEST: Final = (
 )
 _PURGE_EVENTS: Final = f"DELETE FROM {EVENTS_TABLE} WHERE record_id IN ({_OLDEST})"  # noqa: S608
 _PURGE_RECORDS: Final = f"DELETE FROM {RECORDS_TABLE} WHERE id IN ({_OLDEST})"  # noqa: S608
+
+#: The page cache of each connection, in KiB.
+_CACHE_KIB: Final = 32 * 1024
 
 #: How long one statement waits for another connection's lock (SQLite's busy handler) ...
 _BUSY_TIMEOUT_S: Final = 5.0
@@ -282,15 +286,33 @@ class SQLiteSink:
         failures: list[tuple[RequestRecord, Exception]] = []
         connection.execute("BEGIN IMMEDIATE")
         try:
-            for record in records:
-                error = self._insert_one(connection, record, created_at_ms)
-                if error is not None:
-                    failures.append((record, error))
+            try:
+                self._insert_all(connection, records, created_at_ms)
+            except _RECORD_ERRORS:
+                # A record the database rejects: the batch again, each record in a savepoint of its
+                # own (twice the statements, so only when needed), to store all the others.
+                connection.execute("ROLLBACK")
+                connection.execute("BEGIN IMMEDIATE")
+                for record in records:
+                    error = self._insert_one(connection, record, created_at_ms)
+                    if error is not None:
+                        failures.append((record, error))
             connection.execute("COMMIT")
         except BaseException:
             _rollback(connection)
             raise
         return failures
+
+    def _insert_all(
+        self, connection: sqlite3.Connection, records: Sequence[RequestRecord], created_at_ms: int
+    ) -> None:
+        """The common case: every record of the batch is storable; raises at the first that is not."""
+        insert_record, insert_event = self._insert_record, self._insert_event
+        for record in records:
+            row, events = record_rows(record, created_at_ms)  # each event serialized once
+            # rowcount 0: the id is already stored (a retried batch), and so are its events.
+            if connection.execute(insert_record, row).rowcount == 1 and events:
+                connection.executemany(insert_event, events)
 
     def _insert_one(
         self, connection: sqlite3.Connection, record: RequestRecord, created_at_ms: int
@@ -345,6 +367,9 @@ class SQLiteSink:
         )
         try:
             connection.execute("PRAGMA synchronous = NORMAL")
+            # A batch inserts into a dozen indexes at random places (ids are random): a page cache
+            # bigger than SQLite's default 2 MiB keeps them in memory.
+            connection.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")
             if not self._schema_ready:
                 self._ensure_schema(connection)
         except BaseException:

@@ -1,0 +1,155 @@
+"""The two ways the variants are measured, both in interleaved rounds (A B C A B C ...).
+
+* in-process: each variant's worker drives its app directly; a round asks every worker in turn for
+  one timed run of its request count. Result: microseconds per request.
+* server: each variant's worker serves on 127.0.0.1 (uvicorn for ASGI, waitress for WSGI); a round
+  points the load generator at every server in turn. Result: requests per second, p50 and p99.
+
+Machine drift (another process, a CPU frequency change) then hits every variant alike instead of
+whichever happened to run at the time.
+"""
+
+from __future__ import annotations
+
+import http.client
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from bench.apps import EXPECTED_BODY, EXPECTED_STATUS, PATH
+from bench.loadgen import run_load
+from bench.procs import Worker, WorkerError
+from bench.variants import IN_PROCESS, SERVER, Variant
+
+Progress = Callable[[str], None]
+
+
+def _check_facts(variant: Variant, facts: dict[str, Any], requests: int) -> dict[str, bool]:
+    checks: dict[str, bool] = {}
+    for name, holds in variant.expect.items():
+        try:
+            checks[name] = bool(holds(facts, requests))
+        except (KeyError, TypeError, ValueError):
+            checks[name] = False
+    return checks
+
+
+def run_in_process(
+    variants: Sequence[Variant],
+    *,
+    rounds: int,
+    seconds_per_run: float,
+    progress: Progress,
+) -> dict[str, dict[str, Any]]:
+    """Microseconds per request of each variant, one sample per round."""
+    variants = [v for v in variants if IN_PROCESS in v.modes]
+    workers: dict[str, Worker] = {}
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        for variant in variants:
+            worker = Worker(IN_PROCESS, variant.name)
+            workers[variant.name] = worker
+            ready = worker.receive()
+            # Calibrate: enough requests for one run to last about ``seconds_per_run``.
+            probe = worker.ask({"run": 200})
+            per_request_s = probe["elapsed_ns"] / 200 / 1e9
+            count = int(min(50_000, max(200, seconds_per_run / per_request_s)))
+            results[variant.name] = {
+                "title": variant.title,
+                "requests_per_run": count,
+                "samples_us": [],
+                "requests": WARMUP_AND_PROBE,
+                "bad": int(ready["bad"]) + int(probe["bad"]),
+                "first_bad": ready.get("first_bad") or probe.get("first_bad"),
+            }
+        for round_no in range(rounds):
+            progress(f"in-process round {round_no + 1}/{rounds}")
+            for variant in variants:
+                result = results[variant.name]
+                answer = workers[variant.name].ask({"run": result["requests_per_run"]})
+                result["samples_us"].append(answer["elapsed_ns"] / answer["requests"] / 1000)
+                result["requests"] += answer["requests"]
+                result["bad"] += answer["bad"]
+                result["first_bad"] = result["first_bad"] or answer["first_bad"]
+        for variant in variants:
+            result = results[variant.name]
+            facts = workers[variant.name].ask({"facts": True})["facts"]
+            result["facts"] = facts
+            result["checks"] = _check_facts(variant, facts, result["requests"])
+    finally:
+        for worker in workers.values():
+            worker.stop()
+    return results
+
+
+#: Requests each in-process worker serves outside the timed runs (warm-up and calibration).
+WARMUP_AND_PROBE = 300 + 200
+
+
+def _get_once(port: int) -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", PATH)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def run_server(
+    variants: Sequence[Variant],
+    *,
+    rounds: int,
+    seconds_per_run: float,
+    connections: int,
+    tool: str,
+    progress: Progress,
+) -> dict[str, dict[str, Any]]:
+    """Requests per second and latency of each variant under a real server, one sample per round."""
+    variants = [v for v in variants if SERVER in v.modes]
+    workers: dict[str, Worker] = {}
+    ports: dict[str, int] = {}
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        for variant in variants:
+            worker = Worker(SERVER, variant.name)
+            workers[variant.name] = worker
+            ports[variant.name] = int(worker.receive(60)["port"])
+        for variant in variants:
+            status, body = _get_once(ports[variant.name])
+            if status != EXPECTED_STATUS or body != EXPECTED_BODY:
+                raise WorkerError(f"{variant.name}: answered {status} {body[:200]!r}")
+            url = f"http://127.0.0.1:{ports[variant.name]}{PATH}"
+            warm = run_load(url, 1.0, connections, tool)  # warm-up, not recorded
+            results[variant.name] = {
+                "title": variant.title,
+                "tool": tool,
+                "samples_rps": [],
+                "samples_p50_us": [],
+                "samples_p99_us": [],
+                "requests": warm.requests + 1,
+                "bad": warm.bad,
+                "errors": warm.errors,
+            }
+        for round_no in range(rounds):
+            progress(f"server round {round_no + 1}/{rounds}")
+            for variant in variants:
+                url = f"http://127.0.0.1:{ports[variant.name]}{PATH}"
+                load = run_load(url, seconds_per_run, connections, tool)
+                result = results[variant.name]
+                result["samples_rps"].append(load.requests_per_s)
+                result["samples_p50_us"].append(load.p50_us)
+                result["samples_p99_us"].append(load.p99_us)
+                result["requests"] += load.requests
+                result["bad"] += load.bad
+                result["errors"] += load.errors
+                time.sleep(0.2)  # let the dispatcher catch up before the next variant's run
+        for variant in variants:
+            result = results[variant.name]
+            facts = workers[variant.name].ask({"facts": True})["facts"]
+            result["facts"] = facts
+            result["checks"] = _check_facts(variant, facts, result["requests"])
+    finally:
+        for worker in workers.values():
+            worker.stop()
+    return results

@@ -1,0 +1,77 @@
+"""The harness's side of ``bench.worker``: start a variant's process, ask it things, stop it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+class Worker:
+    """A ``python -m bench.worker MODE NAME`` process; every answer must come within ``timeout``."""
+
+    def __init__(self, mode: str, name: str, timeout: float = 120.0) -> None:
+        self.name = name
+        self.timeout = timeout
+        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        env.pop("UPSTREAM_OPS_SINK", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.worker", mode, name],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._stderr: list[str] = []
+        threading.Thread(target=self._drain_stderr, daemon=True).start()
+
+    def _drain_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            if len(self._stderr) < 200:
+                self._stderr.append(line)
+
+    def receive(self, timeout: float | None = None) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        timer = threading.Timer(timeout or self.timeout, self.proc.kill)
+        timer.start()
+        try:
+            line = self.proc.stdout.readline()
+        finally:
+            timer.cancel()
+        if not line:
+            self.proc.wait(5)
+            raise WorkerError(f"{self.name}: worker ended\n{''.join(self._stderr)[-3000:]}")
+        message: dict[str, Any] = json.loads(line)
+        if "error" in message:
+            raise WorkerError(f"{self.name}: {message['error']}")
+        return message
+
+    def ask(self, command: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+        return self.receive(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.write(json.dumps({"quit": True}) + "\n")
+                self.proc.stdin.close()
+                self.proc.wait(15)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait(5)

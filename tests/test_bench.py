@@ -1,0 +1,142 @@
+"""The benchmark harness (bench/): a broken variant must fail its checks, never look fast.
+
+These run the harness's own pieces on tiny inputs (no sentry-sdk or OpenTelemetry instrumentation
+needed, a few seconds in all); ``make bench`` runs the real comparison.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import apps, report
+from bench.drive import ASGIDriver, WSGIDriver
+from bench.loadgen import run_python
+from bench.variants import BY_NAME, IN_PROCESS, SERVER, VARIANTS, bare_of, build
+from tests.conftest import serve_asgi
+
+
+def test_each_family_starts_with_its_bare_app_and_names_are_unique() -> None:
+    names = [variant.name for variant in VARIANTS]
+    assert len(names) == len(set(names))
+    for variant in VARIANTS:
+        assert variant.family in ("asgi", "wsgi")
+        assert bare_of(variant.family).name == f"{variant.family}.bare"
+        assert set(variant.modes) <= {IN_PROCESS, SERVER}
+    for family in ("asgi", "wsgi"):
+        assert {
+            f"{family}.ours",
+            f"{family}.ours_errors",
+            f"{family}.otel",
+            f"{family}.sentry",
+        } <= set(BY_NAME)
+
+
+@pytest.mark.parametrize("name", ["asgi.bare", "asgi.ours", "asgi.ours_errors_memory", "wsgi.ours"])
+def test_working_variants_pass_every_response_check(name: str) -> None:
+    variant = BY_NAME[name]
+    built = build(name)
+    driver = ASGIDriver(built.app) if variant.family == "asgi" else WSGIDriver(built.app)
+    try:
+        result = driver.run(50)
+    finally:
+        driver.close()
+        built.close()  # drains the queue: the counters are final
+    assert (result.requests, result.bad, result.first_bad) == (50, 0, None)
+    for check in variant.expect.values():
+        assert check(built.facts(), 50)
+
+
+def test_a_variant_without_its_instrumentation_fails_its_checks() -> None:
+    # The "upstream-ops" endpoint without the middleware: its probe finds no collector.
+    from upstream_ops import current_collector
+
+    app = apps.starlette_app(lambda: current_collector() is not None)
+    result = ASGIDriver(app).run(20)
+    assert result.bad == 20 and result.first_bad is not None and "probe failed" in result.first_bad
+    wsgi = WSGIDriver(apps.flask_app(apps.upstream_errors_probe())).run(20)
+    assert wsgi.bad == 20
+
+
+def test_a_wrong_body_or_status_is_counted_bad() -> None:
+    async def wrong_body(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b'{"id":43,"ok":true}'})
+
+    def server_error(environ: Any, start_response: Any) -> list[bytes]:
+        start_response("500 Internal Server Error", [])
+        return [apps.EXPECTED_BODY]
+
+    assert ASGIDriver(wrong_body).run(10).bad == 10
+    assert WSGIDriver(server_error).run(10).bad == 10
+
+
+def test_python_load_generator_checks_what_it_receives() -> None:
+    with serve_asgi(apps.starlette_app()) as url:
+        good = run_python(url + apps.PATH, 0.5, 4)
+    assert good.requests > 0 and good.bad == 0 and good.errors == 0
+    assert 0 < good.p50_us <= good.p99_us
+    with serve_asgi(apps.starlette_app(lambda: False)) as url:
+        broken = run_python(url + apps.PATH, 0.3, 2)
+    assert broken.requests > 0 and broken.bad == broken.requests
+
+
+def _raw_in_process(bad: int = 0) -> dict[str, dict[str, Any]]:
+    return {
+        "asgi.bare": {"title": "bare", "samples_us": [10.0, 12.0, 11.0], "bad": 0},
+        "asgi.ours": {
+            "title": "ours",
+            "samples_us": [14.0, 15.0, 13.0],
+            "bad": bad,
+            "checks": {"no record for a healthy request": True},
+        },
+    }
+
+
+def _raw_server() -> dict[str, dict[str, Any]]:
+    row = {
+        "tool": "python",
+        "bad": 0,
+        "errors": 0,
+        "samples_p50_us": [900.0],
+        "samples_p99_us": [2e3],
+    }
+    return {
+        "asgi.bare": {**row, "title": "bare", "samples_rps": [5000.0]},
+        "asgi.ours": {**row, "title": "ours", "samples_rps": [4900.0], "checks": {"x": True}},
+    }
+
+
+def test_summaries_budgets_table_and_result_file(tmp_path: Path) -> None:
+    result: dict[str, Any] = {
+        "machine": report.machine(),
+        "settings": {"mode": "quick", "in_process_rounds": 3, "server_rounds": 1},
+        "in_process": report.summarize_in_process(_raw_in_process()),
+        "server": report.summarize_server(_raw_server()),
+    }
+    result["settings"].update(connections=32, server_seconds=3)
+    ours = result["in_process"]["asgi.ours"]
+    assert ours["us"] == {"median": 14.0, "min": 13.0, "max": 15.0}
+    assert ours["added_us"]["median"] == 3.0  # paired by round: 4, 3, 2
+    assert ours["ratio"] == pytest.approx(14.0 / 11.0) and ours["ok"]
+    assert result["server"]["asgi.ours"]["ratio"] == pytest.approx(0.98)
+    result["budgets"] = report.budgets(result)
+    by_name = {verdict["budget"]: verdict for verdict in result["budgets"]}
+    assert by_name["ASGI happy path added in-process"]["holds"] is True
+    assert by_name["ASGI happy path req/s under uvicorn, of bare"]["holds"] is True
+    assert by_name["WSGI happy path added in-process"]["holds"] is None  # not measured
+    table = report.table(result)
+    assert "| asgi.ours: ours | 14.0 (13.0-15.0) | 3.0 (2.0-4.0) | 1.27 | ok |" in table
+    path = report.write(result, tmp_path)
+    assert json.loads(path.read_text()) == json.loads((tmp_path / "latest.json").read_text())
+
+
+def test_a_bad_response_fails_the_variant_and_its_budget() -> None:
+    summary = report.summarize_in_process(_raw_in_process(bad=1))
+    assert not summary["asgi.ours"]["ok"]
+    verdicts = report.budgets({"in_process": summary})
+    assert verdicts[0]["holds"] is None  # a failed variant proves nothing
+    assert "**FAILED**: 1 bad responses" in report._checks(summary["asgi.ours"])
