@@ -106,3 +106,62 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     """An empty store of each kind in ``STORES``."""
     with STORES[request.param](tmp_path) as built:
         yield built
+
+
+class OTel:
+    """An SDK tracer and meter provider that keep what they record, for one test."""
+
+    def __init__(self) -> None:
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        self.exporter = InMemorySpanExporter()
+        self.tracer_provider = TracerProvider()
+        self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.reader = InMemoryMetricReader()
+        self.meter_provider = MeterProvider(metric_readers=[self.reader])
+
+    @property
+    def providers(self) -> dict[str, Any]:
+        """Keyword arguments for the middleware."""
+        return {"tracer_provider": self.tracer_provider, "meter_provider": self.meter_provider}
+
+    def spans(self) -> list[Any]:
+        return list(self.exporter.get_finished_spans())
+
+    def server_spans(self) -> list[Any]:
+        from opentelemetry.trace import SpanKind
+
+        return [span for span in self.spans() if span.kind is SpanKind.SERVER]
+
+    def metric_points(self, name: str) -> list[tuple[dict[str, Any], Any]]:
+        """``(attributes, value)`` of every data point of metric ``name``."""
+        data = self.reader.get_metrics_data()
+        points = []
+        for resource_metrics in data.resource_metrics if data else ():
+            for scope_metrics in resource_metrics.scope_metrics:
+                for metric in scope_metrics.metrics:
+                    if metric.name == name:
+                        points += [(dict(p.attributes), p.value) for p in metric.data.data_points]
+        return points
+
+    def exported_text(self) -> str:
+        """Every span and metric as JSON: what a planted secret must never appear in."""
+        data = self.reader.get_metrics_data()
+        return "\n".join(
+            [span.to_json() for span in self.spans()] + [data.to_json() if data else ""]
+        )
+
+    def shutdown(self) -> None:
+        self.tracer_provider.shutdown()
+        self.meter_provider.shutdown()
+
+
+@pytest.fixture
+def otel() -> Iterator[OTel]:
+    telemetry = OTel()
+    yield telemetry
+    telemetry.shutdown()

@@ -37,6 +37,7 @@ REQUIRED = {
     "upstream_ops.upstream",
     "upstream_ops.Sanitizer",
     "upstream_ops.ops_app.create_ops_app",
+    "upstream_ops.telemetry.configure",
 }
 #: Parameters that are not options: the app a middleware wraps.
 NOT_OPTIONS = {"app"}

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Final
 
+from opentelemetry.trace import TracerProvider
+
 from upstream_ops._event_stream import EventStreamScanner
 from upstream_ops.classify import (
     RETRYABLE_ERROR_CLASSES,
@@ -42,6 +44,7 @@ from upstream_ops.envelopes import (
 )
 from upstream_ops.events import HTTP_ERROR, REQUEST_ERROR, STREAM_ERROR, UpstreamErrorEvent
 from upstream_ops.labels import UpstreamLabels, current_labels, make_labels
+from upstream_ops.telemetry._client import ClientTelemetry, default_client_telemetry
 
 __all__ = ["Attempt", "CaptureOptions", "active_collector", "suppress_capture"]
 
@@ -83,6 +86,8 @@ class CaptureOptions:
     labels: UpstreamLabels
     record_statuses: Container[int]
     max_body_bytes: int
+    #: Makes the CLIENT span of each attempt (OpenTelemetry).
+    client_spans: ClientTelemetry
 
     @classmethod
     def from_arguments(
@@ -94,6 +99,7 @@ class CaptureOptions:
         model: str = "",
         record_statuses: Container[int] = CAPTURE_STATUSES,
         max_body_bytes: int = CAPTURE_BODY_MAX_BYTES,
+        tracer_provider: TracerProvider | None = None,
     ) -> CaptureOptions:
         """Validate what a user passed to a transport's constructor (raises ``ValueError`` there)."""
         if not isinstance(max_body_bytes, int) or isinstance(max_body_bytes, bool):
@@ -108,6 +114,11 @@ class CaptureOptions:
             labels=make_labels(platform, account_id, account_name, model),
             record_statuses=record_statuses,
             max_body_bytes=max_body_bytes,
+            client_spans=(
+                default_client_telemetry()
+                if tracer_provider is None
+                else ClientTelemetry(tracer_provider)
+            ),
         )
 
 

@@ -10,6 +10,8 @@ import time
 from typing import Any
 
 import anyio
+from opentelemetry import metrics, trace
+from opentelemetry.propagators.textmap import Getter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from upstream_ops.collector import Collector, _activate, _deactivate
@@ -17,6 +19,7 @@ from upstream_ops.defaults import FLUSH_TIMEOUT_S, MAX_EVENTS_PER_REQUEST, REQUE
 from upstream_ops.dispatcher import Dispatcher
 from upstream_ops.recorder import Recorder, RecordFilter, RecordHook, RequestFacts, now_ms
 from upstream_ops.sinks.base import Sink
+from upstream_ops.telemetry._server import IncomingRequest, RequestTelemetry, ServerTelemetry
 
 __all__ = ["UpstreamOpsMiddleware"]
 
@@ -30,6 +33,10 @@ class UpstreamOpsMiddleware:
     ``sink`` is a sink object or URL (default: ``$UPSTREAM_OPS_SINK``, else ``sqlite:///upstream_ops.db``);
     ``should_record`` replaces the rule for which requests are stored; ``before_flush`` may enrich or
     drop a record. Non-HTTP scopes pass through; lifespan shutdown drains the queue.
+
+    OpenTelemetry: the request's server span is the instrumentation's when one is current, else one
+    started here (``create_server_span``); every event becomes an ``upstream.error`` span event on
+    it. ``tracer_provider`` and ``meter_provider`` default to the global ones.
     """
 
     def __init__(
@@ -44,6 +51,9 @@ class UpstreamOpsMiddleware:
         before_flush: RecordHook | None = None,
         max_events: int = MAX_EVENTS_PER_REQUEST,
         shutdown_timeout: float = FLUSH_TIMEOUT_S,
+        create_server_span: bool = True,
+        tracer_provider: trace.TracerProvider | None = None,
+        meter_provider: metrics.MeterProvider | None = None,
     ) -> None:
         self.app = app
         self.recorder = Recorder(
@@ -54,6 +64,12 @@ class UpstreamOpsMiddleware:
             should_record=should_record,
             before_flush=before_flush,
             max_events=max_events,
+            meter_provider=meter_provider,
+        )
+        self.telemetry = ServerTelemetry(
+            create_server_span=create_server_span,
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
         )
         self.shutdown_timeout = shutdown_timeout
         header = request_id_header.lower().encode("latin-1") if request_id_header else None
@@ -94,6 +110,7 @@ class _HTTPRequestRecording:
         "_scope",
         "_send",
         "_status_code",
+        "_telemetry",
     )
 
     def __init__(
@@ -109,6 +126,7 @@ class _HTTPRequestRecording:
         self._disconnected = False
         self._request_id = ""
         self._collector: Collector | None = None
+        self._telemetry: RequestTelemetry | None = None
 
     async def run(self) -> None:
         middleware = self._middleware
@@ -123,6 +141,8 @@ class _HTTPRequestRecording:
         state = scope.setdefault("state", {})
         if isinstance(state, dict):
             state["upstream_ops"] = collector
+        telemetry = self._telemetry = middleware.telemetry.start(collector, _describe, scope)
+        otel_token = telemetry.activate() if telemetry is not None else None
         token = _activate(collector)
         error: BaseException | None = None
         try:
@@ -133,16 +153,25 @@ class _HTTPRequestRecording:
         finally:
             _deactivate(token)
             ended = self._response_ended_at or time.perf_counter()
+            status_code = self._final_status(error)
+            route = _route_template(scope, root_path)
+            app_error = None if _is_cancellation(error) else error
+            span_context = None
+            if telemetry is not None:
+                telemetry.end(status_code=status_code, route=route, error=app_error)
+                telemetry.deactivate(otel_token)
+                span_context = telemetry.span_context
             recorder.finish(
                 collector,
                 RequestFacts(
                     method=scope.get("method", ""),
                     path=path,
-                    route=_route_template(scope, root_path),
-                    status_code=self._final_status(error),
+                    route=route,
+                    status_code=status_code,
                     started_at_ms=started_at_ms,
                     duration_ms=(ended - started) * 1000.0,
-                    error=None if _is_cancellation(error) else error,
+                    error=app_error,
+                    span_context=span_context,
                 ),
             )
 
@@ -181,6 +210,9 @@ class _HTTPRequestRecording:
         elif kind in _BODY_MESSAGES and not message.get("more_body", False):
             self._response_complete = True
             self._response_ended_at = time.perf_counter()
+            if self._telemetry is not None:
+                # FastAPI's own telemetry ends its server span while this message is sent.
+                self._telemetry.response_ready(self._status_code)
         try:
             await self._send(message)
         except OSError:
@@ -192,6 +224,43 @@ class _HTTPRequestRecording:
 _BODY_MESSAGES = frozenset(
     ("http.response.body", "http.response.pathsend", "http.response.zerocopysend")
 )
+
+
+class _HeadersGetter(Getter[Scope]):
+    """Reads propagation headers (``traceparent`` ...) from an ASGI scope."""
+
+    def get(self, carrier: Scope, key: str) -> list[str] | None:
+        name = key.lower().encode("latin-1")
+        values = [
+            value.decode("latin-1") for k, value in carrier.get("headers", ()) if k.lower() == name
+        ]
+        return values or None
+
+    def keys(self, carrier: Scope) -> list[str]:
+        return [key.decode("latin-1") for key, _ in carrier.get("headers", ())]
+
+
+_HEADERS_GETTER = _HeadersGetter()
+
+
+def _describe(scope: Scope) -> IncomingRequest:
+    """The request as the server span started here needs it."""
+    host = None
+    for key, value in scope.get("headers", ()):
+        if key.lower() == b"host":
+            host = value.decode("latin-1")
+            break
+    server = scope.get("server")
+    return IncomingRequest(
+        method=scope.get("method", ""),
+        scheme=scope.get("scheme", "http"),
+        path=scope.get("path", ""),
+        host=host,
+        server=(server[0], server[1]) if server else None,
+        protocol_version=scope.get("http_version"),
+        carrier=scope,
+        getter=_HEADERS_GETTER,
+    )
 
 
 def _with_header(message: Message, name: bytes, value: bytes) -> Message:

@@ -74,6 +74,7 @@ class Collector:
         "_events",
         "_finished",
         "_lock",
+        "_sends",
         "dropped_events",
         "listeners",
         "request_id",
@@ -96,6 +97,7 @@ class Collector:
         self.upstream_error_detail: str | None = None
         #: Called with each stored event (telemetry hooks in here); a failing listener is logged.
         self.listeners: list[EventListener] = []
+        self._sends: dict[tuple[str, str], int] | None = None
 
     @property
     def events(self) -> list[UpstreamErrorEvent]:
@@ -151,6 +153,18 @@ class Collector:
     def finish(self) -> None:
         """Close the collector: the record is being built from it."""
         self._finished = True
+
+    def count_send(self, method: str, url: str) -> int:
+        """Count one upstream attempt to ``method url``; returns how many earlier attempts in this
+        request had the same method and URL (OpenTelemetry's ``http.request.resend_count``)."""
+        key = (method, url)
+        with self._lock:
+            sends = self._sends
+            if sends is None:
+                sends = self._sends = {}
+            earlier = sends.get(key, 0)
+            sends[key] = earlier + 1
+        return earlier
 
 
 def _clean_event(event: UpstreamErrorEvent) -> UpstreamErrorEvent:

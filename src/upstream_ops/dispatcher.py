@@ -19,6 +19,8 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from opentelemetry.metrics import MeterProvider
+
 from upstream_ops.defaults import (
     BATCH_INTERVAL_S,
     BATCH_SIZE,
@@ -31,6 +33,7 @@ from upstream_ops.defaults import (
 )
 from upstream_ops.record import RequestRecord
 from upstream_ops.sinks.base import Sink, close_sink
+from upstream_ops.telemetry._metrics import DROPPED, FAILED, WRITTEN, DispatcherMetrics
 
 __all__ = ["Dispatcher", "DispatcherStats", "flush"]
 
@@ -58,7 +61,8 @@ class Dispatcher:
     ``batch_interval`` seconds. A failing write is tried ``write_attempts`` times in all with
     exponential backoff and jitter, then its records are counted as failed and logged. A full queue
     drops the new record, counts it and warns at most once a minute. The thread starts on the first
-    record, and again in a forked child.
+    record, and again in a forked child. Outcomes and the queue length are also OpenTelemetry
+    metrics, on ``meter_provider`` (default: the global one).
     """
 
     def __init__(
@@ -69,6 +73,7 @@ class Dispatcher:
         batch_size: int = BATCH_SIZE,
         batch_interval: float = BATCH_INTERVAL_S,
         write_attempts: int = WRITE_ATTEMPTS,
+        meter_provider: MeterProvider | None = None,
     ) -> None:
         if not callable(getattr(sink, "write", None)):
             raise ValueError(f"sink must have a write(records) method, got {type(sink).__name__}")
@@ -86,6 +91,7 @@ class Dispatcher:
         self.batch_size = batch_size
         self.batch_interval = float(batch_interval)
         self.write_attempts = write_attempts
+        self._metrics = DispatcherMetrics(meter_provider)
         self._reset()
         _live.add(self)
 
@@ -109,9 +115,11 @@ class Dispatcher:
         """Queue ``record`` for writing; ``False`` (and counted) when the queue is full."""
         if self._thread is None:
             self._start()
+        self._metrics.queued(1)  # before the worker can take it: the gauge never goes below zero
         try:
             self._queue.put_nowait(record)
         except queue.Full:
+            self._metrics.queued(-1)
             self._record_drop()
             return False
         with self._lock:
@@ -119,6 +127,7 @@ class Dispatcher:
         return True
 
     def _record_drop(self) -> None:
+        self._metrics.count(DROPPED)
         with self._lock:
             self._dropped += 1
             now = time.monotonic()
@@ -243,6 +252,7 @@ class Dispatcher:
             except Exception as exc:
                 error = exc
                 continue
+            self._settle(WRITTEN, len(batch))
             with self._lock:
                 self._written += len(batch)
                 self._handled += len(batch)
@@ -259,10 +269,19 @@ class Dispatcher:
             self.write_attempts,
             error,
         )
+        self._settle(FAILED, len(batch))
         with self._lock:
             self._failed += len(batch)
             self._handled += len(batch)
             self._done_changed.notify_all()
+
+    def _settle(self, outcome: str, records: int) -> None:
+        """``records`` left the queue as ``outcome``: the records metric and the queue gauge.
+
+        Called before ``flush()`` can see them handled, so a flushed dispatcher's metrics are current.
+        """
+        self._metrics.count(outcome, records)
+        self._metrics.queued(-records)
 
 
 _live: weakref.WeakSet[Dispatcher] = weakref.WeakSet()

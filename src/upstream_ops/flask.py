@@ -2,7 +2,9 @@
 
 It wraps ``app.wsgi_app`` with ``UpstreamOpsWSGIMiddleware`` and adds what only Flask knows: the
 matched URL rule (the record's ``route``), the exception a view raised before Flask turned it into a
-500, and ``flask.g.upstream_ops``.
+500, ``flask.g.upstream_ops``, and the server span of OpenTelemetry's Flask instrumentation, which is
+started in a ``before_request`` hook inside the middleware: the middleware adopts it instead of
+starting its own.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from upstream_ops.wsgi import (
     ENVIRON_COLLECTOR,
     ENVIRON_ERROR,
     ENVIRON_ROUTE,
+    ENVIRON_TELEMETRY,
     UpstreamOpsWSGIMiddleware,
 )
 
@@ -37,10 +40,23 @@ class UpstreamOps:
             raise ValueError("UpstreamOps is already initialised on this Flask app")
         middleware = UpstreamOpsWSGIMiddleware(app.wsgi_app, **{**self.options, **options})
         app.wsgi_app = middleware  # type: ignore[method-assign]
+        middleware._app_starts_server_span = lambda: _instrumented_by_opentelemetry(app)
         app.before_request(_before_request)
         got_request_exception.connect(_on_exception, app, weak=False)
         app.extensions[EXTENSION_KEY] = self
         self.middleware = middleware
+
+
+def _instrumented_by_opentelemetry(app: Flask) -> bool:
+    # The flag FlaskInstrumentor sets on an app it instrumented (by instrument_app or instrument()).
+    # Without it the middleware starts the SERVER span and Flask's becomes an INTERNAL child.
+    return getattr(app, "_is_instrumented_by_opentelemetry", False) is True
+
+
+def _adopt_server_span(environ: dict[str, Any]) -> None:
+    telemetry = environ.get(ENVIRON_TELEMETRY)
+    if telemetry is not None:
+        telemetry.adopt_current_span()
 
 
 def _before_request() -> None:
@@ -49,7 +65,9 @@ def _before_request() -> None:
     rule = request.url_rule
     if rule is not None:
         environ[ENVIRON_ROUTE] = rule.rule
+    _adopt_server_span(environ)
 
 
 def _on_exception(sender: Flask, exception: BaseException, **extra: Any) -> None:
     request.environ[ENVIRON_ERROR] = exception
+    _adopt_server_span(request.environ)

@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import TypeVar, overload
 
 import httpx
+from opentelemetry.trace import TracerProvider
 
 from upstream_ops._capture import Attempt, CaptureOptions, active_collector
 from upstream_ops.defaults import CAPTURE_BODY_MAX_BYTES, CAPTURE_STATUSES
@@ -33,7 +34,8 @@ class UpstreamOpsTransport(httpx.BaseTransport):
     The labels (``platform``, ``account_id``, ``account_name``, ``model``) are defaults: an enclosing
     ``upstream(...)`` block overrides them. ``record_statuses`` are the statuses recorded as
     ``http_error`` (default 400-599); ``max_body_bytes`` bounds the part of an error body kept, taken
-    from what the caller reads (default 2 KiB).
+    from what the caller reads (default 2 KiB). Every attempt is also an OpenTelemetry CLIENT span on
+    ``tracer_provider`` (default: the global one), its trace context sent with the request.
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class UpstreamOpsTransport(httpx.BaseTransport):
         model: str = "",
         record_statuses: Container[int] = CAPTURE_STATUSES,
         max_body_bytes: int = CAPTURE_BODY_MAX_BYTES,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.transport = transport if transport is not None else httpx.HTTPTransport()
         self.options = CaptureOptions.from_arguments(
@@ -55,6 +58,7 @@ class UpstreamOpsTransport(httpx.BaseTransport):
             model=model,
             record_statuses=record_statuses,
             max_body_bytes=max_body_bytes,
+            tracer_provider=tracer_provider,
         )
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
@@ -62,13 +66,22 @@ class UpstreamOpsTransport(httpx.BaseTransport):
         if collector is None:
             return self.transport.handle_request(request)
         attempt = Attempt(collector, self.options, request.method, request.url)
+        span = self.options.client_spans.start(
+            collector, request.method, request.url, request.headers
+        )
+        status_code, error = 0, None
         try:
             response = self.transport.handle_request(request)
+            status_code = response.status_code
         except _NOT_RECORDED:
             raise
         except BaseException as exc:
+            error = exc
             attempt.failed(exc)
             raise
+        finally:
+            if span is not None:
+                span.finish(status_code=status_code, error=error)
         if _watch(attempt, response):
             response.stream = _CapturedSyncStream(response.stream, attempt)
         return response
@@ -102,6 +115,7 @@ class AsyncUpstreamOpsTransport(httpx.AsyncBaseTransport):
         model: str = "",
         record_statuses: Container[int] = CAPTURE_STATUSES,
         max_body_bytes: int = CAPTURE_BODY_MAX_BYTES,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.transport = transport if transport is not None else httpx.AsyncHTTPTransport()
         self.options = CaptureOptions.from_arguments(
@@ -111,6 +125,7 @@ class AsyncUpstreamOpsTransport(httpx.AsyncBaseTransport):
             model=model,
             record_statuses=record_statuses,
             max_body_bytes=max_body_bytes,
+            tracer_provider=tracer_provider,
         )
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -118,13 +133,22 @@ class AsyncUpstreamOpsTransport(httpx.AsyncBaseTransport):
         if collector is None:
             return await self.transport.handle_async_request(request)
         attempt = Attempt(collector, self.options, request.method, request.url)
+        span = self.options.client_spans.start(
+            collector, request.method, request.url, request.headers
+        )
+        status_code, error = 0, None
         try:
             response = await self.transport.handle_async_request(request)
+            status_code = response.status_code
         except _NOT_RECORDED:
             raise
         except BaseException as exc:  # cancellation included: the attempt ended unfinished
+            error = exc
             attempt.failed(exc)
             raise
+        finally:
+            if span is not None:
+                span.finish(status_code=status_code, error=error)
         if _watch(attempt, response):
             response.stream = _CapturedAsyncStream(response.stream, attempt)
         return response
@@ -238,6 +262,7 @@ def instrument_client(
     model: str = ...,
     record_statuses: Container[int] = ...,
     max_body_bytes: int = ...,
+    tracer_provider: TracerProvider | None = ...,
 ) -> httpx.Client: ...
 
 
@@ -251,6 +276,7 @@ def instrument_client(
     model: str = ...,
     record_statuses: Container[int] = ...,
     max_body_bytes: int = ...,
+    tracer_provider: TracerProvider | None = ...,
 ) -> httpx.AsyncClient: ...
 
 
@@ -263,6 +289,7 @@ def instrument_client(
     model: str = "",
     record_statuses: Container[int] = CAPTURE_STATUSES,
     max_body_bytes: int = CAPTURE_BODY_MAX_BYTES,
+    tracer_provider: TracerProvider | None = None,
 ) -> httpx.Client | httpx.AsyncClient:
     """Wrap the transport of an existing client, and of each of its mounts, in place; returns it.
 
@@ -277,6 +304,7 @@ def instrument_client(
         model=model,
         record_statuses=record_statuses,
         max_body_bytes=max_body_bytes,
+        tracer_provider=tracer_provider,
     )
     if isinstance(client, httpx.AsyncClient):
         client._transport = _wrap_async(client._transport, options)

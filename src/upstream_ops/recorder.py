@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from opentelemetry import trace
+from opentelemetry.metrics import MeterProvider
+from opentelemetry.trace import SpanContext
 
 from upstream_ops.collector import Collector
 from upstream_ops.defaults import (
@@ -25,6 +27,7 @@ from upstream_ops.defaults import (
     SINK_ENV_VAR,
 )
 from upstream_ops.dispatcher import Dispatcher
+from upstream_ops.events import UpstreamErrorEvent
 from upstream_ops.record import RequestRecord
 from upstream_ops.sanitize import sanitize_label, sanitize_message
 from upstream_ops.sinks.base import Sink
@@ -53,6 +56,23 @@ def default_should_record(record: RequestRecord) -> bool:
     )
 
 
+def had_upstream_trouble(
+    collector: Collector, events: list[UpstreamErrorEvent] | None = None
+) -> bool:
+    """The request recorded upstream events (kept or dropped) or an upstream failure summary.
+
+    ``events``: the collector's events when the caller already has them (saves a copy).
+    """
+    if collector.upstream_status_code or collector.dropped_events:
+        return True
+    return bool(collector.events if events is None else events)
+
+
+def is_recovered(had_trouble: bool, status_code: int) -> bool:
+    """The client got a status below 400 although upstream trouble was recorded."""
+    return had_trouble and 0 < status_code < 400
+
+
 def resolve_sink(sink: Sink | str | None) -> Sink:
     """A sink object, a sink URL, or ``None`` for ``$UPSTREAM_OPS_SINK`` or the SQLite default."""
     from upstream_ops.sinks.url import sink_from_url
@@ -77,6 +97,8 @@ class RequestFacts:
     started_at_ms: int
     duration_ms: float
     error: BaseException | None = None
+    #: The request's server span, whose ids go on the record (default: the span current at finish).
+    span_context: SpanContext | None = None
 
 
 class Recorder:
@@ -92,6 +114,7 @@ class Recorder:
         should_record: RecordFilter | None = None,
         before_flush: RecordHook | None = None,
         max_events: int = MAX_EVENTS_PER_REQUEST,
+        meter_provider: MeterProvider | None = None,
     ) -> None:
         if request_id_header is not None and not _HEADER_NAME_RE.fullmatch(request_id_header):
             raise ValueError(f"request_id_header is not a valid header name: {request_id_header!r}")
@@ -103,7 +126,11 @@ class Recorder:
             raise ValueError("should_record must be a callable taking a RequestRecord")
         if before_flush is not None and not callable(before_flush):
             raise ValueError("before_flush must be a callable taking a RequestRecord")
-        self.dispatcher = dispatcher if dispatcher is not None else Dispatcher(resolve_sink(sink))
+        self.dispatcher = (
+            dispatcher
+            if dispatcher is not None
+            else Dispatcher(resolve_sink(sink), meter_provider=meter_provider)
+        )
         self.service = sanitize_label(service)
         self.request_id_header = request_id_header
         self.should_record = should_record or default_should_record
@@ -139,10 +166,8 @@ class Recorder:
 
     def _build(self, collector: Collector, facts: RequestFacts) -> RequestRecord:
         events = collector.events
-        summary_status = collector.upstream_status_code
-        has_upstream_trouble = bool(events or summary_status or collector.dropped_events)
         trace_id = span_id = None
-        span_context = trace.get_current_span().get_span_context()
+        span_context = facts.span_context or trace.get_current_span().get_span_context()
         if span_context.is_valid:
             trace_id = format(span_context.trace_id, "032x")
             span_id = format(span_context.span_id, "016x")
@@ -157,13 +182,13 @@ class Recorder:
             status_code=facts.status_code,
             duration_ms=round(facts.duration_ms, 3),
             started_at_ms=facts.started_at_ms,
-            upstream_status_code=summary_status,
+            upstream_status_code=collector.upstream_status_code,
             upstream_error_message=collector.upstream_error_message,
             upstream_error_detail=collector.upstream_error_detail,
             upstream_errors=events,
             dropped_events=collector.dropped_events,
             error=sanitize_label(_qualified_name(error)) if error is not None else None,
-            recovered=has_upstream_trouble and 0 < facts.status_code < 400,
+            recovered=is_recovered(had_upstream_trouble(collector, events), facts.status_code),
             trace_id=trace_id,
             span_id=span_id,
         )

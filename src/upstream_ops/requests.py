@@ -12,11 +12,12 @@ import contextvars
 import copy
 import logging
 import weakref
-from collections.abc import Container, Iterator, Mapping
+from collections.abc import Container, Iterator, Mapping, MutableMapping
 from types import TracebackType
 from typing import Any, Self, cast
 
 import requests
+from opentelemetry.trace import TracerProvider
 from requests.adapters import DEFAULT_POOLBLOCK, DEFAULT_POOLSIZE, DEFAULT_RETRIES, HTTPAdapter
 from urllib3.exceptions import MaxRetryError
 from urllib3.response import BaseHTTPResponse
@@ -25,6 +26,7 @@ from urllib3.util.retry import Retry
 from upstream_ops._capture import Attempt, CaptureOptions, active_collector
 from upstream_ops.collector import Collector
 from upstream_ops.defaults import CAPTURE_BODY_MAX_BYTES, CAPTURE_STATUSES
+from upstream_ops.telemetry._client import ClientSpan
 
 __all__ = ["UpstreamOpsAdapter"]
 
@@ -34,26 +36,45 @@ _NOT_RECORDED = (KeyboardInterrupt, SystemExit, GeneratorExit)
 
 
 class _Send:
-    """One ``adapter.send``: the try in flight; urllib3 may make several."""
+    """One ``adapter.send``: the try in flight and its CLIENT span; urllib3 may make several."""
 
-    __slots__ = ("attempt", "collector", "method", "options", "url")
+    __slots__ = ("attempt", "collector", "headers", "method", "options", "span", "url")
 
     def __init__(
-        self, collector: Collector, options: CaptureOptions, method: str, url: str
+        self,
+        collector: Collector,
+        options: CaptureOptions,
+        method: str,
+        url: str,
+        headers: MutableMapping[str, str],
     ) -> None:
         self.collector = collector
         self.options = options
         self.method = method
         self.url = url
+        self.headers = (
+            headers  # urllib3 sends each try with this mapping: the trace context goes in
+        )
         self.attempt = Attempt(collector, options, method, url)
+        self.span: ClientSpan | None = options.client_spans.start(collector, method, url, headers)
 
     def retrying(self, response: BaseHTTPResponse | None, error: Exception | None) -> None:
         """urllib3 gave up on this try and will make another: record it, start the next one."""
         self.finish_try(response, error)
         self.attempt = Attempt(self.collector, self.options, self.method, self.url)
+        self.span = self.options.client_spans.start(
+            self.collector, self.method, self.url, self.headers
+        )
+
+    def end_span(self, status_code: int = 0, error: BaseException | None = None) -> None:
+        """The try's CLIENT span ends (once)."""
+        span, self.span = self.span, None
+        if span is not None:
+            span.finish(status_code=status_code, error=error)
 
     def finish_try(self, response: BaseHTTPResponse | None, error: Exception | None) -> None:
         """Record the try now: its response will be drained by urllib3, never seen by the caller."""
+        self.end_span(response.status if response is not None else 0, error)
         attempt = self.attempt
         if response is None:
             attempt.failed(error if error is not None else RuntimeError("urllib3 retry"))
@@ -149,7 +170,8 @@ class UpstreamOpsAdapter(HTTPAdapter):
     Labels and limits as for ``upstream_ops.httpx.UpstreamOpsTransport``; the other arguments are
     ``HTTPAdapter``'s. A ``Retry`` assigned to ``max_retries`` later is wrapped too. Error bodies are
     captured from what the caller reads through ``iter_content`` (``.content``, ``.json()``,
-    ``.text``, ``iter_lines``); reading ``response.raw`` directly bypasses the capture.
+    ``.text``, ``iter_lines``); reading ``response.raw`` directly bypasses the capture. Every try is
+    also an OpenTelemetry CLIENT span on ``tracer_provider`` (default: the global one).
     """
 
     __attrs__ = [*HTTPAdapter.__attrs__, "capture_options"]
@@ -167,6 +189,7 @@ class UpstreamOpsAdapter(HTTPAdapter):
         pool_maxsize: int = DEFAULT_POOLSIZE,
         max_retries: Retry | int | None = DEFAULT_RETRIES,
         pool_block: bool = DEFAULT_POOLBLOCK,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.capture_options = CaptureOptions.from_arguments(
             platform=platform,
@@ -175,6 +198,7 @@ class UpstreamOpsAdapter(HTTPAdapter):
             model=model,
             record_statuses=record_statuses,
             max_body_bytes=max_body_bytes,
+            tracer_provider=tracer_provider,
         )
         super().__init__(pool_connections, pool_maxsize, max_retries, pool_block)
 
@@ -205,17 +229,27 @@ class UpstreamOpsAdapter(HTTPAdapter):
         collector = active_collector()
         if collector is None:
             return super().send(request, stream, timeout, verify, cert, proxies)
-        send = _Send(collector, self.capture_options, request.method or "", request.url or "")
+        send = _Send(
+            collector,
+            self.capture_options,
+            request.method or "",
+            request.url or "",
+            request.headers,
+        )
         token = _current_send.set(send)
+        status_code, error = 0, None
         try:
             response = super().send(request, stream, timeout, verify, cert, proxies)
+            status_code = response.status_code
         except _NOT_RECORDED:
             raise
         except BaseException as exc:
+            error = exc
             send.attempt.failed(exc)
             raise
         finally:
             _current_send.reset(token)
+            send.end_span(status_code, error)
         attempt = send.attempt
         if attempt.pending:
             headers = response.headers

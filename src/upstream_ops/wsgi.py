@@ -12,11 +12,15 @@ from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
+from opentelemetry import metrics, trace
+from opentelemetry.propagators.textmap import Getter
+
 from upstream_ops.collector import Collector, _activate, _deactivate
 from upstream_ops.defaults import MAX_EVENTS_PER_REQUEST, REQUEST_ID_HEADER
 from upstream_ops.dispatcher import Dispatcher
 from upstream_ops.recorder import Recorder, RecordFilter, RecordHook, RequestFacts, now_ms
 from upstream_ops.sinks.base import Sink
+from upstream_ops.telemetry._server import IncomingRequest, ServerTelemetry
 
 __all__ = ["UpstreamOpsWSGIMiddleware"]
 
@@ -29,6 +33,7 @@ WSGIApplication = Callable[[WSGIEnvironment, StartResponse], Iterable[bytes]]
 ENVIRON_COLLECTOR = "upstream_ops.collector"
 ENVIRON_ROUTE = "upstream_ops.route"
 ENVIRON_ERROR = "upstream_ops.error"
+ENVIRON_TELEMETRY = "upstream_ops.telemetry"
 
 CLIENT_CLOSED_REQUEST = 499
 
@@ -47,6 +52,9 @@ class UpstreamOpsWSGIMiddleware:
         should_record: RecordFilter | None = None,
         before_flush: RecordHook | None = None,
         max_events: int = MAX_EVENTS_PER_REQUEST,
+        create_server_span: bool = True,
+        tracer_provider: trace.TracerProvider | None = None,
+        meter_provider: metrics.MeterProvider | None = None,
     ) -> None:
         self.app = app
         self.recorder = Recorder(
@@ -57,7 +65,16 @@ class UpstreamOpsWSGIMiddleware:
             should_record=should_record,
             before_flush=before_flush,
             max_events=max_events,
+            meter_provider=meter_provider,
         )
+        self.telemetry = ServerTelemetry(
+            create_server_span=create_server_span,
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
+        )
+        #: Set by an integration whose framework instrumentation starts the server span inside the
+        #: app (Flask's): then the middleware adopts that span instead of starting one.
+        self._app_starts_server_span: Callable[[], bool] | None = None
         self._environ_key = (
             "HTTP_" + request_id_header.upper().replace("-", "_")
             if request_id_header
@@ -90,8 +107,16 @@ class _WSGIRequestRecording:
         incoming = environ.get(middleware._environ_key)
         self.request_id = recorder.request_id_for(incoming if isinstance(incoming, str) else None)
         self.collector: Collector = recorder.start(self.request_id)
+        deferred = middleware._app_starts_server_span
+        self.telemetry = middleware.telemetry.start(
+            self.collector,
+            _describe,
+            environ,
+            span_started_by_app=deferred is not None and deferred(),
+        )
         self.token = _activate(self.collector)
         environ[ENVIRON_COLLECTOR] = self.collector
+        environ[ENVIRON_TELEMETRY] = self.telemetry
 
     def run(self, start_response: StartResponse) -> Iterable[bytes]:
         header = self.middleware.recorder.request_id_header
@@ -105,16 +130,24 @@ class _WSGIRequestRecording:
                 self.status_code = 0
             if header is not None and not any(k.lower() == header.lower() for k, _ in headers):
                 headers = [*headers, (header, self.request_id)]
+            if self.telemetry is not None:
+                # Flask's server span ends with the request context, before the body is sent.
+                self.telemetry.response_ready(self.status_code)
             if exc_info is not None:
                 return start_response(status, headers, exc_info)
             return start_response(status, headers)
 
+        otel_token = self.telemetry.activate() if self.telemetry is not None else None
         try:
             result = self.middleware.app(self.environ, recording_start_response)
         except BaseException as exc:
             self.error = exc
             self.finish()
             raise
+        finally:
+            # Current only while the app runs: a server may close the body in another context.
+            if self.telemetry is not None:
+                self.telemetry.deactivate(otel_token)
         file_wrapper = self.environ.get("wsgi.file_wrapper")
         if isinstance(file_wrapper, type) and isinstance(result, file_wrapper):
             return self._wrap_close_of(result)
@@ -144,17 +177,25 @@ class _WSGIRequestRecording:
         ended = self.ended or time.perf_counter()
         _deactivate(self.token)
         error = self.error or self.environ.get(ENVIRON_ERROR)
+        error = error if isinstance(error, BaseException) else None
         route = self.environ.get(ENVIRON_ROUTE)
+        route = route if isinstance(route, str) else None
+        status_code = self._final_status()
+        span_context = None
+        if self.telemetry is not None:
+            self.telemetry.end(status_code=status_code, route=route, error=error)
+            span_context = self.telemetry.span_context
         self.middleware.recorder.finish(
             self.collector,
             RequestFacts(
                 method=str(self.environ.get("REQUEST_METHOD", "")),
                 path=str(self.environ.get("PATH_INFO", "")),
-                route=route if isinstance(route, str) else None,
-                status_code=self._final_status(),
+                route=route,
+                status_code=status_code,
                 started_at_ms=self.started_at_ms,
                 duration_ms=(ended - self.started) * 1000.0,
-                error=error if isinstance(error, BaseException) else None,
+                error=error,
+                span_context=span_context,
             ),
         )
 
@@ -164,6 +205,42 @@ class _WSGIRequestRecording:
         if self.iteration_started and not self.iteration_done and self.error is None:
             return CLIENT_CLOSED_REQUEST  # the server stopped reading: the client went away
         return self.status_code
+
+
+class _EnvironGetter(Getter[WSGIEnvironment]):
+    """Reads propagation headers (``traceparent`` ...) from a WSGI environ."""
+
+    def get(self, carrier: WSGIEnvironment, key: str) -> list[str] | None:
+        value = carrier.get("HTTP_" + key.upper().replace("-", "_"))
+        return [value] if isinstance(value, str) else None
+
+    def keys(self, carrier: WSGIEnvironment) -> list[str]:
+        return [k[5:].lower().replace("_", "-") for k in carrier if k.startswith("HTTP_")]
+
+
+_ENVIRON_GETTER = _EnvironGetter()
+
+
+def _describe(environ: WSGIEnvironment) -> IncomingRequest:
+    """The request as the server span started here needs it."""
+    try:
+        server: tuple[str, int | None] | None = (
+            str(environ["SERVER_NAME"]),
+            int(environ.get("SERVER_PORT") or 0) or None,
+        )
+    except (KeyError, ValueError):
+        server = None
+    protocol = str(environ.get("SERVER_PROTOCOL", ""))
+    return IncomingRequest(
+        method=str(environ.get("REQUEST_METHOD", "")),
+        scheme=str(environ.get("wsgi.url_scheme", "http")),
+        path=str(environ.get("PATH_INFO", "")),
+        host=environ.get("HTTP_HOST"),
+        server=server,
+        protocol_version=protocol.partition("/")[2] or None,
+        carrier=environ,
+        getter=_ENVIRON_GETTER,
+    )
 
 
 class _RecordedBody:
