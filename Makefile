@@ -21,8 +21,8 @@ demo: $(VENV)/.demo-installed
 	$(BIN)/upstream-ops demo
 
 lint: $(VENV)/.dev-installed
-	$(BIN)/ruff check src tests examples
-	$(BIN)/ruff format --check src tests examples
+	$(BIN)/ruff check src tests examples bench
+	$(BIN)/ruff format --check src tests examples bench
 
 typecheck: $(VENV)/.dev-installed
 	$(BIN)/mypy src
@@ -36,6 +36,10 @@ test: lint typecheck unit
 # tests/test_docs_site.py runs the same build, so `make test` and CI check it too.
 docs: $(VENV)/.dev-installed
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+# Write throughput of the stores (PostgreSQL when reachable); results in bench/results/.
+bench: $(VENV)/.dev-installed
+	$(BIN)/python bench/bench_sinks.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache site

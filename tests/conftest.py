@@ -1,14 +1,16 @@
-"""Fixtures that build real things: servers on 127.0.0.1, files in tmp_path."""
+"""Fixtures that build real things: servers on 127.0.0.1, files in tmp_path, PostgreSQL schemas."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -16,13 +18,18 @@ from upstream_ops.dispatcher import Dispatcher
 from upstream_ops.sinks import MemorySink, SQLiteSink
 from upstream_ops.store import Store
 
+if TYPE_CHECKING:
+    from upstream_ops.sinks.postgres import PostgresSink
+
 
 @contextmanager
 def serve_asgi(app: Any, **config: Any) -> Iterator[str]:
     """Run ``app`` under a real uvicorn server on 127.0.0.1; yields its base URL."""
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio disables Nagle only on sockets that say they are TCP; without it
+    # every response waits ~40 ms for a delayed ACK.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -88,7 +95,7 @@ def dispatcher(memory_sink: MemorySink) -> Iterator[Dispatcher]:
 
 
 @contextmanager
-def sqlite_store(tmp_path: Path) -> Iterator[Store]:
+def sqlite_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     sink = SQLiteSink(tmp_path / "store.db")
     try:
         yield sink
@@ -96,15 +103,36 @@ def sqlite_store(tmp_path: Path) -> Iterator[Store]:
         sink.close()
 
 
-#: The queryable stores that the read-side tests (test_store.py, test_ops_app.py) run against, each
-#: built empty. PostgreSQL joins this table when its store is on this branch.
-STORES: dict[str, Callable[[Path], AbstractContextManager[Store]]] = {"sqlite": sqlite_store}
+@contextmanager
+def postgres_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """The machine's PostgreSQL, in a schema of this test's own (see ``pg_dsn``)."""
+    from upstream_ops.sinks.postgres import PostgresSink
+
+    sink = PostgresSink(
+        request.getfixturevalue("pg_dsn"), schema=request.getfixturevalue("pg_schema")
+    )
+    try:
+        yield sink
+    finally:
+        sink.close()
 
 
-@pytest.fixture(params=sorted(STORES))
+#: The queryable stores that the store tests (test_store.py, test_database_stores.py,
+#: test_ops_app.py) run against, each built empty.
+STORES: dict[str, Callable[[pytest.FixtureRequest, Path], AbstractContextManager[Store]]] = {
+    "sqlite": sqlite_store,
+    "postgres": postgres_store,
+}
+STORE_PARAMS = [
+    pytest.param(name, marks=[pytest.mark.postgres] if name == "postgres" else [])
+    for name in sorted(STORES)
+]
+
+
+@pytest.fixture(params=STORE_PARAMS)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     """An empty store of each kind in ``STORES``."""
-    with STORES[request.param](tmp_path) as built:
+    with STORES[request.param](request, tmp_path) as built:
         yield built
 
 
@@ -165,3 +193,57 @@ def otel() -> Iterator[OTel]:
     telemetry = OTel()
     yield telemetry
     telemetry.shutdown()
+
+
+# --- PostgreSQL -----------------------------------------------------------------------------------
+
+PG_DSN_ENV = "UPSTREAM_OPS_TEST_PG_DSN"
+PG_DSN_DEFAULT = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture(scope="session")
+def pg_dsn() -> str:
+    """The test server's DSN. Absent server: the test fails in CI, and is skipped elsewhere."""
+    dsn = os.environ.get(PG_DSN_ENV) or PG_DSN_DEFAULT
+    try:
+        import psycopg
+
+        psycopg.connect(dsn, connect_timeout=3).close()
+    except Exception as exc:
+        why = " ".join(str(exc).split())  # libpq's messages span lines
+        reason = f"PostgreSQL is not reachable at {dsn} ({type(exc).__name__}: {why})"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; CI needs it (start it, or set {PG_DSN_ENV})", pytrace=False)
+        pytest.skip(f"{reason}; start it or set {PG_DSN_ENV} to run the PostgreSQL tests")
+    return dsn
+
+
+@pytest.fixture
+def pg_schema(pg_dsn: str) -> Iterator[str]:
+    """A fresh schema name for one test, dropped afterwards, so runs never collide."""
+    import psycopg
+    from psycopg import sql
+
+    name = f"upstream_ops_test_{uuid.uuid4().hex[:12]}"
+    yield name
+    with psycopg.connect(pg_dsn, autocommit=True) as connection:
+        connection.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def pg_sink(pg_dsn: str, pg_schema: str) -> Iterator[PostgresSink]:
+    from upstream_ops.sinks.postgres import PostgresSink
+
+    sink = PostgresSink(pg_dsn, schema=pg_schema)
+    yield sink
+    sink.close()
+
+
+def pg_rows(dsn: str, schema: str, query: str, *params: object) -> list[tuple[Any, ...]]:
+    """Run ``query`` in ``schema`` on a connection of its own."""
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        connection.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        return connection.execute(query, params).fetchall()  # type: ignore[arg-type]

@@ -79,3 +79,13 @@ def full_record(
 def bare_record(id: str, started_at_ms: int, **fields: Any) -> RequestRecord:
     """A record with only what a query test needs."""
     return RequestRecord(id=id, request_id=f"req-{id}", started_at_ms=started_at_ms, **fields)
+
+
+#: Records a database cannot store as they are; each must cost only itself, never its batch.
+BAD_RECORDS = {
+    "int too large for SQLite": bare_record("bad-int", 10, status_code=2**70),
+    "unsupported type": bare_record("bad-type", 10, route={"not": "a string"}),
+    "lone surrogate": bare_record("bad-text", 10, error="broken \udc80 text"),
+    "NULL id": RequestRecord(id=None, request_id="req", started_at_ms=10),  # type: ignore[arg-type]
+    "NULL start time": RequestRecord(id="no-time", request_id="req", started_at_ms=None),  # type: ignore[arg-type]
+}

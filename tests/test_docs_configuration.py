@@ -28,6 +28,7 @@ REQUIRED = {
     "upstream_ops.Dispatcher",
     "upstream_ops.flush",
     "upstream_ops.sinks.SQLiteSink",
+    "upstream_ops.sinks.PostgresSink",
     "upstream_ops.sinks.JsonlSink",
     "upstream_ops.sinks.LoggingSink",
     "upstream_ops.httpx.UpstreamOpsTransport",

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.sink_records import bare_record, full_event, full_record
+from tests.sink_records import BAD_RECORDS, full_event, full_record
 from upstream_ops.defaults import QUERY_LIMIT_MAX
 from upstream_ops.events import UpstreamErrorEvent
 from upstream_ops.record import RECORD_FIELDS, RequestRecord
@@ -145,18 +145,6 @@ def test_newer_schema_version_warns_and_still_works(
 # --- round trip -------------------------------------------------------------------------------
 
 
-def test_round_trip_every_field(sink: SQLiteSink, db: Path) -> None:
-    record = full_record()
-    sink.write([record])
-    [back] = sink.query_records(*ALL_TIME)
-    assert back == record
-    assert back.to_dict() == record.to_dict()
-    # both events have the same time: the later position comes first
-    assert sink.query_events(*ALL_TIME) == list(reversed(record.upstream_errors))
-    # The tables are intact and the injection attempt is stored as text.
-    assert raw(db, "SELECT error FROM ops_error_logs") == [(record.error,)]
-
-
 def test_event_rows_hold_the_full_json_and_null_for_empty_fields(
     sink: SQLiteSink, db: Path
 ) -> None:
@@ -199,52 +187,7 @@ def test_empty_batch_is_a_no_op_without_io(db: Path) -> None:
     assert not db.exists()
 
 
-# --- idempotency ------------------------------------------------------------------------------
-
-
-def test_writing_a_batch_twice_leaves_one_row_each(sink: SQLiteSink, db: Path) -> None:
-    batch = [full_record(f"rec-{i}", started_at_ms=1000 + i) for i in range(5)]
-    sink.write(batch)
-    sink.write(batch)
-    sink.write(batch[2:] + batch[:1])
-    assert count(db, "ops_error_logs") == 5
-    assert count(db, "ops_upstream_error_events") == 10
-    assert sink.query_records(*ALL_TIME) == list(reversed(batch))
-
-
-def test_duplicate_id_inside_one_batch_keeps_the_first(sink: SQLiteSink, db: Path) -> None:
-    first = full_record("same", path="/first")
-    second = full_record("same", path="/second", events=[full_event(kind="failover")])
-    sink.write([first, second])
-    assert sink.query_records(*ALL_TIME) == [first]
-    assert count(db, "ops_upstream_error_events") == 2
-
-
 # --- bad records ------------------------------------------------------------------------------
-
-
-BAD_RECORDS = {
-    "int too large for SQLite": bare_record("bad-int", 10, status_code=2**70),
-    "unsupported type": bare_record("bad-type", 10, route={"not": "a string"}),
-    "lone surrogate": bare_record("bad-text", 10, error="broken \udc80 text"),
-    "NULL id": RequestRecord(id=None, request_id="req", started_at_ms=10),  # type: ignore[arg-type]
-    "NULL start time": RequestRecord(id="no-time", request_id="req", started_at_ms=None),  # type: ignore[arg-type]
-}
-
-
-@pytest.mark.parametrize("bad", BAD_RECORDS.values(), ids=BAD_RECORDS.keys())
-def test_one_bad_record_does_not_cost_the_batch(
-    sink: SQLiteSink, db: Path, bad: RequestRecord, caplog: pytest.LogCaptureFixture
-) -> None:
-    good = [full_record(f"good-{i}", started_at_ms=100 + i) for i in range(3)]
-    with caplog.at_level(logging.ERROR, logger="upstream_ops.sinks.sqlite"):
-        sink.write([good[0], bad, good[1], good[2]])
-    assert [r.id for r in sink.query_records(*ALL_TIME)] == ["good-2", "good-1", "good-0"]
-    assert count(db, "ops_upstream_error_events") == 6  # no half-written bad record
-    [message] = [r.getMessage() for r in caplog.records]
-    assert f"could not store record {bad.id}" in message
-    logged = json.loads(message.split("the record: ", 1)[1])  # the data is in the log
-    assert logged["request_id"] == bad.request_id
 
 
 def test_a_batch_of_only_bad_records_raises_and_logs_once(
@@ -260,165 +203,6 @@ def test_a_batch_of_only_bad_records_raises_and_logs_once(
     assert count(db, "ops_error_logs") == 0
     sink.write([full_record("after")])  # the sink still works
     assert count(db, "ops_error_logs") == 1
-
-
-def test_a_batch_of_stored_duplicates_does_not_raise(sink: SQLiteSink) -> None:
-    sink.write([full_record("a")])
-    sink.write([full_record("a")])  # nothing new, but nothing failed either
-
-
-# --- queries ----------------------------------------------------------------------------------
-
-
-def ev(
-    at: int, platform: str = "", status: int = 0, kind: str = "http_error"
-) -> UpstreamErrorEvent:
-    return UpstreamErrorEvent(
-        at_unix_ms=at, platform=platform, upstream_status_code=status, kind=kind
-    )
-
-
-DATASET = [
-    bare_record(
-        "r1",
-        1000,
-        upstream_status_code=502,
-        upstream_errors=[ev(1000, "openai", 429), ev(1001, "anthropic", 502, "failover")],
-    ),
-    bare_record(
-        "r2",
-        2000,
-        upstream_status_code=504,
-        upstream_errors=[ev(2000, "openai", 0, "request_error")],
-    ),
-    bare_record("r3", 3000, status_code=500),
-    bare_record("r4", 3000, upstream_errors=[ev(3000, "gemini", 500)]),
-    bare_record(
-        "r5",
-        4000,
-        upstream_status_code=503,
-        upstream_errors=[
-            ev(3999, "openai", 500, "retry"),
-            ev(4000, "openai", 503, "retry_exhausted"),
-        ],
-    ),
-]
-
-
-@pytest.fixture
-def loaded(sink: SQLiteSink) -> SQLiteSink:
-    sink.write(DATASET[3:])  # two batches, out of time order
-    sink.write(DATASET[:3])
-    return sink
-
-
-@pytest.mark.parametrize(
-    ("window", "filters", "expected"),
-    [
-        (ALL_TIME, {}, ["r5", "r4", "r3", "r2", "r1"]),  # newest first, id DESC on ties
-        ((1000, 3000), {}, ["r2", "r1"]),  # end is exclusive
-        ((1000, 3001), {}, ["r4", "r3", "r2", "r1"]),
-        ((1001, 4000), {}, ["r4", "r3", "r2"]),  # start is inclusive
-        ((3000, 3000), {}, []),
-        (ALL_TIME, {"limit": 2}, ["r5", "r4"]),
-        (ALL_TIME, {"limit": 1}, ["r5"]),
-        (ALL_TIME, {"platform": "openai"}, ["r5", "r2", "r1"]),
-        (ALL_TIME, {"platform": "anthropic"}, ["r1"]),
-        (ALL_TIME, {"platform": "nope"}, []),
-        (ALL_TIME, {"status_code": 502}, ["r1"]),  # summary and event
-        (ALL_TIME, {"status_code": 504}, ["r2"]),  # summary only
-        (ALL_TIME, {"status_code": 429}, ["r1"]),  # event only
-        (ALL_TIME, {"status_code": 500}, ["r5", "r4"]),  # events; r3's 500 is the client status
-        (ALL_TIME, {"kind": "failover"}, ["r1"]),
-        (ALL_TIME, {"kind": "http_error"}, ["r4", "r1"]),
-        (ALL_TIME, {"platform": "openai", "status_code": 500}, ["r5"]),
-        # each filter matches any event of the record, not necessarily the same one
-        (ALL_TIME, {"platform": "openai", "kind": "failover"}, ["r1"]),
-        ((0, 2000), {"platform": "openai", "kind": "http_error", "status_code": 502}, ["r1"]),
-        ((1001, 5000), {"platform": "openai", "limit": 1}, ["r5"]),
-    ],
-)
-def test_query_records(
-    loaded: SQLiteSink, window: tuple[int, int], filters: dict[str, object], expected: list[str]
-) -> None:
-    records = loaded.query_records(*window, **filters)  # type: ignore[arg-type]
-    assert [r.id for r in records] == expected
-    by_id = {r.id: r for r in DATASET}
-    assert records == [by_id[i] for i in expected]  # events come back too
-
-
-@pytest.mark.parametrize(
-    ("window", "filters", "expected"),
-    [
-        (ALL_TIME, {}, [4000, 3999, 3000, 2000, 1001, 1000]),
-        ((1000, 1001), {}, [1000]),
-        ((1001, 3000), {}, [2000, 1001]),
-        ((3000, 3000), {}, []),
-        (ALL_TIME, {"limit": 2}, [4000, 3999]),
-        (ALL_TIME, {"platform": "openai"}, [4000, 3999, 2000, 1000]),
-        (ALL_TIME, {"status_code": 500}, [3999, 3000]),
-        (ALL_TIME, {"status_code": 504}, []),  # a record's summary is not an event's status
-        (ALL_TIME, {"kind": "retry"}, [3999]),
-        (ALL_TIME, {"platform": "openai", "kind": "http_error"}, [1000]),
-        (ALL_TIME, {"platform": "openai", "status_code": 503, "kind": "retry_exhausted"}, [4000]),
-    ],
-)
-def test_query_events(
-    loaded: SQLiteSink, window: tuple[int, int], filters: dict[str, object], expected: list[int]
-) -> None:
-    events = loaded.query_events(*window, **filters)  # type: ignore[arg-type]
-    assert [e.at_unix_ms for e in events] == expected
-    by_time = {e.at_unix_ms: e for r in DATASET for e in r.upstream_errors}
-    assert events == [by_time[t] for t in expected]
-
-
-def test_query_events_ties_order_by_record_then_position(sink: SQLiteSink) -> None:
-    sink.write(
-        [
-            bare_record("a", 1, upstream_errors=[ev(7, "p0"), ev(7, "p1")]),
-            bare_record("b", 1, upstream_errors=[ev(7, "p2"), ev(7, "p3")]),
-        ]
-    )
-    assert [e.platform for e in sink.query_events(*ALL_TIME)] == ["p3", "p2", "p1", "p0"]
-
-
-def test_query_limit_max_is_accepted(loaded: SQLiteSink) -> None:
-    assert len(loaded.query_records(*ALL_TIME, limit=QUERY_LIMIT_MAX)) == 5
-    assert len(loaded.query_events(*ALL_TIME, limit=QUERY_LIMIT_MAX)) == 6
-
-
-BAD_ARGS = [
-    ("start_ms", (True, 10), {}),
-    ("start_ms", ("0", 10), {}),
-    ("start_ms", (1.0, 10), {}),
-    ("start_ms", (None, 10), {}),
-    ("end_ms", (0, 2**63), {}),
-    ("end_ms", (0, False), {}),
-    ("start_ms", (10, 5), {}),  # start after end
-    ("limit", (0, 10), {"limit": 0}),
-    ("limit", (0, 10), {"limit": QUERY_LIMIT_MAX + 1}),
-    ("limit", (0, 10), {"limit": True}),
-    ("limit", (0, 10), {"limit": "5"}),
-    ("status_code", (0, 10), {"status_code": 0}),
-    ("status_code", (0, 10), {"status_code": -502}),
-    ("status_code", (0, 10), {"status_code": "502"}),
-    ("status_code", (0, 10), {"status_code": True}),
-    ("platform", (0, 10), {"platform": ""}),
-    ("platform", (0, 10), {"platform": 5}),
-    ("kind", (0, 10), {"kind": ""}),
-    ("kind", (0, 10), {"kind": ["retry"]}),
-]
-
-
-@pytest.mark.parametrize("method", ["query_records", "query_events"])
-@pytest.mark.parametrize(("name", "args", "kwargs"), BAD_ARGS)
-def test_bad_query_arguments(
-    db: Path, method: str, name: str, args: tuple[object, ...], kwargs: dict[str, object]
-) -> None:
-    s = SQLiteSink(db)
-    with pytest.raises(ValueError, match=name):
-        getattr(s, method)(*args, **kwargs)
-    assert not db.exists()  # validated before any I/O
 
 
 # --- threads and processes --------------------------------------------------------------------

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import importlib.util
 import logging
 import types
 from pathlib import Path
@@ -59,17 +58,6 @@ def test_logging() -> None:
     sink = sink_from_url("logging://?logger=my.app.ops&level=INFO")
     assert isinstance(sink, LoggingSink)
     assert (sink.logger.name, sink.level) == ("my.app.ops", logging.INFO)
-
-
-@pytest.mark.skipif(
-    importlib.util.find_spec("upstream_ops.sinks.postgres") is not None,
-    reason="the PostgreSQL sink exists",
-)
-@pytest.mark.parametrize("url", ["postgresql://u:secret@db/ops", "postgres://db/ops"])
-def test_postgres_without_the_postgres_sink(url: str) -> None:
-    with pytest.raises(ValueError, match="PostgreSQL") as info:
-        sink_from_url(url)
-    assert "secret" not in str(info.value)
 
 
 def test_postgres_uses_the_postgres_sink(monkeypatch: pytest.MonkeyPatch) -> None:

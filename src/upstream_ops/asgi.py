@@ -6,7 +6,9 @@ its own ``_HTTPRequestRecording`` that wraps ``receive`` and ``send`` and owns t
 
 from __future__ import annotations
 
+import os
 import time
+from datetime import timedelta
 from typing import Any
 
 import anyio
@@ -15,7 +17,12 @@ from opentelemetry.propagators.textmap import Getter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from upstream_ops.collector import Collector, _activate, _deactivate
-from upstream_ops.defaults import FLUSH_TIMEOUT_S, MAX_EVENTS_PER_REQUEST, REQUEST_ID_HEADER
+from upstream_ops.defaults import (
+    FLUSH_TIMEOUT_S,
+    MAX_EVENTS_PER_REQUEST,
+    REQUEST_ID_HEADER,
+    SPOOL_MAX_BYTES,
+)
 from upstream_ops.dispatcher import Dispatcher
 from upstream_ops.recorder import Recorder, RecordFilter, RecordHook, RequestFacts, now_ms
 from upstream_ops.sinks.base import Sink
@@ -32,7 +39,9 @@ class UpstreamOpsMiddleware:
 
     ``sink`` is a sink object or URL (default: ``$UPSTREAM_OPS_SINK``, else ``sqlite:///upstream_ops.db``);
     ``should_record`` replaces the rule for which requests are stored; ``before_flush`` may enrich or
-    drop a record. Non-HTTP scopes pass through; lifespan shutdown drains the queue.
+    drop a record. ``spool_dir`` keeps records on local disk while the sink cannot take them, and
+    ``retention`` purges old ones (see ``Dispatcher``). Non-HTTP scopes pass through; lifespan
+    shutdown drains the queue to the sink, or to the spool, within ``shutdown_timeout``.
 
     OpenTelemetry: the request's server span is the instrumentation's when one is current, else one
     started here (``create_server_span``); every event becomes an ``upstream.error`` span event on
@@ -54,6 +63,9 @@ class UpstreamOpsMiddleware:
         create_server_span: bool = True,
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: metrics.MeterProvider | None = None,
+        spool_dir: str | os.PathLike[str] | None = None,
+        spool_max_bytes: int = SPOOL_MAX_BYTES,
+        retention: timedelta | str | None = None,
     ) -> None:
         self.app = app
         self.recorder = Recorder(
@@ -65,6 +77,9 @@ class UpstreamOpsMiddleware:
             before_flush=before_flush,
             max_events=max_events,
             meter_provider=meter_provider,
+            spool_dir=spool_dir,
+            spool_max_bytes=spool_max_bytes,
+            retention=retention,
         )
         self.telemetry = ServerTelemetry(
             create_server_span=create_server_span,
@@ -90,7 +105,7 @@ class UpstreamOpsMiddleware:
     def _lifespan_send(self, send: Send) -> Send:
         async def send_after_draining(message: Message) -> None:
             if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
-                await anyio.to_thread.run_sync(self.dispatcher.flush, self.shutdown_timeout)
+                await anyio.to_thread.run_sync(self.dispatcher.drain, self.shutdown_timeout)
             await send(message)
 
         return send_after_draining

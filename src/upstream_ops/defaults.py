@@ -30,6 +30,32 @@ FLUSH_TIMEOUT_S: Final = 5.0
 #: A full queue warns at most this often (seconds).
 DROP_WARNING_INTERVAL_S: Final = 60.0
 
+#: Durable delivery (``spool_dir``): the on-disk spool's bound (oldest records are evicted past it,
+#: and counted) and the size of one segment file.
+SPOOL_MAX_BYTES: Final = 1024 * 1024 * 1024
+SPOOL_SEGMENT_BYTES: Final = 16 * 1024 * 1024
+#: While the sink is failing (the circuit is open) the dispatcher spools everything and tries the
+#: sink with the oldest spooled records at most this often, backing off from the first to the second.
+CIRCUIT_PROBE_MIN_S: Final = 0.5
+CIRCUIT_PROBE_MAX_S: Final = 5.0
+#: With a spool, a batch waits for a busy sink only while the memory queue is less than this full;
+#: past it the dispatcher spools instead of letting the queue fill up and drop records.
+SPILL_AT_QUEUE_FRACTION: Final = 0.5
+#: How often a running dispatcher looks for spools left by dead processes (it always does at start).
+SPOOL_ADOPT_INTERVAL_S: Final = 60.0
+
+#: Retention: how often the dispatcher purges (when ``retention`` is set and the sink can purge)
+#: and how many records one purge transaction deletes.
+RETENTION_INTERVAL_S: Final = 3600.0
+PURGE_BATCH_SIZE: Final = 5000
+
+#: PostgresSink: pool sizes, how long a write or query waits for a connection, and libpq's
+#: connect timeout (whole seconds; libpq treats 1 as 2).
+PG_POOL_MIN_SIZE: Final = 1
+PG_POOL_MAX_SIZE: Final = 4
+PG_POOL_TIMEOUT_S: Final = 5.0
+PG_CONNECT_TIMEOUT_S: Final = 5
+
 #: Request id: the incoming header is trusted when it matches this rule, else a new one is made.
 REQUEST_ID_HEADER: Final = "X-Request-ID"
 REQUEST_ID_MAX_LENGTH: Final = 128

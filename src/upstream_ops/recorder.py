@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 from opentelemetry import trace
 from opentelemetry.metrics import MeterProvider
@@ -25,6 +26,7 @@ from upstream_ops.defaults import (
     REQUEST_ID_HEADER,
     REQUEST_ID_MAX_LENGTH,
     SINK_ENV_VAR,
+    SPOOL_MAX_BYTES,
 )
 from upstream_ops.dispatcher import Dispatcher
 from upstream_ops.events import UpstreamErrorEvent
@@ -115,6 +117,9 @@ class Recorder:
         before_flush: RecordHook | None = None,
         max_events: int = MAX_EVENTS_PER_REQUEST,
         meter_provider: MeterProvider | None = None,
+        spool_dir: str | os.PathLike[str] | None = None,
+        spool_max_bytes: int = SPOOL_MAX_BYTES,
+        retention: timedelta | str | None = None,
     ) -> None:
         if request_id_header is not None and not _HEADER_NAME_RE.fullmatch(request_id_header):
             raise ValueError(f"request_id_header is not a valid header name: {request_id_header!r}")
@@ -126,10 +131,18 @@ class Recorder:
             raise ValueError("should_record must be a callable taking a RequestRecord")
         if before_flush is not None and not callable(before_flush):
             raise ValueError("before_flush must be a callable taking a RequestRecord")
+        if dispatcher is not None and (spool_dir is not None or retention is not None):
+            raise ValueError("spool_dir and retention are options of the dispatcher you pass")
         self.dispatcher = (
             dispatcher
             if dispatcher is not None
-            else Dispatcher(resolve_sink(sink), meter_provider=meter_provider)
+            else Dispatcher(
+                resolve_sink(sink),
+                meter_provider=meter_provider,
+                spool_dir=spool_dir,
+                spool_max_bytes=spool_max_bytes,
+                retention=retention,
+            )
         )
         self.service = sanitize_label(service)
         self.request_id_header = request_id_header

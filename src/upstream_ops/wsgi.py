@@ -7,8 +7,10 @@ with its final state. A ``wsgi.file_wrapper`` response is returned as is (server
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
+from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
@@ -16,7 +18,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.propagators.textmap import Getter
 
 from upstream_ops.collector import Collector, _activate, _deactivate
-from upstream_ops.defaults import MAX_EVENTS_PER_REQUEST, REQUEST_ID_HEADER
+from upstream_ops.defaults import MAX_EVENTS_PER_REQUEST, REQUEST_ID_HEADER, SPOOL_MAX_BYTES
 from upstream_ops.dispatcher import Dispatcher
 from upstream_ops.recorder import Recorder, RecordFilter, RecordHook, RequestFacts, now_ms
 from upstream_ops.sinks.base import Sink
@@ -55,6 +57,9 @@ class UpstreamOpsWSGIMiddleware:
         create_server_span: bool = True,
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: metrics.MeterProvider | None = None,
+        spool_dir: str | os.PathLike[str] | None = None,
+        spool_max_bytes: int = SPOOL_MAX_BYTES,
+        retention: timedelta | str | None = None,
     ) -> None:
         self.app = app
         self.recorder = Recorder(
@@ -66,6 +71,9 @@ class UpstreamOpsWSGIMiddleware:
             before_flush=before_flush,
             max_events=max_events,
             meter_provider=meter_provider,
+            spool_dir=spool_dir,
+            spool_max_bytes=spool_max_bytes,
+            retention=retention,
         )
         self.telemetry = ServerTelemetry(
             create_server_span=create_server_span,

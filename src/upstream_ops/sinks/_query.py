@@ -45,7 +45,10 @@ _INT64_MAX: Final = 2**63 - 1
 
 
 class Column(NamedTuple):
-    """A column with a portable type: ``text``, ``bigint``, ``double`` or ``bool``."""
+    """A column with a portable type: ``text``, ``bigint``, ``double``, ``bool`` or ``json``.
+
+    ``json`` holds JSON text: ``TEXT`` in SQLite, ``JSONB`` in PostgreSQL (read back as text).
+    """
 
     name: str
     type: str
@@ -66,7 +69,7 @@ RECORD_COLUMNS: Final = (
     Column("upstream_status_code", "bigint"),
     Column("upstream_error_message", "text"),
     Column("upstream_error_detail", "text"),
-    Column("upstream_errors", "text"),  # marshal_upstream_errors(): a JSON array, NULL when none
+    Column("upstream_errors", "json"),  # marshal_upstream_errors(): a JSON array, NULL when none
     Column("dropped_events", "bigint"),
     Column("error", "text"),
     Column("recovered", "bool"),
@@ -94,7 +97,7 @@ EVENT_COLUMNS: Final = (
     Column("error_class", "text"),
     Column("message", "text"),
     Column("detail", "text"),
-    Column("event", "text", not_null=True),
+    Column("event", "json", not_null=True),
     Column("created_at_ms", "bigint", not_null=True),
 )
 EVENT_PRIMARY_KEY: Final = ("record_id", "seq")
@@ -195,6 +198,28 @@ def event_rows(record: RequestRecord, created_at_ms: int) -> list[tuple[Any, ...
         )
         for seq, event in enumerate(record.upstream_errors)
     ]
+
+
+#: Where ``event_rows`` puts the event's JSON.
+EVENT_JSON_INDEX: Final = next(i for i, c in enumerate(EVENT_COLUMNS) if c.name == "event")
+
+
+def record_rows(
+    record: RequestRecord, created_at_ms: int
+) -> tuple[tuple[Any, ...], list[tuple[Any, ...]]]:
+    """``record_row`` and ``event_rows`` at once, serializing each event once.
+
+    The ``upstream_errors`` array is the events' JSON joined: the same text
+    ``marshal_upstream_errors`` makes, at half the cost for a store that writes both.
+    """
+    events = event_rows(record, created_at_ms)
+    values = {name: getattr(record, name) for name in RECORD_FIELDS}
+    values["upstream_errors"] = (
+        "[" + ",".join(row[EVENT_JSON_INDEX] for row in events) + "]" if events else None
+    )
+    values["recovered"] = bool(record.recovered)
+    values["created_at_ms"] = created_at_ms
+    return tuple(values[column.name] for column in RECORD_COLUMNS), events
 
 
 def event_json(event: UpstreamErrorEvent) -> str:

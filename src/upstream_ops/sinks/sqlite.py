@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
 import sqlite3
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from upstream_ops.defaults import QUERY_LIMIT, STATS_TOP_MESSAGES
+from upstream_ops.defaults import PURGE_BATCH_SIZE, QUERY_LIMIT, STATS_TOP_MESSAGES
 from upstream_ops.events import UpstreamErrorEvent
 from upstream_ops.record import RequestRecord
+from upstream_ops.retention import PurgeProgress, cutoff_ms, purge_in_batches
 from upstream_ops.sinks import _search
 from upstream_ops.sinks._query import (
+    EVENTS_TABLE,
+    RECORDS_TABLE,
     SCHEMA_TABLE_DDL,
     SCHEMA_VERSION,
     SELECT_SCHEMA_VERSION,
@@ -34,6 +36,7 @@ from upstream_ops.sinks._query import (
     schema_ddl,
     validate_query,
 )
+from upstream_ops.sinks.base import RejectedRecords
 from upstream_ops.store import (
     EventKey,
     EventPage,
@@ -48,9 +51,23 @@ logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-_TYPES: Final = {"text": "TEXT", "bigint": "INTEGER", "double": "REAL", "bool": "INTEGER"}
+_TYPES: Final = {
+    "text": "TEXT",
+    "bigint": "INTEGER",
+    "double": "REAL",
+    "bool": "INTEGER",
+    "json": "TEXT",
+}
 #: Statements that bring the schema from version ``n - 1`` to ``n``. Append, never edit.
 _MIGRATIONS: Final = {1: schema_ddl(_TYPES)}
+
+# One purge batch: the oldest records (the same ones for both statements: the write lock is held).
+_OLDEST: Final = (
+    f"SELECT id FROM {RECORDS_TABLE} WHERE started_at_ms < ? "  # noqa: S608 (constants only)
+    "ORDER BY started_at_ms, id LIMIT ?"
+)
+_PURGE_EVENTS: Final = f"DELETE FROM {EVENTS_TABLE} WHERE record_id IN ({_OLDEST})"  # noqa: S608
+_PURGE_RECORDS: Final = f"DELETE FROM {RECORDS_TABLE} WHERE id IN ({_OLDEST})"  # noqa: S608
 
 #: How long one statement waits for another connection's lock (SQLite's busy handler) ...
 _BUSY_TIMEOUT_S: Final = 5.0
@@ -69,8 +86,6 @@ _RECORD_ERRORS: Final = (
     TypeError,
     ValueError,
 )
-#: Ids of unstorable records already logged, so the dispatcher's retries do not repeat the log.
-_REPORTED_MAX: Final = 1024
 
 
 class SQLiteSink:
@@ -112,7 +127,7 @@ class SQLiteSink:
         self._generation = 0
         self._pid = os.getpid()
         self._schema_ready = False
-        self._reported: OrderedDict[str, None] = OrderedDict()
+        self._rejected = RejectedRecords("SQLiteSink", logger)
 
     def __repr__(self) -> str:
         return f"SQLiteSink({str(self.path)!r})"
@@ -126,7 +141,7 @@ class SQLiteSink:
         if not failures:
             return
         for record, error in failures:
-            self._report(record, error)
+            self._rejected.report(record, error)
         if len(failures) == len(records):
             error = failures[0][1]
             error.add_note(f"SQLiteSink stored none of the {len(records)} records of this batch")
@@ -221,6 +236,43 @@ class SQLiteSink:
     def _select(self, sql: str, params: Sequence[Any]) -> list[Any]:
         return self._retrying(lambda: self._connection().execute(sql, params).fetchall())
 
+    # --- maintenance ------------------------------------------------------------------------------
+
+    def migrate(self) -> int:
+        """Create or upgrade the schema now (it also happens on first use); the version in place."""
+        self._retrying(self._connection)
+        row = self._retrying(lambda: self._connection().execute(SELECT_SCHEMA_VERSION).fetchone())
+        return int(row[0] or 0)
+
+    def purge(
+        self,
+        older_than: timedelta | str,
+        *,
+        batch_size: int = PURGE_BATCH_SIZE,
+        progress: PurgeProgress | None = None,
+    ) -> int:
+        """Delete records started more than ``older_than`` ago, with their events (``Purgeable``).
+
+        Each batch is one short write transaction, so writers wait at most one batch.
+        """
+        cutoff = cutoff_ms(older_than)
+
+        def delete_batch(limit: int) -> int:
+            connection = self._connection()
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                connection.execute(_PURGE_EVENTS, (cutoff, limit))
+                deleted = connection.execute(_PURGE_RECORDS, (cutoff, limit)).rowcount
+                connection.execute("COMMIT")
+            except BaseException:
+                _rollback(connection)
+                raise
+            return int(deleted)
+
+        return purge_in_batches(
+            lambda limit: self._retrying(lambda: delete_batch(limit)), batch_size, progress
+        )
+
     # --- writing ----------------------------------------------------------------------------------
 
     def _insert(self, records: Sequence[RequestRecord]) -> list[tuple[RequestRecord, Exception]]:
@@ -259,22 +311,6 @@ class SQLiteSink:
             return exc
         connection.execute("RELEASE upstream_ops_record")
         return None
-
-    def _report(self, record: RequestRecord, error: Exception) -> None:
-        key = str(record.id)
-        with self._lock:
-            if key in self._reported:
-                return
-            self._reported[key] = None
-            if len(self._reported) > _REPORTED_MAX:
-                self._reported.popitem(last=False)
-        logger.error(
-            "upstream_ops: SQLiteSink could not store record %s (%s: %s); the record: %s",
-            key,
-            type(error).__name__,
-            error,
-            _as_json(record),
-        )
 
     # --- connections ------------------------------------------------------------------------------
 
@@ -377,11 +413,3 @@ def _rollback(connection: sqlite3.Connection) -> None:
             connection.execute("ROLLBACK")
     except sqlite3.Error:
         logger.debug("upstream_ops: rollback failed", exc_info=True)
-
-
-def _as_json(record: RequestRecord) -> str:
-    """The record for a log line: JSON when possible (ASCII, so any handler can write it)."""
-    try:
-        return json.dumps(record.to_dict(), separators=(",", ":"), default=repr)
-    except (TypeError, ValueError):
-        return repr(record)

@@ -8,7 +8,8 @@
 ``jsonl:ops.jsonl``                        ``JsonlSink("ops.jsonl")``, relative to the cwd
 ``memory://``                              ``MemorySink()``
 ``logging://``                             ``LoggingSink()``; optional ``?logger=name&level=INFO``
-``postgresql://...``, ``postgres://...``   ``PostgresSink(url)``, from ``upstream-ops[postgres]``
+``postgresql://...``, ``postgres://...``   ``PostgresSink(url)``, from ``upstream-ops[postgres]``;
+                                           optional ``?schema=name``
 =========================================  ==================================================
 
 ``sqlite:`` URLs follow SQLAlchemy's convention: what follows ``sqlite:///`` is the path as written,
@@ -110,11 +111,6 @@ def _postgres(url: str) -> Sink:
     try:
         module = importlib.import_module(_POSTGRES_MODULE)
     except ModuleNotFoundError as exc:
-        if exc.name == _POSTGRES_MODULE:
-            raise ValueError(
-                "PostgreSQL URLs need the PostgreSQL sink (upstream_ops.sinks.postgres), which "
-                "this version of upstream-ops does not have"
-            ) from None
         raise ImportError(
             "PostgreSQL URLs need psycopg: pip install 'upstream-ops[postgres]' "
             f"({exc.name} is missing)"

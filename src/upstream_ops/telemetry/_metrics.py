@@ -28,12 +28,14 @@ __all__ = ["OUTCOMES", "DispatcherMetrics", "UpstreamErrorMetrics"]
 logger = logging.getLogger("upstream_ops")
 
 #: What became of a record: written by the sink, dropped (queue full), failed (the sink gave up),
-#: spooled (kept on disk for a later write).
+#: spooled (kept on disk for a later write; counted ``written`` again once replayed), evicted (a
+#: spooled record deleted unreplayed because the spool was full).
 WRITTEN: Final = "written"
 DROPPED: Final = "dropped"
 FAILED: Final = "failed"
 SPOOLED: Final = "spooled"
-OUTCOMES: Final = (WRITTEN, DROPPED, FAILED, SPOOLED)
+EVICTED: Final = "evicted"
+OUTCOMES: Final = (WRITTEN, DROPPED, FAILED, SPOOLED, EVICTED)
 
 _OUTCOME_ATTRIBUTES: Final = {outcome: {OUTCOME: outcome} for outcome in OUTCOMES}
 
@@ -72,7 +74,7 @@ class DispatcherMetrics:
         self._records = meter.create_counter(
             RECORDS_METRIC,
             unit="{record}",
-            description="Request records by outcome: written, dropped, failed, spooled.",
+            description="Request records by outcome: written, dropped, failed, spooled, evicted.",
         )
         self._queued = meter.create_up_down_counter(
             QUEUE_METRIC,
@@ -82,6 +84,8 @@ class DispatcherMetrics:
 
     def count(self, outcome: str, records: int = 1) -> None:
         """Count ``records`` that reached ``outcome`` (one of :data:`OUTCOMES`)."""
+        if not records:
+            return
         try:
             attributes = _OUTCOME_ATTRIBUTES.get(outcome) or {OUTCOME: outcome}
             self._records.add(records, attributes)
