@@ -1,9 +1,10 @@
-# The two commands a new user needs: `make demo` and `make test` (`make bench` measures the overhead).
+# The two commands a new user needs: `make demo` and `make test`. `make docs` builds the site;
+# `make bench` measures the overhead.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test lint typecheck unit docs bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +37,11 @@ unit: $(VENV)/.dev-installed
 
 test: lint typecheck unit
 
+# The documentation site into site/, warnings as errors (a dead link or a broken API page fails).
+# tests/test_docs_site.py runs the same build, so `make test` and CI check it too.
+docs: $(VENV)/.dev-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 # BENCH_ARGS=--quick for a shorter run; --docs also writes the tables into docs/performance.md.
 # wrk comes from Debian when apt-get can install it; without it a bounded Python load generator runs.
 bench: $(VENV)/.bench-installed
@@ -45,4 +51,4 @@ bench: $(VENV)/.bench-installed
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache site

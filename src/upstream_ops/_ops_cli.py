@@ -150,7 +150,10 @@ def _add_filters(parser: argparse.ArgumentParser, *, since: str | None) -> None:
     )
     filters.add_argument("--kind", metavar="K", help="event kind, exact (http_error, retry ...)")
     filters.add_argument(
-        "--account", type=_int_in(1, _INT64_MAX, "a positive account id"), metavar="ID"
+        "--account",
+        type=_int_in(1, _INT64_MAX, "a positive account id"),
+        metavar="ID",
+        help="upstream account id",
     )
     filters.add_argument("--route", metavar="ROUTE", help="route template, exact")
     recovered = filters.add_mutually_exclusive_group()

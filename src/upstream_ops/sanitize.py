@@ -2,12 +2,12 @@
 
 Upstream errors echo what the service sent: ``Authorization`` headers, ``?api_key=`` query strings,
 JSON bodies with passwords. Every string that reaches a sink, a span or a log goes through a
-:class:`Sanitizer` first, which
+``Sanitizer`` first, which
 
 * replaces secrets with ``[REDACTED]``, keeping the key or prefix so an operator still sees which kind
-  of secret was there: PEM private keys and URL userinfo (:data:`BLOCK_RULES`), then the value of every
+  of secret was there: PEM private keys and URL userinfo (``BLOCK_RULES``), then the value of every
   ``key=value`` / ``key: value`` / JSON / Python-repr pair whose key is secret by
-  :meth:`Sanitizer.is_secret_key`, then the token shapes of :data:`TOKEN_RULES`;
+  ``Sanitizer.is_secret_key``, then the token shapes of ``TOKEN_RULES``;
 * drops control characters (C0 except tab and newline, so CRLF becomes LF; DEL; C1; bidi embeddings,
   overrides and isolates), turns tab and newline into spaces in labels and drops them from URLs, and
   turns lone surrogates into U+FFFD, so that the result always encodes as UTF-8;
@@ -277,7 +277,7 @@ class Sanitizer:
     ``extra_patterns`` (strings or compiled patterns) are replaced by ``[REDACTED]`` after the built-in
     rules; keeping them linear is up to you. ``extra_secret_keys`` adds secret segments (one-word
     entries) or whole key names; ``keep_keys`` names keys that are never secret (the headers of
-    :data:`SECRET_HEADERS` stay redacted). Names are compared by their lowercased segments, so
+    ``SECRET_HEADERS`` stay redacted). Names are compared by their lowercased segments, so
     ``x-request-token``, ``X_Request_Token`` and ``xRequestToken`` are the same name.
     """
 
@@ -312,7 +312,7 @@ class Sanitizer:
         return self._clean(text, max_bytes, _TEXT_CONTROLS)
 
     def detail(self, text: str | bytes | None, max_bytes: int = DETAIL_MAX_BYTES) -> str:
-        """Like :meth:`message`, with the larger limit meant for response bodies and tracebacks."""
+        """Like ``message``, with the larger limit meant for response bodies and tracebacks."""
         return self._clean(text, max_bytes, _TEXT_CONTROLS)
 
     def label(self, text: str | bytes | None, max_bytes: int = LABEL_MAX_BYTES) -> str:
@@ -647,12 +647,12 @@ def sanitize_message(text: str | bytes | None, max_bytes: int = MESSAGE_MAX_BYTE
 
 
 def sanitize_detail(text: str | bytes | None, max_bytes: int = DETAIL_MAX_BYTES) -> str:
-    """:func:`sanitize_message` with the larger limit for response bodies and tracebacks."""
+    """``sanitize_message`` with the larger limit for response bodies and tracebacks."""
     return _default_sanitizer.detail(text, max_bytes)
 
 
 def sanitize_label(text: str | bytes | None, max_bytes: int = LABEL_MAX_BYTES) -> str:
-    """:func:`sanitize_message` for short fields; tabs and newlines become spaces."""
+    """``sanitize_message`` for short fields; tabs and newlines become spaces."""
     return _default_sanitizer.label(text, max_bytes)
 
 

@@ -15,7 +15,12 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from upstream_ops.classify import ERROR_CLASSES, error_class_for_status
-from upstream_ops.defaults import QUERY_LIMIT_MAX, STATS_MAX_BUCKETS
+from upstream_ops.defaults import (
+    QUERY_LIMIT,
+    QUERY_LIMIT_MAX,
+    STATS_MAX_BUCKETS,
+    STATS_TOP_MESSAGES,
+)
 from upstream_ops.events import REQUEST_ERROR
 from upstream_ops.record import RequestRecord
 from upstream_ops.sinks._query import (
@@ -424,3 +429,44 @@ def stats(
 def _largest_first(item: tuple[StatsGroup, int]) -> tuple[int, bool, str]:
     group, n = item
     return (-n, group is None, str(group))
+
+
+class SearchMixin:
+    """The ops read side for a SQL store: it supplies ``_select`` and its ``_dialect``; this does the rest."""
+
+    _dialect: Dialect
+    _select: Run
+
+    def search_records(
+        self, filters: QueryFilter, *, limit: int = QUERY_LIMIT, after: RecordKey | None = None
+    ) -> RecordPage:
+        """Records matching ``filters``, newest first, one page (see ``Store``)."""
+        return search_records(self._select, self._dialect, filters, limit=limit, after=after)
+
+    def search_events(
+        self, filters: QueryFilter, *, limit: int = QUERY_LIMIT, after: EventKey | None = None
+    ) -> EventPage:
+        """Events matching ``filters``, newest first, one page (see ``Store``)."""
+        return search_events(self._select, self._dialect, filters, limit=limit, after=after)
+
+    def get_record(self, request_id: str) -> RequestRecord | None:
+        """The newest record with this request id, or ``None``."""
+        return get_record(self._select, self._dialect, request_id)
+
+    def stats(
+        self,
+        filters: QueryFilter,
+        *,
+        bucket_ms: int,
+        group_by: GroupBy,
+        top_messages: int = STATS_TOP_MESSAGES,
+    ) -> Stats:
+        """Events per time bucket and group, record totals and top messages (see ``Store``)."""
+        return stats(
+            self._select,
+            self._dialect,
+            filters,
+            bucket_ms=bucket_ms,
+            group_by=group_by,
+            top_messages=top_messages,
+        )

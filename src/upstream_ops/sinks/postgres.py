@@ -31,7 +31,6 @@ from upstream_ops.defaults import (
     PG_POOL_TIMEOUT_S,
     PURGE_BATCH_SIZE,
     QUERY_LIMIT,
-    STATS_TOP_MESSAGES,
 )
 from upstream_ops.events import UpstreamErrorEvent
 from upstream_ops.record import RequestRecord
@@ -57,15 +56,6 @@ from upstream_ops.sinks._query import (
     validate_query,
 )
 from upstream_ops.sinks.base import RejectedRecords
-from upstream_ops.store import (
-    EventKey,
-    EventPage,
-    GroupBy,
-    QueryFilter,
-    RecordKey,
-    RecordPage,
-    Stats,
-)
 
 __all__ = ["PostgresSink"]
 
@@ -134,7 +124,7 @@ _CONNECTION_DEFAULTS: Final = {
 }
 
 
-class PostgresSink:
+class PostgresSink(_search.SearchMixin):
     """Writes records to PostgreSQL and answers ``Store`` queries, like ``SQLiteSink``.
 
     ``dsn`` is a libpq connection string or URL (``postgresql://user@host:5432/db``); a URL may
@@ -155,6 +145,8 @@ class PostgresSink:
     batch could be stored, ``write`` raises too (see ``SQLiteSink``). Connection errors raise, and
     the dispatcher retries or spools the batch.
     """
+
+    _dialect = _search.POSTGRES
 
     def __init__(
         self,
@@ -288,44 +280,6 @@ class PostgresSink:
         with self._connection() as connection:
             rows = connection.execute(statement, params).fetchall()
         return [event_from_row(row) for row in rows]
-
-    def search_records(
-        self, filters: QueryFilter, *, limit: int = QUERY_LIMIT, after: RecordKey | None = None
-    ) -> RecordPage:
-        """Records matching ``filters``, newest first, one page (see ``Store``)."""
-        return _search.search_records(
-            self._select, _search.POSTGRES, filters, limit=limit, after=after
-        )
-
-    def search_events(
-        self, filters: QueryFilter, *, limit: int = QUERY_LIMIT, after: EventKey | None = None
-    ) -> EventPage:
-        """Events matching ``filters``, newest first, one page (see ``Store``)."""
-        return _search.search_events(
-            self._select, _search.POSTGRES, filters, limit=limit, after=after
-        )
-
-    def get_record(self, request_id: str) -> RequestRecord | None:
-        """The newest record with this request id, or ``None``."""
-        return _search.get_record(self._select, _search.POSTGRES, request_id)
-
-    def stats(
-        self,
-        filters: QueryFilter,
-        *,
-        bucket_ms: int,
-        group_by: GroupBy,
-        top_messages: int = STATS_TOP_MESSAGES,
-    ) -> Stats:
-        """Events per time bucket and group, record totals and top messages (see ``Store``)."""
-        return _search.stats(
-            self._select,
-            _search.POSTGRES,
-            filters,
-            bucket_ms=bucket_ms,
-            group_by=group_by,
-            top_messages=top_messages,
-        )
 
     def _select(self, statement: str, params: Sequence[Any]) -> list[Any]:
         with self._connection() as connection:

@@ -13,7 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from upstream_ops.defaults import PURGE_BATCH_SIZE, QUERY_LIMIT, STATS_TOP_MESSAGES
+from upstream_ops.defaults import PURGE_BATCH_SIZE, QUERY_LIMIT
 from upstream_ops.events import UpstreamErrorEvent
 from upstream_ops.record import RequestRecord
 from upstream_ops.retention import PurgeProgress, cutoff_ms, purge_in_batches
@@ -38,15 +38,6 @@ from upstream_ops.sinks._query import (
     validate_query,
 )
 from upstream_ops.sinks.base import RejectedRecords
-from upstream_ops.store import (
-    EventKey,
-    EventPage,
-    GroupBy,
-    QueryFilter,
-    RecordKey,
-    RecordPage,
-    Stats,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +83,7 @@ _RECORD_ERRORS: Final = (
 )
 
 
-class SQLiteSink:
+class SQLiteSink(_search.SearchMixin):
     """Writes records to a SQLite file and answers ``Store`` queries over it.
 
     The file (and its directory) is opened on the first write or query. It runs in WAL mode with
@@ -111,6 +102,8 @@ class SQLiteSink:
     retry and report it. Database errors (locked, disk full, I/O) roll back the whole batch and
     raise: the retried batch then finds nothing half-written.
     """
+
+    _dialect = _search.SQLITE
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         if not isinstance(path, str | os.PathLike) or not os.fspath(path):
@@ -198,44 +191,6 @@ class SQLiteSink:
         sql, params = events_select(query, "?")
         rows = self._retrying(lambda: self._connection().execute(sql, params).fetchall())
         return [event_from_row(row) for row in rows]
-
-    def search_records(
-        self, filters: QueryFilter, *, limit: int = QUERY_LIMIT, after: RecordKey | None = None
-    ) -> RecordPage:
-        """Records matching ``filters``, newest first, one page (see ``Store``)."""
-        return _search.search_records(
-            self._select, _search.SQLITE, filters, limit=limit, after=after
-        )
-
-    def search_events(
-        self, filters: QueryFilter, *, limit: int = QUERY_LIMIT, after: EventKey | None = None
-    ) -> EventPage:
-        """Events matching ``filters``, newest first, one page (see ``Store``)."""
-        return _search.search_events(
-            self._select, _search.SQLITE, filters, limit=limit, after=after
-        )
-
-    def get_record(self, request_id: str) -> RequestRecord | None:
-        """The newest record with this request id, or ``None``."""
-        return _search.get_record(self._select, _search.SQLITE, request_id)
-
-    def stats(
-        self,
-        filters: QueryFilter,
-        *,
-        bucket_ms: int,
-        group_by: GroupBy,
-        top_messages: int = STATS_TOP_MESSAGES,
-    ) -> Stats:
-        """Events per time bucket and group, record totals and top messages (see ``Store``)."""
-        return _search.stats(
-            self._select,
-            _search.SQLITE,
-            filters,
-            bucket_ms=bucket_ms,
-            group_by=group_by,
-            top_messages=top_messages,
-        )
 
     def _select(self, sql: str, params: Sequence[Any]) -> list[Any]:
         return self._retrying(lambda: self._connection().execute(sql, params).fetchall())
