@@ -180,6 +180,12 @@ class Attempt:
         """True while the attempt can still record an event."""
         return self._mode != _DONE
 
+    @property
+    def reads_body(self) -> bool:
+        """True when the chunks of the body must be fed: an error body kept, an event stream
+        scanned. Otherwise (a success) only a failure while the body is read is an event."""
+        return self._mode == _ERROR_BODY or self._mode == _EVENT_STREAM
+
     def failed(self, exc: BaseException) -> None:
         """The call raised: before a response this is a ``request_error``, after one a body failure."""
         if self.status:

@@ -171,14 +171,16 @@ class AsyncUpstreamOpsTransport(httpx.AsyncBaseTransport):
 
 def _watch(attempt: Attempt, response: httpx.Response) -> bool:
     """Tell the attempt about the response; True when its stream must be wrapped."""
-    if attempt.received(response.status_code, response.headers, _content_type(response.headers)):
+    headers = response.headers
+    if attempt.received(response.status_code, headers, _content_type(headers)):
         attempt.record_on_collect(response)
-    if response.is_closed:  # built with content=...: the body is already in memory
+    if not response.is_closed:
+        return True
+    if attempt.reads_body:  # built with content=...: the body is already in memory
         with contextlib.suppress(httpx.ResponseNotRead):  # closed unread: nothing to see
             attempt.feed(response.content)
-        attempt.body_ended()
-        return False
-    return True
+    attempt.body_ended()
+    return False
 
 
 def _content_type(headers: httpx.Headers) -> str:
@@ -204,9 +206,12 @@ class _CapturedSyncStream(httpx.SyncByteStream):
         if not isinstance(self._stream, httpx.SyncByteStream):
             raise RuntimeError("Attempted to call a sync iterator on an async stream.")
         try:
-            for chunk in self._stream:
-                attempt.feed(chunk)
-                yield chunk
+            if attempt.reads_body:
+                for chunk in self._stream:
+                    attempt.feed(chunk)
+                    yield chunk
+            else:  # a success: only a failure while it is read is an event
+                yield from self._stream
         except _NOT_RECORDED:
             raise
         except BaseException as exc:

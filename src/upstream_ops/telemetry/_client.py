@@ -11,6 +11,7 @@ instead: ``http.request.resend_count``, and ``url.full`` replaced by its sanitiz
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from collections.abc import MutableMapping
 from typing import Any, Final
@@ -46,6 +47,23 @@ _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 _URL_ATTRIBUTES: Final = (URL_FULL, "http.url")
 # The context key OpenTelemetry's HTTP instrumentations check before making a span (API-private).
 _SUPPRESS_HTTP: Final = getattr(otel_context, "_SUPPRESS_HTTP_INSTRUMENTATION_KEY", None)
+# Where the default runtime context keeps the current context, and the key of the span in it (both
+# API-private, read once): when they are there, "no span is current" is answered with one lookup
+# instead of the API's chain of calls, on every attempt. Otherwise the public call answers, slower.
+_CONTEXT_VAR: Final[Any] = getattr(
+    getattr(otel_context, "_RUNTIME_CONTEXT", None), "_current_context", None
+)
+_SPAN_KEY: Final[Any] = getattr(trace.propagation, "_SPAN_KEY", None)
+_READ_CONTEXT: Final = isinstance(_CONTEXT_VAR, contextvars.ContextVar) and isinstance(
+    _SPAN_KEY, str
+)
+
+
+def _current_span() -> Span | None:
+    """``trace.get_current_span()``, or ``None`` when the current context holds no span at all."""
+    if _READ_CONTEXT and _CONTEXT_VAR.get().get(_SPAN_KEY) is None:
+        return None
+    return trace.get_current_span()
 
 
 class ClientSpan:
@@ -121,24 +139,17 @@ class ClientTelemetry:
             live = self._live
             if live.unset:
                 live.refresh()
-            current = trace.get_current_span()
-            enrich = current.is_recording() and getattr(current, "kind", None) is SpanKind.CLIENT
-            if not enrich and not live.tracing:
+            current = _current_span()
+            if (
+                current is not None
+                and current.is_recording()
+                and getattr(current, "kind", None) is SpanKind.CLIENT
+            ):
+                return _enrich(current, collector, method, str(url))
+            if not live.tracing:
                 return None  # no SDK: nothing else is done, not even counting
             url_text = str(url)
             resend_count = collector.count_send(method, url_text)
-            if enrich:
-                # Its URL attribute (stable or old semconv name) is the unredacted URL: replace it.
-                url_full = sanitize_url(url_text)
-                existing = getattr(current, "attributes", None) or {}
-                names = [name for name in _URL_ATTRIBUTES if name in existing] or [URL_FULL]
-                attributes: dict[str, AttributeValue] = dict.fromkeys(names, url_full)
-                if resend_count:
-                    attributes[HTTP_REQUEST_RESEND_COUNT] = resend_count
-                current.set_attributes(attributes)
-                return ClientSpan(current, owned=False, token=None)
-            if not live.tracing:
-                return None
             return self._start_span(method, url_text, resend_count, headers)
         except Exception:
             logger.exception("upstream_ops: could not start a client span")
@@ -171,6 +182,19 @@ class ClientTelemetry:
             context = otel_context.set_value(_SUPPRESS_HTTP, True, context)
         token = otel_context.attach(context)
         return ClientSpan(span, owned=True, token=token)
+
+
+def _enrich(span: Span, collector: Collector, method: str, url: str) -> ClientSpan:
+    """An instrumentation's CLIENT span, current for this attempt: its URL attribute (stable or old
+    semconv name) is the unredacted URL, replaced by the sanitized one; the resend count is added."""
+    resend_count = collector.count_send(method, url)
+    existing = getattr(span, "attributes", None) or {}
+    names = [name for name in _URL_ATTRIBUTES if name in existing] or [URL_FULL]
+    attributes: dict[str, AttributeValue] = dict.fromkeys(names, sanitize_url(url))
+    if resend_count:
+        attributes[HTTP_REQUEST_RESEND_COUNT] = resend_count
+    span.set_attributes(attributes)
+    return ClientSpan(span, owned=False, token=None)
 
 
 _default: ClientTelemetry | None = None
