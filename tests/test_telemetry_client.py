@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from opentelemetry import trace
 from opentelemetry.instrumentation.utils import is_http_instrumentation_enabled
 from opentelemetry.trace import SpanKind, StatusCode
 
 from upstream_ops import Collector
+from upstream_ops.telemetry import _client
 from upstream_ops.telemetry._client import ClientTelemetry
 
 from .conftest import OTel
@@ -126,3 +128,15 @@ def test_a_url_that_does_not_parse_never_raises(otel: OTel, url: str) -> None:
     span = client.start(Collector("r"), "GET", url, {})
     if span is not None:
         span.finish(status_code=200)
+
+
+def test_the_current_span_is_read_from_the_context_directly_and_agrees_with_the_api(
+    otel: OTel,
+) -> None:
+    # The shortcut that answers "no span is current" in one lookup is in use with this API version.
+    assert _client._READ_CONTEXT
+    assert _client._CONTEXT_VAR.get().get(_client._SPAN_KEY) is None
+    assert trace.get_current_span() is trace.INVALID_SPAN
+    tracer = otel.tracer_provider.get_tracer("test")
+    with tracer.start_as_current_span("outer") as outer:
+        assert _client._CONTEXT_VAR.get().get(_client._SPAN_KEY) is outer

@@ -48,8 +48,8 @@ _URL_ATTRIBUTES: Final = (URL_FULL, "http.url")
 # The context key OpenTelemetry's HTTP instrumentations check before making a span (API-private).
 _SUPPRESS_HTTP: Final = getattr(otel_context, "_SUPPRESS_HTTP_INSTRUMENTATION_KEY", None)
 # Where the default runtime context keeps the current context, and the key of the span in it (both
-# API-private, read once): when they are there, "no span is current" is answered with one lookup
-# instead of the API's chain of calls, on every attempt. Otherwise the public call answers, slower.
+# API-private, read once): when they are there, "no span is current" (no SDK, no instrumentation) is
+# answered with one lookup instead of the API's chain of calls. Otherwise the public call answers.
 _CONTEXT_VAR: Final[Any] = getattr(
     getattr(otel_context, "_RUNTIME_CONTEXT", None), "_current_context", None
 )
@@ -57,13 +57,6 @@ _SPAN_KEY: Final[Any] = getattr(trace.propagation, "_SPAN_KEY", None)
 _READ_CONTEXT: Final = isinstance(_CONTEXT_VAR, contextvars.ContextVar) and isinstance(
     _SPAN_KEY, str
 )
-
-
-def _current_span() -> Span | None:
-    """``trace.get_current_span()``, or ``None`` when the current context holds no span at all."""
-    if _READ_CONTEXT and _CONTEXT_VAR.get().get(_SPAN_KEY) is None:
-        return None
-    return trace.get_current_span()
 
 
 class ClientSpan:
@@ -139,15 +132,12 @@ class ClientTelemetry:
             live = self._live
             if live.unset:
                 live.refresh()
-            current = _current_span()
-            if (
-                current is not None
-                and current.is_recording()
-                and getattr(current, "kind", None) is SpanKind.CLIENT
-            ):
-                return _enrich(current, collector, method, str(url))
+            if not _READ_CONTEXT or _CONTEXT_VAR.get().get(_SPAN_KEY) is not None:
+                current = trace.get_current_span()
+                if current.is_recording() and getattr(current, "kind", None) is SpanKind.CLIENT:
+                    return _enrich(current, collector, method, str(url))
             if not live.tracing:
-                return None  # no SDK: nothing else is done, not even counting
+                return None  # no SDK and no span: nothing else is done, not even counting
             url_text = str(url)
             resend_count = collector.count_send(method, url_text)
             return self._start_span(method, url_text, resend_count, headers)
