@@ -13,6 +13,7 @@ from upstream_ops.telemetry import _client
 from upstream_ops.telemetry._client import ClientTelemetry
 
 from .conftest import OTel
+from .test_telemetry import run_python
 
 SECRET = "sk-proj-PLANTEDclientSecret0123456789"
 
@@ -140,3 +141,22 @@ def test_the_current_span_is_read_from_the_context_directly_and_agrees_with_the_
     tracer = otel.tracer_provider.get_tracer("test")
     with tracer.start_as_current_span("outer") as outer:
         assert _client._CONTEXT_VAR.get().get(_client._SPAN_KEY) is outer
+
+
+def test_a_global_tracer_provider_set_later_is_picked_up_and_then_not_looked_for() -> None:
+    out = run_python(
+        """
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from upstream_ops import Collector
+        from upstream_ops.telemetry._client import ClientTelemetry
+
+        client = ClientTelemetry()
+        before = client.start(Collector("r"), "GET", "https://rix.example/", {})
+        trace.set_tracer_provider(TracerProvider())
+        span = client.start(Collector("r"), "GET", "https://rix.example/", {})
+        span.finish(status_code=200)
+        print(before, span.owned, client._live.unset)
+        """
+    )
+    assert out.strip() == "None True False"

@@ -18,7 +18,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+from opentelemetry import metrics, propagate, trace
 from opentelemetry.trace import Span, SpanKind, StatusCode
 from opentelemetry.util.types import AttributeValue
 
@@ -105,7 +105,9 @@ class ClientTelemetry:
 
     def __init__(self, tracer_provider: trace.TracerProvider | None = None) -> None:
         self._provider = tracer_provider
-        self._live = ProviderLiveness(tracer_provider, None)
+        # Only the tracer provider is watched: once a global one is set, no attempt looks again
+        # (a global meter provider, which client spans never use, would keep it looking).
+        self._live = ProviderLiveness(tracer_provider, metrics.NoOpMeterProvider())
         self._tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer(
             SCOPE_NAME, __version__, schema_url=SCHEMA_URL
         )
