@@ -195,7 +195,8 @@ def _content_type(headers: httpx.Headers) -> str:
 
 
 class _CapturedSyncStream(httpx.SyncByteStream):
-    """The response stream as the caller reads it, shown to the attempt chunk by chunk."""
+    """The response stream as the caller reads it: shown to the attempt chunk by chunk when the
+    attempt reads the body, passed through otherwise; a failure while it is read is the attempt's."""
 
     def __init__(self, stream: httpx.SyncByteStream | httpx.AsyncByteStream, attempt: Attempt):
         self._stream = stream
@@ -206,12 +207,12 @@ class _CapturedSyncStream(httpx.SyncByteStream):
         if not isinstance(self._stream, httpx.SyncByteStream):
             raise RuntimeError("Attempted to call a sync iterator on an async stream.")
         try:
-            if not attempt.reads_body:  # a success: only a failure while it is read is an event
+            if attempt.reads_body:
+                for chunk in self._stream:
+                    attempt.feed(chunk)
+                    yield chunk
+            else:  # a success: only a failure while it is read is an event
                 yield from self._stream
-                return
-            for chunk in self._stream:
-                attempt.feed(chunk)
-                yield chunk
         except _NOT_RECORDED:
             raise
         except BaseException as exc:
@@ -239,13 +240,13 @@ class _CapturedAsyncStream(httpx.AsyncByteStream):
         if not isinstance(self._stream, httpx.AsyncByteStream):
             raise RuntimeError("Attempted to call an async iterator on a sync stream.")
         try:
-            if not attempt.reads_body:  # a success: only a failure while it is read is an event
+            if attempt.reads_body:
+                async for chunk in self._stream:
+                    attempt.feed(chunk)
+                    yield chunk
+            else:  # a success: only a failure while it is read is an event
                 async for chunk in self._stream:
                     yield chunk
-                return
-            async for chunk in self._stream:
-                attempt.feed(chunk)
-                yield chunk
         except _NOT_RECORDED:
             raise
         except BaseException as exc:
