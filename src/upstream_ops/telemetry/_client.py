@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, propagate, trace
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.trace import Span, SpanKind, StatusCode
 from opentelemetry.util.types import AttributeValue
 
@@ -49,9 +50,13 @@ _URL_ATTRIBUTES: Final = (URL_FULL, "http.url")
 _SUPPRESS_HTTP: Final = getattr(otel_context, "_SUPPRESS_HTTP_INSTRUMENTATION_KEY", None)
 # Where the default runtime context keeps the current context, and the key of the span in it (both
 # API-private, read once): when they are there, "no span is current" (no SDK, no instrumentation) is
-# answered with one lookup instead of the API's chain of calls. Otherwise the public call answers.
-_CONTEXT_VAR: Final[Any] = getattr(
-    getattr(otel_context, "_RUNTIME_CONTEXT", None), "_current_context", None
+# answered with one lookup instead of the API's chain of calls. Otherwise (another runtime context,
+# chosen with OTEL_PYTHON_CONTEXT, or another API version) the public call answers.
+_RUNTIME: Final = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+_CONTEXT_VAR: Final[Any] = (
+    getattr(_RUNTIME, "_current_context", None)
+    if type(_RUNTIME) is ContextVarsRuntimeContext
+    else None
 )
 _SPAN_KEY: Final[Any] = getattr(trace.propagation, "_SPAN_KEY", None)
 _READ_CONTEXT: Final = isinstance(_CONTEXT_VAR, contextvars.ContextVar) and isinstance(
