@@ -8,10 +8,12 @@ global, the public call is used instead: slower, still right.
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 from typing import Any
 
 from opentelemetry import metrics, trace
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 
 _metrics_api: Any = importlib.import_module("opentelemetry.metrics._internal")
 _context_api: Any = importlib.import_module("opentelemetry.context")
@@ -101,12 +103,13 @@ class ProviderLiveness:
 
 
 def _context_var() -> Any:
-    """The ContextVar behind the API's default runtime context, or None for another runtime context."""
+    """The ContextVar behind the API's default runtime context, or None for another runtime context
+    (chosen with ``OTEL_PYTHON_CONTEXT``) or an API version without these private names."""
     runtime = getattr(_context_api, "_RUNTIME_CONTEXT", None)
-    variable = getattr(runtime, "_current_context", None)
-    if _SPAN_KEY is None or not callable(getattr(variable, "get", None)):
+    if type(runtime) is not ContextVarsRuntimeContext or not isinstance(_SPAN_KEY, str):
         return None
-    return variable
+    variable = getattr(runtime, "_current_context", None)
+    return variable if isinstance(variable, contextvars.ContextVar) else None
 
 
 _CONTEXT_VAR = _context_var()
