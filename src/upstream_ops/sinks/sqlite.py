@@ -61,6 +61,11 @@ _OLDEST: Final = (
 _PURGE_EVENTS: Final = f"DELETE FROM {EVENTS_TABLE} WHERE record_id IN ({_OLDEST})"  # noqa: S608
 _PURGE_RECORDS: Final = f"DELETE FROM {RECORDS_TABLE} WHERE id IN ({_OLDEST})"  # noqa: S608
 
+# Which ids of a batch are stored already; at most ``_IDS_PER_LOOKUP`` ids per statement (SQLite
+# before 3.32 allows 999 parameters).
+_STORED_IDS: Final = f"SELECT id FROM {RECORDS_TABLE} WHERE id IN"  # noqa: S608 (constants only)
+_IDS_PER_LOOKUP: Final = 500
+
 #: The page cache of each connection, in KiB.
 _CACHE_KIB: Final = 32 * 1024
 
@@ -261,13 +266,36 @@ class SQLiteSink(_search.SearchMixin):
     def _insert_all(
         self, connection: sqlite3.Connection, records: Sequence[RequestRecord], created_at_ms: int
     ) -> None:
-        """The common case: every record of the batch is storable; raises at the first that is not."""
-        insert_record, insert_event = self._insert_record, self._insert_event
+        """The common case: every record of the batch is storable; raises at the first that is not.
+
+        Two ``executemany`` calls for the whole batch instead of statements per record: the ids
+        already stored (a retried batch) are looked up first, under the write lock, and left out
+        with their events, as is every repeat of an id inside the batch (the first one wins).
+        """
+        rows: dict[str, tuple[Any, ...]] = {}
+        events: list[tuple[Any, ...]] = []
         for record in records:
-            row, events = record_rows(record, created_at_ms)  # each event serialized once
-            # rowcount 0: the id is already stored (a retried batch), and so are its events.
-            if connection.execute(insert_record, row).rowcount == 1 and events:
-                connection.executemany(insert_event, events)
+            row, record_events = record_rows(record, created_at_ms)  # each event serialized once
+            if row[0] not in rows:
+                rows[row[0]] = row
+                events += record_events
+        stored = self._stored_ids(connection, list(rows))
+        if stored:
+            rows = {key: row for key, row in rows.items() if key not in stored}
+            events = [event for event in events if event[0] not in stored]
+        connection.executemany(self._insert_record, rows.values())
+        connection.executemany(self._insert_event, events)
+
+    @staticmethod
+    def _stored_ids(connection: sqlite3.Connection, ids: list[str]) -> set[str]:
+        """Which of ``ids`` the records table holds already."""
+        stored: set[str] = set()
+        for start in range(0, len(ids), _IDS_PER_LOOKUP):
+            chunk = ids[start : start + _IDS_PER_LOOKUP]
+            marks = ", ".join("?" * len(chunk))
+            cursor = connection.execute(f"{_STORED_IDS} ({marks})", chunk)
+            stored.update(key for (key,) in cursor)
+        return stored
 
     def _insert_one(
         self, connection: sqlite3.Connection, record: RequestRecord, created_at_ms: int
