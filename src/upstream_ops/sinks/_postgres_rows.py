@@ -36,8 +36,8 @@ def stage(
     for record in records:
         try:
             row, events = record_rows(record, created_at_ms)
-            if _unstorable_text(row):  # rare: rebuild from a cleaned record
-                row, events = record_rows(_storable(record), created_at_ms)
+            if _unstorable_text(row) or any(_unstorable_text(event) for event in events):
+                row, events = record_rows(_storable(record), created_at_ms)  # rare: cleaned
             _check_row(row, RECORD_COLUMNS, "RequestRecord")
             for event in events:
                 _check_row(event, EVENT_COLUMNS, "UpstreamErrorEvent")
@@ -52,8 +52,8 @@ def stage(
 
 
 def _unstorable_text(row: Sequence[Any]) -> bool:
-    """Whether a record row holds text PostgreSQL refuses: NUL, a lone surrogate, or in the
-    events' JSON (which holds every event string) ``\\u0000`` or a non-finite number. A false
+    """Whether a record or event row holds text PostgreSQL refuses: NUL, a lone surrogate, or in
+    an event's JSON (which holds every event string) ``\\u0000`` or a non-finite number. A false
     alarm only costs the slow path."""
     for value in row:
         if type(value) is str and (

@@ -50,8 +50,9 @@ from upstream_ops.sinks._query import (
     events_select,
     insert_event_sql,
     insert_record_sql,
-    record_from_row,
+    records_from_rows,
     records_select,
+    schema_2_ddl,
     schema_ddl,
     validate_query,
 )
@@ -69,7 +70,7 @@ _TYPES: Final = {
     "json": "JSONB",
 }
 #: Statements that bring the schema from version ``n - 1`` to ``n``. Append, never edit.
-_MIGRATIONS: Final = {1: schema_ddl(_TYPES)}
+_MIGRATIONS: Final = {1: schema_ddl(_TYPES), 2: schema_2_ddl()}
 #: ``ORDER BY id`` compares bytes in SQLite; the same order here.
 _TEXT_ORDER: Final = ' COLLATE "C"'
 _SCHEMA_NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
@@ -260,9 +261,7 @@ class PostgresSink(_search.SearchMixin):
         """Records with ``start_ms <= started_at_ms < end_ms``, newest first (see ``Store``)."""
         query = validate_query(start_ms, end_ms, platform, status_code, kind, limit)
         statement, params = records_select(query, "%s", _TEXT_ORDER)
-        with self._connection() as connection:
-            rows = connection.execute(statement, params).fetchall()
-        return [record_from_row(row) for row in rows]
+        return records_from_rows(self._select(statement, params), self._select, "%s")
 
     def query_events(
         self,

@@ -26,14 +26,13 @@ from upstream_ops.sinks._query import (
     SELECT_SCHEMA_VERSION,
     SET_SCHEMA_VERSION,
     event_from_row,
-    event_rows,
     events_select,
     insert_event_sql,
     insert_record_sql,
-    record_from_row,
-    record_row,
     record_rows,
+    records_from_rows,
     records_select,
+    schema_2_ddl,
     schema_ddl,
     validate_query,
 )
@@ -51,7 +50,7 @@ _TYPES: Final = {
     "json": "TEXT",
 }
 #: Statements that bring the schema from version ``n - 1`` to ``n``. Append, never edit.
-_MIGRATIONS: Final = {1: schema_ddl(_TYPES)}
+_MIGRATIONS: Final = {1: schema_ddl(_TYPES), 2: schema_2_ddl()}
 
 # One purge batch: the oldest records (the same ones for both statements: the write lock is held).
 _OLDEST: Final = (
@@ -178,8 +177,7 @@ class SQLiteSink(_search.SearchMixin):
         """
         query = validate_query(start_ms, end_ms, platform, status_code, kind, limit)
         sql, params = records_select(query, "?")
-        rows = self._retrying(lambda: self._connection().execute(sql, params).fetchall())
-        return [record_from_row(row) for row in rows]
+        return records_from_rows(self._select(sql, params), self._select, "?")
 
     def query_events(
         self,
@@ -301,8 +299,7 @@ class SQLiteSink(_search.SearchMixin):
         self, connection: sqlite3.Connection, record: RequestRecord, created_at_ms: int
     ) -> Exception | None:
         try:
-            row = record_row(record, created_at_ms)
-            events = event_rows(record, created_at_ms)
+            row, events = record_rows(record, created_at_ms)
         except _RECORD_ERRORS as exc:
             return exc
         connection.execute("SAVEPOINT upstream_ops_record")
