@@ -36,7 +36,7 @@ from upstream_ops.events import UpstreamErrorEvent
 from upstream_ops.record import RequestRecord
 from upstream_ops.retention import PurgeProgress, cutoff_ms, purge_in_batches
 from upstream_ops.sinks import _search
-from upstream_ops.sinks._postgres_rows import Staged, stage
+from upstream_ops.sinks._postgres_rows import Staged, StagedBatch
 from upstream_ops.sinks._query import (
     EVENT_COLUMNS,
     EVENTS_TABLE,
@@ -220,16 +220,15 @@ class PostgresSink(_search.SearchMixin):
     def write(self, records: Sequence[RequestRecord], /) -> None:
         if not records:
             return
-        created_at_ms = time.time_ns() // 1_000_000
-        staged, failures = stage(records, created_at_ms)
-        if staged:
-            try:
-                self._copy(staged)
-            except psycopg.errors.UndefinedTable:
-                self._schema_ready = False  # dropped behind our back: create it on the retry
-                raise
-            except _RECORD_ERRORS:
-                failures += self._insert_one_by_one(staged)
+        batch = StagedBatch(records, time.time_ns() // 1_000_000)
+        try:
+            self._copy(batch)
+        except psycopg.errors.UndefinedTable:
+            self._schema_ready = False  # dropped behind our back: create it on the retry
+            raise
+        except _RECORD_ERRORS:
+            self._insert_one_by_one(batch)
+        failures = batch.failures
         if not failures:
             return
         for record, error in failures:
@@ -310,34 +309,44 @@ class PostgresSink(_search.SearchMixin):
 
     # --- writing ----------------------------------------------------------------------------------
 
-    def _copy(self, staged: Sequence[Staged]) -> None:
+    def _copy(self, batch: StagedBatch) -> None:
+        """The batch in one transaction: its events first, each record staged as the ``COPY``
+        reads it (the server parses the heavy JSONB while the next rows are built)."""
         with self._connection() as connection, connection.transaction():
             cursor = connection.cursor()
             try:
                 with connection.transaction():  # a savepoint
-                    _copy_rows(cursor, _COPY_NEW_RECORDS, _COPY_NEW_EVENTS, staged)
+                    with cursor.copy(_COPY_NEW_EVENTS) as copy:
+                        for _, _, events in batch:
+                            for event in events:
+                                copy.write_row(event)
+                    _copy_records(cursor, _COPY_NEW_RECORDS, batch.staged)
                 return
             except psycopg.errors.UniqueViolation:
                 pass  # some of these ids are stored already
+            staged = batch.finish()
             for statement in _STAGE:
                 cursor.execute(statement)
-            _copy_rows(cursor, _COPY_RECORDS, _COPY_EVENTS, staged)
+            _copy_records(cursor, _COPY_RECORDS, staged)
+            with cursor.copy(_COPY_EVENTS) as copy:
+                for _, _, events in staged:
+                    for event in events:
+                        copy.write_row(event)
             cursor.execute(_MOVE)
 
-    def _insert_one_by_one(self, staged: Sequence[Staged]) -> list[tuple[RequestRecord, Exception]]:
-        """The slow path, for a batch with a record the database rejects: a savepoint each."""
-        failures: list[tuple[RequestRecord, Exception]] = []
+    def _insert_one_by_one(self, batch: StagedBatch) -> None:
+        """The slow path, for a batch with a record the database rejects: a savepoint each; the
+        rejected records join ``batch.failures``."""
         with self._connection() as connection, connection.transaction():
             cursor = connection.cursor()
-            for record, row, events in staged:
+            for record, row, events in batch.finish():
                 try:
                     with connection.transaction():
                         cursor.execute(self._insert_record, row)
                         if cursor.fetchone() is not None and events:
                             cursor.executemany(self._insert_event, events)
                 except _RECORD_ERRORS as exc:
-                    failures.append((record, exc))
-        return failures
+                    batch.failures.append((record, exc))
 
     # --- connections ------------------------------------------------------------------------------
 
@@ -438,16 +447,10 @@ class PostgresSink(_search.SearchMixin):
 # --- COPY -----------------------------------------------------------------------------------------
 
 
-def _copy_rows(
-    cursor: psycopg.Cursor[Any], records_copy: str, events_copy: str, staged: Sequence[Staged]
-) -> None:
-    with cursor.copy(records_copy) as copy:
+def _copy_records(cursor: psycopg.Cursor[Any], statement: str, staged: Sequence[Staged]) -> None:
+    with cursor.copy(statement) as copy:
         for _, row, _ in staged:
             copy.write_row(row)
-    with cursor.copy(events_copy) as copy:
-        for _, _, events in staged:
-            for event in events:
-                copy.write_row(event)
 
 
 def _split_schema(dsn: str) -> tuple[str, str | None]:
