@@ -136,9 +136,11 @@ class PostgresSink(_search.SearchMixin):
     ``timeout`` seconds for a connection, then raises; ``connect_timeout`` bounds one connection
     attempt.
 
-    Each batch is one transaction: the records are copied (``COPY``) into temporary tables and
-    moved with ``INSERT ... ON CONFLICT (id) DO NOTHING``, so a record already stored (a retry, a
-    replay from the spool) is skipped, and its events are inserted only with a new record. Text is
+    Each batch is one transaction: its events and then its records are copied (``COPY``) straight
+    into the tables, each record's rows built as the ``COPY`` reads them. When an id is stored
+    already (a retry, a replay from the spool), the batch goes through temporary tables and
+    ``INSERT ... ON CONFLICT (id) DO NOTHING`` instead, so that record is skipped, and its events
+    are inserted only with a new record. Text is
     stored intact except what PostgreSQL cannot hold: NUL characters and lone surrogates become
     U+FFFD (in columns and in the JSON alike). A record that still cannot be stored (a value of the
     wrong type, an integer beyond 64 bits, a non-finite event duration, a NULL id) is left out,

@@ -96,11 +96,12 @@ class SQLiteSink(_search.SearchMixin):
     Connections are per thread (``sqlite3`` requires it); ``close()`` closes them all, and a later
     call opens new ones. Call ``close()`` when no write or query is running.
 
-    Each batch is one transaction. Inserting a record ignores an id already stored (``ON
-    CONFLICT (id) DO NOTHING``, see ``insert_record_sql``), so a retried batch is harmless, and a
-    record's events are inserted only when its row was new. Each record sits in its own savepoint:
-    a record the database rejects (see ``_RECORD_ERRORS``) is rolled back alone, logged at ERROR
-    with its full JSON so its data is not lost, and the rest of the batch is committed. If no
+    Each batch is one transaction, one ``executemany`` for its records and one for their events.
+    An id already stored is left out with its events (looked up first; and ``ON CONFLICT (id) DO
+    NOTHING``, see ``insert_record_sql``), so a retried batch is harmless. A batch with a record the
+    database rejects (see ``_RECORD_ERRORS``) is written again with a savepoint per record: that
+    record is rolled back alone, logged at ERROR with its full JSON so its data is not lost, and
+    the rest of the batch is committed. If no
     record of the batch could be stored, ``write`` raises as well, because that looks like a
     problem with the database or the code rather than with one record, and the dispatcher should
     retry and report it. Database errors (locked, disk full, I/O) roll back the whole batch and
