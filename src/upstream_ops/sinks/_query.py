@@ -246,8 +246,8 @@ _EVENTS_OF_RECORDS: Final = (
     f"SELECT record_id, event FROM {EVENTS_TABLE} WHERE record_id IN ({{}}) "  # noqa: S608
     "ORDER BY record_id, seq"
 )
-#: Ids per ``_EVENTS_OF_RECORDS`` statement (SQLite before 3.32 allows 999 parameters).
-_IDS_PER_STATEMENT: Final = 500
+#: Ids per ``IN (...)`` list of a statement (SQLite before 3.32 allows 999 parameters).
+IDS_PER_STATEMENT: Final = 500
 
 
 def records_from_rows(
@@ -264,8 +264,8 @@ def records_from_rows(
     """
     missing = [row[_ID_INDEX] for row in rows if row[_UPSTREAM_ERRORS_INDEX] is None]
     events: dict[str, list[str]] = {}
-    for start in range(0, len(missing), _IDS_PER_STATEMENT):
-        ids = missing[start : start + _IDS_PER_STATEMENT]
+    for start in range(0, len(missing), IDS_PER_STATEMENT):
+        ids = missing[start : start + IDS_PER_STATEMENT]
         sql = _EVENTS_OF_RECORDS.format(", ".join(placeholder for _ in ids))
         for record_id, event in run(sql, ids):
             events.setdefault(record_id, []).append(event)

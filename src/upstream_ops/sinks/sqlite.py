@@ -20,6 +20,7 @@ from upstream_ops.retention import PurgeProgress, cutoff_ms, purge_in_batches
 from upstream_ops.sinks import _search
 from upstream_ops.sinks._query import (
     EVENTS_TABLE,
+    IDS_PER_STATEMENT,
     RECORDS_TABLE,
     SCHEMA_TABLE_DDL,
     SCHEMA_VERSION,
@@ -60,10 +61,8 @@ _OLDEST: Final = (
 _PURGE_EVENTS: Final = f"DELETE FROM {EVENTS_TABLE} WHERE record_id IN ({_OLDEST})"  # noqa: S608
 _PURGE_RECORDS: Final = f"DELETE FROM {RECORDS_TABLE} WHERE id IN ({_OLDEST})"  # noqa: S608
 
-# Which ids of a batch are stored already; at most ``_IDS_PER_LOOKUP`` ids per statement (SQLite
-# before 3.32 allows 999 parameters).
+# Which ids of a batch are stored already (``IDS_PER_STATEMENT`` at a time).
 _STORED_IDS: Final = f"SELECT id FROM {RECORDS_TABLE} WHERE id IN"  # noqa: S608 (constants only)
-_IDS_PER_LOOKUP: Final = 500
 
 #: The page cache of each connection, in KiB.
 _CACHE_KIB: Final = 32 * 1024
@@ -101,11 +100,11 @@ class SQLiteSink(_search.SearchMixin):
     NOTHING``, see ``insert_record_sql``), so a retried batch is harmless. A batch with a record the
     database rejects (see ``_RECORD_ERRORS``) is written again with a savepoint per record: that
     record is rolled back alone, logged at ERROR with its full JSON so its data is not lost, and
-    the rest of the batch is committed. If no
-    record of the batch could be stored, ``write`` raises as well, because that looks like a
-    problem with the database or the code rather than with one record, and the dispatcher should
-    retry and report it. Database errors (locked, disk full, I/O) roll back the whole batch and
-    raise: the retried batch then finds nothing half-written.
+    the rest of the batch is committed. If no record of the batch could be stored, ``write``
+    raises as well, because that looks like a problem with the database or the code rather than
+    with one record, and the dispatcher should retry and report it. Database errors (locked, disk
+    full, I/O) roll back the whole batch and raise: the retried batch then finds nothing
+    half-written.
     """
 
     _dialect = _search.SQLITE
@@ -289,8 +288,8 @@ class SQLiteSink(_search.SearchMixin):
     def _stored_ids(connection: sqlite3.Connection, ids: list[str]) -> set[str]:
         """Which of ``ids`` the records table holds already."""
         stored: set[str] = set()
-        for start in range(0, len(ids), _IDS_PER_LOOKUP):
-            chunk = ids[start : start + _IDS_PER_LOOKUP]
+        for start in range(0, len(ids), IDS_PER_STATEMENT):
+            chunk = ids[start : start + IDS_PER_STATEMENT]
             marks = ", ".join("?" * len(chunk))
             cursor = connection.execute(f"{_STORED_IDS} ({marks})", chunk)
             stored.update(key for (key,) in cursor)
