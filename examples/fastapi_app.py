@@ -2,7 +2,7 @@
 
 Run it:   UPSTREAM_OPS_SINK=sqlite:///ops.db uvicorn examples.fastapi_app:app --port 8000
 Then:     curl -X POST localhost:8000/generate      (answers 200 with a placeholder)
-And look: sqlite3 ops.db 'select request_id, status_code, upstream_errors from ops_error_logs'
+And look: upstream-ops query --sink sqlite:///ops.db      (or sqlite3 ops.db, see docs/sinks.md)
 
 The upstream URL comes from UPSTREAM_URL; by default it points at a port where nothing listens,
 so every call fails with a refused connection.
