@@ -18,6 +18,7 @@ from upstream_ops.defaults import (
     URL_MAX_BYTES,
 )
 from upstream_ops.sanitize import (
+    _VALUE,
     BLOCK_RULES,
     REDACTED,
     SECRET_HEADERS,
@@ -675,6 +676,39 @@ def test_any_bytes_give_bounded_valid_utf8(data: bytes, max_bytes: int) -> None:
     assert len(out.encode("utf-8")) <= max_bytes
     assert isinstance(sanitize_url(data), str)  # type: ignore[arg-type]
     assert isinstance(sanitize_headers([(data, data)]), dict)  # type: ignore[list-item]
+
+
+# The quoted values are read with unrolled loops (a run of plain characters, then escape-and-run
+# pairs), which the engine runs without a group per character. They must match exactly what the
+# plain per-character definitions match.
+_PER_CHARACTER_VALUES = re.compile(
+    r"""
+    (?P<dq>[bBrRuU]?")(?:[^"\\\n]|\\.)*+"?
+  | (?P<eq>\\")(?:[^"\\\n]|\\\\(?:\\.|[^"\\\n])|\\[^"\\\n])*+(?:\\")?
+  | (?P<sq>[bBrRuU]?')(?:[^'\\\n]|\\.)*+'?
+    """,
+    re.VERBOSE | re.DOTALL,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(value=st.text(st.sampled_from("\"'\\\nab \t=:x"), max_size=40))
+def test_quoted_values_match_their_per_character_definition(value: str) -> None:
+    for opening in ('"', '\\"', "'", "b'", 'u"'):
+        text = f"password: {opening}{value}"
+        expected = _PER_CHARACTER_VALUES.match(text, len("password: "))
+        found = _VALUE.match(text, len("password:"))
+        assert expected is not None and found is not None
+        assert found.end() == expected.end()
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=contexts)
+def test_cached_key_modes_give_what_fresh_ones_give(text: str) -> None:
+    warm = Sanitizer()
+    first = warm.message(text, 4096)
+    assert warm.message(text, 4096) == first  # every key now from the cache
+    assert Sanitizer().message(text, 4096) == first
 
 
 # --- linear time on hostile input ----------------------------------------------------------------
