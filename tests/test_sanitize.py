@@ -18,6 +18,7 @@ from upstream_ops.defaults import (
     URL_MAX_BYTES,
 )
 from upstream_ops.sanitize import (
+    _ALSO_REQUIRED,
     _VALUE,
     BLOCK_RULES,
     REDACTED,
@@ -709,6 +710,24 @@ def test_cached_key_modes_give_what_fresh_ones_give(text: str) -> None:
     first = warm.message(text, 4096)
     assert warm.message(text, 4096) == first  # every key now from the cache
     assert Sanitizer().message(text, 4096) == first
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    context=contexts,
+    plants=st.lists(st.tuples(st.sampled_from(SHAPES), secret_values), max_size=3),
+)
+def test_rules_are_skipped_only_when_they_cannot_match(
+    context: str, plants: list[tuple[str, str]]
+) -> None:
+    # A rule runs only when its gate and the characters of _ALSO_REQUIRED are all in the text:
+    # every match, with what its lookbehinds and lookaheads read around it, must contain them.
+    assert set(_ALSO_REQUIRED) <= {rule.name for rule in (*BLOCK_RULES, *TOKEN_RULES)}
+    text = context + " ".join(shape.format(secret) for shape, secret in plants)
+    for rule in (*BLOCK_RULES, *TOKEN_RULES):
+        for match in rule.pattern.finditer(text):
+            seen = text[max(0, match.start() - 8) : match.end() + 1]
+            assert set(rule.gate + _ALSO_REQUIRED.get(rule.name, "")) <= set(seen), rule.name
 
 
 # --- linear time on hostile input ----------------------------------------------------------------
