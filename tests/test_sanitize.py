@@ -585,6 +585,20 @@ def test_rule_tables_are_data() -> None:
     assert all(name == name.lower() for name in SECRET_HEADERS)
 
 
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        # the quote that closes the first value opens the second
+        ("Key=\" {'password': \"00000000000'\"} ", "00000000000'"),
+        ('secret={"password": "a}b c"} tail', "b c"),  # a quoted "}" ends the flat value
+    ],
+)
+def test_a_value_reaching_past_the_redacted_value_it_starts_in_is_redacted(
+    text: str, secret: str
+) -> None:
+    assert secret not in sanitize_message(text)
+
+
 # --- properties ----------------------------------------------------------------------------------
 
 SECRET_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
@@ -764,6 +778,7 @@ HOSTILE = {
     "accents": "é" * (MB // 2),
     "quotes": "'" * MB,
     "mixed": 'api_key: \'x\', "token": "y", Authorization: Bearer z\n' * (MB // 52),
+    "keys inside a value": 'token: "' + 'password: "ab ' * (MB // 14),
 }
 
 

@@ -265,6 +265,7 @@ _BARE = re.compile(r"[^\s&;,\"'<>(){}]++")
 _SCHEME = re.compile("(?i:" + "|".join(map(re.escape, AUTH_SCHEMES)) + r")[ \t]++(?=\S)")
 _SEGMENT = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
 _NOT_SECRET, _SECRET, _SECRET_TO_LINE_END = 0, 1, 2
+_INNER_VALUE_CHECKS = 16  # values of keys inside a redacted value, read per text
 _KEY_CACHE_SIZE = 4096
 _CACHED_CHARS = 512  # labels and URLs up to this long are cached
 
@@ -469,12 +470,29 @@ class Sanitizer:
         hits.sort()
         out: list[str] = []
         done = 0
+        inner_checks = _INNER_VALUE_CHECKS
         for position, mode in hits:
-            if position >= done:  # else this "key" was inside a value already redacted
+            if position >= done:
                 span = _value_span(text, position, mode)
                 if span is not None:
                     out += (text[done : span[0]], span[2])
                     done = span[1]
+                continue
+            # This key was inside a value already redacted, but its own value may reach past
+            # that value: `Key=" {'password': "s3cret'"}` (the quote that closes the first value
+            # opens the second), `secret={"password": "a}b"}`. A few are checked (each check reads
+            # the value, so a bounded number keeps the pass linear); past those, the rest of the
+            # line is redacted.
+            if inner_checks:
+                inner_checks -= 1
+                span = _value_span(text, position, mode)
+                end = span[1] if span is not None else done
+            else:
+                line_end = text.find("\n", done)
+                end = len(text) if line_end < 0 else line_end
+            if end > done:
+                out.append(REDACTED)
+                done = end
         out.append(text[done:])
         return "".join(out)
 
