@@ -462,7 +462,7 @@ class Sanitizer:
             if any(modes):
                 start, summed = 0, 0  # the offset in the reversed text of parts[summed]
                 for i in compress(range(1, len(parts), 2), modes):
-                    start += sum(map(len, parts[summed:i]))
+                    start += len("".join(parts[summed:i]))  # a memcpy: cheaper than len() each
                     summed = i
                     hits.append((size - start + shift, modes[i // 2]))
         if not hits:
