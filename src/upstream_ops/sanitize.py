@@ -185,7 +185,8 @@ TOKEN_RULES: Final = (
         "github_or_huggingface_token",
         "_",
         re.compile(
-            r"(?P<keep>_(?<=[pousrfb]_)(?:(?<=gh[pousr]_)(?<![A-Za-z0-9]gh[pousr]_)|(?<=hf_)(?<![A-Za-z0-9]hf_)"
+            r"(?P<keep>_(?<=[pousrfb]_)"  # one cheap look back rejects most underscores
+            r"(?:(?<=gh[pousr]_)(?<![A-Za-z0-9]gh[pousr]_)|(?<=hf_)(?<![A-Za-z0-9]hf_)"
             r"|(?<=github_)(?<![A-Za-z0-9]github_)pat_))[A-Za-z0-9_]{20,}+"
         ),
     ),
