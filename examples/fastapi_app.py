@@ -21,7 +21,8 @@ UPSTREAM_URL = os.environ.get("UPSTREAM_URL", "http://127.0.0.1:9")
 
 app = FastAPI()
 # No sink given: $UPSTREAM_OPS_SINK, else sqlite:///upstream_ops.db in the working directory.
-app.add_middleware(UpstreamOpsMiddleware, service="listing-images")
+# echo_request_id: the response carries X-Request-ID, the key of the request's record.
+app.add_middleware(UpstreamOpsMiddleware, service="listing-images", echo_request_id=True)
 
 
 @app.post("/generate")
