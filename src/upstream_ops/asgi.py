@@ -15,7 +15,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.propagators.textmap import Getter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from upstream_ops.collector import Collector, _current, _deactivate
+from upstream_ops.collector import Collector, _current
 from upstream_ops.defaults import (
     FLUSH_TIMEOUT_S,
     MAX_EVENTS_PER_REQUEST,
@@ -130,9 +130,7 @@ class UpstreamOpsMiddleware:
         elif isinstance(state, dict):
             state["upstream_ops"] = collector
         telemetry = self.telemetry.start(collector, _describe, scope)
-        recording = _HTTPRequestRecording(self, request_id, telemetry, receive, send)
-        # Before a Starlette ``Mount`` adds its prefix (the route template is relative to it).
-        recording.root_path = scope.get("root_path", "")
+        recording = _HTTPRequestRecording(self, scope, request_id, telemetry, receive, send)
         otel_token = telemetry.activate() if telemetry is not None else None
         token = _current.set(collector)
         error: BaseException | None = None
@@ -142,7 +140,10 @@ class UpstreamOpsMiddleware:
             error = exc
             raise
         finally:
-            _deactivate(token)
+            try:
+                _current.reset(token)
+            except ValueError:  # the app left another context current: none of ours stays
+                _current.set(None)
             if recording.response_complete and error is None and telemetry is None:
                 # Healthy unless the collector says otherwise: no record to describe.
                 if not recorder.finish_if_healthy(collector, recording.status_code, None):
@@ -217,6 +218,7 @@ class _HTTPRequestRecording:
     def __init__(
         self,
         middleware: UpstreamOpsMiddleware,
+        scope: Scope,
         request_id: str,
         telemetry: RequestTelemetry | None,
         receive: Receive,
@@ -232,7 +234,8 @@ class _HTTPRequestRecording:
         self.response_complete = False
         self.response_ended_at = 0.0
         self.disconnected = False
-        self.root_path = ""
+        # Before a Starlette ``Mount`` adds its prefix (the route template is relative to it).
+        self.root_path = scope.get("root_path", "")
 
     def final_status(self, error: BaseException | None) -> int:
         if self.response_complete:
