@@ -277,6 +277,12 @@ VARIANTS: tuple[Variant, ...] = (
         expect=_NOT_RECORDED,
     ),
     Variant(
+        "asgi.ours_echo",
+        "+ upstream-ops, no upstream error, request id echoed (echo_request_id=True)",
+        lambda: _asgi_ours(_collector_probe(), _sqlite_sink(), echo_request_id=True),
+        expect=_NOT_RECORDED,
+    ),
+    Variant(
         "asgi.ours_errors",
         "+ upstream-ops, 3 upstream errors, SQLite sink",
         lambda: _asgi_ours(apps.upstream_errors_probe(), _sqlite_sink()),

@@ -2,7 +2,7 @@
 
 Run it:   UPSTREAM_OPS_SINK=sqlite:///ops.db uvicorn examples.fastapi_app:app --port 8000
 Then:     curl -X POST localhost:8000/generate      (answers 200 with a placeholder)
-And look: sqlite3 ops.db 'select request_id, status_code, upstream_errors from ops_error_logs'
+And look: upstream-ops query --sink sqlite:///ops.db      (or sqlite3 ops.db, see docs/sinks.md)
 
 The upstream URL comes from UPSTREAM_URL; by default it points at a port where nothing listens,
 so every call fails with a refused connection.
@@ -21,7 +21,8 @@ UPSTREAM_URL = os.environ.get("UPSTREAM_URL", "http://127.0.0.1:9")
 
 app = FastAPI()
 # No sink given: $UPSTREAM_OPS_SINK, else sqlite:///upstream_ops.db in the working directory.
-app.add_middleware(UpstreamOpsMiddleware, service="listing-images")
+# echo_request_id: the response carries X-Request-ID, the key of the request's record.
+app.add_middleware(UpstreamOpsMiddleware, service="listing-images", echo_request_id=True)
 
 
 @app.post("/generate")

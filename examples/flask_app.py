@@ -17,7 +17,7 @@ from upstream_ops.flask import UpstreamOps
 UPSTREAM_URL = os.environ.get("UPSTREAM_URL", "http://127.0.0.1:9")
 
 app = Flask(__name__)
-UpstreamOps(app, service="listing-images-flask")
+UpstreamOps(app, service="listing-images-flask", echo_request_id=True)
 
 
 @app.post("/generate")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from upstream_ops.events import UpstreamErrorEvent
+from upstream_ops.events import UpstreamErrorEvent, marshal_upstream_errors
 from upstream_ops.record import RequestRecord
+from upstream_ops.sinks._query import RECORD_COLUMNS, record_rows
 
 #: Strings a store must keep byte for byte.
 NASTY = "München 東京 🚀 it's \"quoted\" back\\slash '); DROP TABLE ops_error_logs;-- \t\n%s ? :x"
@@ -89,3 +90,11 @@ BAD_RECORDS = {
     "NULL id": RequestRecord(id=None, request_id="req", started_at_ms=10),  # type: ignore[arg-type]
     "NULL start time": RequestRecord(id="no-time", request_id="req", started_at_ms=None),  # type: ignore[arg-type]
 }
+
+
+def schema_1_rows(record: RequestRecord) -> tuple[tuple[Any, ...], list[tuple[Any, ...]]]:
+    """A record's rows as schema 1 wrote them: the events' array in the record row as well."""
+    row, events = record_rows(record, 0)
+    position = [c.name for c in RECORD_COLUMNS].index("upstream_errors")
+    array = marshal_upstream_errors(record.upstream_errors)
+    return (*row[:position], array, *row[position + 1 :]), events

@@ -85,7 +85,7 @@ async def test_hidden_504_behind_200_becomes_one_recovered_record() -> None:
     async with client_for(gateway(sink)) as client:
         response = await client.post("/generate/3?secret=1", headers={"X-Request-ID": "abc-123"})
     assert response.status_code == 200
-    assert response.headers["x-request-id"] == "abc-123"
+    assert "x-request-id" not in response.headers  # the response is the app's own unless asked
     [record] = records_of(sink)
     assert record.request_id == "abc-123"
     assert record.service == "listing-images"
@@ -149,7 +149,7 @@ async def test_handled_5xx_is_recorded() -> None:
 )
 async def test_request_id_is_trusted_only_when_well_formed(incoming: str, kept: bool) -> None:
     sink = MemorySink()
-    async with client_for(gateway(sink)) as client:
+    async with client_for(gateway(sink, echo_request_id=True)) as client:
         response = await client.post("/generate/1", headers={"X-Request-ID": incoming})
     echoed = response.headers["x-request-id"]
     if kept:
@@ -159,16 +159,37 @@ async def test_request_id_is_trusted_only_when_well_formed(incoming: str, kept: 
     assert records_of(sink)[0].request_id == echoed
 
 
-async def test_request_id_header_can_be_renamed_or_turned_off() -> None:
+async def test_request_id_header_can_be_renamed_echoed_or_turned_off() -> None:
     sink = MemorySink()
     async with client_for(gateway(sink, request_id_header="X-Trace")) as client:
         response = await client.post("/generate/1", headers={"X-Trace": "t-1"})
-    assert response.headers["x-trace"] == "t-1" and "x-request-id" not in response.headers
+    assert "x-trace" not in response.headers and "x-request-id" not in response.headers
+    assert records_of(sink)[0].request_id == "t-1"
     sink2 = MemorySink()
-    async with client_for(gateway(sink2, request_id_header=None)) as client:
+    async with client_for(gateway(sink2, request_id_header="X-Trace", echo_request_id=True)) as c:
+        response = await c.post("/generate/1", headers={"X-Trace": "t-2"})
+    assert response.headers["x-trace"] == "t-2" and "x-request-id" not in response.headers
+    assert records_of(sink2)[0].request_id == "t-2"
+    sink3 = MemorySink()
+    async with client_for(gateway(sink3, request_id_header=None)) as client:
         response = await client.post("/generate/1", headers={"X-Request-ID": "given"})
     assert "x-request-id" not in response.headers
-    assert records_of(sink2)[0].request_id == "given"
+    assert re.fullmatch(r"[0-9a-f]{32}", records_of(sink3)[0].request_id)  # no header is trusted
+
+
+async def test_an_echoed_request_id_does_not_replace_the_apps_own() -> None:
+    app = FastAPI()
+    app.add_middleware(UpstreamOpsMiddleware, sink=MemorySink(), echo_request_id=True)
+
+    @app.get("/own")
+    async def own() -> Response:
+        return Response("ok", headers={"X-Request-ID": "the-apps"})
+
+    async with client_for(app) as client:
+        own_id = await client.get("/own", headers={"X-Request-ID": "incoming"})
+        fresh = await client.get("/missing")
+    assert own_id.headers.get_list("x-request-id") == ["the-apps"]
+    assert re.fullmatch(r"[0-9a-f]{32}", fresh.headers["x-request-id"])
 
 
 async def test_should_record_and_before_flush() -> None:
@@ -383,6 +404,10 @@ def test_bad_options_are_rejected_clearly() -> None:
 
     with pytest.raises(ValueError, match="request_id_header"):
         UpstreamOpsMiddleware(app, sink=MemorySink(), request_id_header="bad header")
+    with pytest.raises(ValueError, match="echo_request_id"):
+        UpstreamOpsMiddleware(app, sink=MemorySink(), request_id_header=None, echo_request_id=True)
+    with pytest.raises(ValueError, match="echo_request_id"):
+        UpstreamOpsMiddleware(app, sink=MemorySink(), echo_request_id="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_events"):
         UpstreamOpsMiddleware(app, sink=MemorySink(), max_events=0)
     with pytest.raises(ValueError, match="write"):

@@ -14,6 +14,7 @@ from tests.conftest import pg_rows
 from tests.sink_records import bare_record
 from upstream_ops import cli
 from upstream_ops.sinks import SQLiteSink
+from upstream_ops.sinks._query import SCHEMA_VERSION
 
 CLI = str(Path(sys.executable).parent / "upstream-ops")
 DAY_MS = 86_400_000
@@ -40,7 +41,7 @@ def test_migrate_and_purge_sqlite(tmp_path: Path) -> None:
     db = tmp_path / "ops.db"
     result = run("migrate", "--sink", f"sqlite:///{db}")
     assert result.returncode == 0, result.stderr
-    assert "schema at version 1" in result.stdout
+    assert f"schema at version {SCHEMA_VERSION}" in result.stdout
     sink = SQLiteSink(db)
     sink.write([bare_record(f"old-{i}", now_ms() - 40 * DAY_MS + i) for i in range(7)])
     sink.write([bare_record("recent", now_ms() - DAY_MS)])
@@ -70,8 +71,12 @@ def test_migrate_and_purge_postgres(pg_dsn: str, pg_schema: str) -> None:
     url = f"{pg_dsn}?schema={pg_schema}"
     result = run("migrate", "--sink", url)
     assert result.returncode == 0, result.stderr
-    assert "schema at version 1" in result.stdout and "password" not in result.stdout
-    assert pg_rows(pg_dsn, pg_schema, "SELECT version FROM upstream_ops_schema") == [(1,)]
+    assert (
+        f"schema at version {SCHEMA_VERSION}" in result.stdout and "password" not in result.stdout
+    )
+    assert pg_rows(pg_dsn, pg_schema, "SELECT version FROM upstream_ops_schema") == [
+        (SCHEMA_VERSION,)
+    ]
     from upstream_ops.sinks.postgres import PostgresSink
 
     sink = PostgresSink(url)

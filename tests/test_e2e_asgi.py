@@ -41,7 +41,9 @@ def flaky_upstream() -> FastAPI:
 
 def gateway(sink: object, upstream_url: str) -> FastAPI:
     app = FastAPI()
-    app.add_middleware(UpstreamOpsMiddleware, sink=sink, service="listing-images")
+    app.add_middleware(
+        UpstreamOpsMiddleware, sink=sink, service="listing-images", echo_request_id=True
+    )
 
     @app.post("/generate/{key}")
     async def generate(key: str) -> dict[str, object]:

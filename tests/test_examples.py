@@ -60,8 +60,10 @@ def run_server_and_post(
         proc.send_signal(stop)  # a graceful stop drains the queue
         proc.wait(timeout=20)
     with sqlite3.connect(db) as conn:
-        return conn.execute(
-            "select request_id, status_code, recovered, upstream_errors from ops_error_logs"
+        return conn.execute(  # each record with its events' JSON, as the quickstart shows them
+            "select r.request_id, r.status_code, r.recovered, group_concat(e.event, ',') "
+            "from ops_error_logs r left join ops_upstream_error_events e on e.record_id = r.id "
+            "group by r.id"
         ).fetchall()
 
 

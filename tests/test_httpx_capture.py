@@ -384,6 +384,28 @@ def test_body_cut_off_after_200_is_a_stream_error_and_the_error_propagates(
     }
 
 
+def test_body_cut_off_after_200_is_a_stream_error_async(dropping: str) -> None:
+    async def main() -> tuple[Collector, str]:
+        async with httpx.AsyncClient() as bare:
+            with pytest.raises(httpx.RemoteProtocolError) as plain:
+                await bare.get(f"{dropping}/200")
+        async with async_client() as client:
+            with collecting() as collector, pytest.raises(httpx.RemoteProtocolError) as captured:
+                await client.get(f"{dropping}/200")
+        assert str(captured.value) == str(plain.value)
+        return collector, str(plain.value)
+
+    collector, message = asyncio.run(main())
+    [event] = collector.events
+    assert (event.kind, event.upstream_status_code, event.phase, event.message) == (
+        "stream_error",
+        200,
+        "body",
+        message,
+    )
+    assert event.error_class == "http_response_incomplete"
+
+
 def test_body_cut_off_after_an_error_status_is_that_http_error(dropping: str) -> None:
     async def main() -> Collector:
         async with async_client() as client:

@@ -18,6 +18,8 @@ from upstream_ops.defaults import (
     URL_MAX_BYTES,
 )
 from upstream_ops.sanitize import (
+    _ALSO_REQUIRED,
+    _VALUE,
     BLOCK_RULES,
     REDACTED,
     SECRET_HEADERS,
@@ -583,6 +585,20 @@ def test_rule_tables_are_data() -> None:
     assert all(name == name.lower() for name in SECRET_HEADERS)
 
 
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        # the quote that closes the first value opens the second
+        ("Key=\" {'password': \"00000000000'\"} ", "00000000000'"),
+        ('secret={"password": "a}b c"} tail', "b c"),  # a quoted "}" ends the flat value
+    ],
+)
+def test_a_value_reaching_past_the_redacted_value_it_starts_in_is_redacted(
+    text: str, secret: str
+) -> None:
+    assert secret not in sanitize_message(text)
+
+
 # --- properties ----------------------------------------------------------------------------------
 
 SECRET_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
@@ -677,6 +693,57 @@ def test_any_bytes_give_bounded_valid_utf8(data: bytes, max_bytes: int) -> None:
     assert isinstance(sanitize_headers([(data, data)]), dict)  # type: ignore[list-item]
 
 
+# The quoted values are read with unrolled loops (a run of plain characters, then escape-and-run
+# pairs), which the engine runs without a group per character. They must match exactly what the
+# plain per-character definitions match.
+_PER_CHARACTER_VALUES = re.compile(
+    r"""
+    (?P<dq>[bBrRuU]?")(?:[^"\\\n]|\\.)*+"?
+  | (?P<eq>\\")(?:[^"\\\n]|\\\\(?:\\.|[^"\\\n])|\\[^"\\\n])*+(?:\\")?
+  | (?P<sq>[bBrRuU]?')(?:[^'\\\n]|\\.)*+'?
+    """,
+    re.VERBOSE | re.DOTALL,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(value=st.text(st.sampled_from("\"'\\\nab \t=:x"), max_size=40))
+def test_quoted_values_match_their_per_character_definition(value: str) -> None:
+    for opening in ('"', '\\"', "'", "b'", 'u"'):
+        text = f"password: {opening}{value}"
+        expected = _PER_CHARACTER_VALUES.match(text, len("password: "))
+        found = _VALUE.match(text, len("password:"))
+        assert expected is not None and found is not None
+        assert found.end() == expected.end()
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=contexts)
+def test_cached_key_modes_give_what_fresh_ones_give(text: str) -> None:
+    warm = Sanitizer()
+    first = warm.message(text, 4096)
+    assert warm.message(text, 4096) == first  # every key now from the cache
+    assert Sanitizer().message(text, 4096) == first
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    context=contexts,
+    plants=st.lists(st.tuples(st.sampled_from(SHAPES), secret_values), max_size=3),
+)
+def test_rules_are_skipped_only_when_they_cannot_match(
+    context: str, plants: list[tuple[str, str]]
+) -> None:
+    # A rule runs only when its gate and the characters of _ALSO_REQUIRED are all in the text:
+    # every match, with what its lookbehinds and lookaheads read around it, must contain them.
+    assert set(_ALSO_REQUIRED) <= {rule.name for rule in (*BLOCK_RULES, *TOKEN_RULES)}
+    text = context + " ".join(shape.format(secret) for shape, secret in plants)
+    for rule in (*BLOCK_RULES, *TOKEN_RULES):
+        for match in rule.pattern.finditer(text):
+            seen = text[max(0, match.start() - 8) : match.end() + 1]
+            assert set(rule.gate + _ALSO_REQUIRED.get(rule.name, "")) <= set(seen), rule.name
+
+
 # --- linear time on hostile input ----------------------------------------------------------------
 
 MB = 1_000_000
@@ -711,6 +778,7 @@ HOSTILE = {
     "accents": "é" * (MB // 2),
     "quotes": "'" * MB,
     "mixed": 'api_key: \'x\', "token": "y", Authorization: Bearer z\n' * (MB // 52),
+    "keys inside a value": 'token: "' + 'password: "ab ' * (MB // 14),
 }
 
 

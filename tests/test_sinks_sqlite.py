@@ -15,15 +15,23 @@ from typing import Any
 
 import pytest
 
-from tests.sink_records import BAD_RECORDS, full_event, full_record
+from tests.sink_records import BAD_RECORDS, full_event, full_record, schema_1_rows
 from upstream_ops.defaults import QUERY_LIMIT_MAX
 from upstream_ops.events import UpstreamErrorEvent
 from upstream_ops.record import RECORD_FIELDS, RequestRecord
 from upstream_ops.sinks import SQLiteSink
 from upstream_ops.sinks import sqlite as sqlite_module
-from upstream_ops.sinks._query import EVENT_COLUMNS, RECORD_COLUMNS, SCHEMA_VERSION
+from upstream_ops.sinks._query import (
+    EVENT_COLUMNS,
+    RECORD_COLUMNS,
+    SCHEMA_TABLE_DDL,
+    SCHEMA_VERSION,
+    UNUSED_INDEXES,
+    insert_event_sql,
+    insert_record_sql,
+)
 from upstream_ops.sinks.base import Sink
-from upstream_ops.store import Store
+from upstream_ops.store import QueryFilter, Store
 
 ALL_TIME = (0, 2**62)
 
@@ -97,12 +105,10 @@ def test_schema_tables_indexes_version_and_pragmas(sink: SQLiteSink, db: Path) -
     assert indexes == {
         "ops_error_logs_started_at_idx",
         "ops_error_logs_request_id_idx",
-        "ops_error_logs_status_started_idx",
         "ops_upstream_error_events_at_idx",
         "ops_upstream_error_events_platform_at_idx",
         "ops_upstream_error_events_kind_at_idx",
         "ops_upstream_error_events_status_at_idx",
-        "ops_upstream_error_events_request_id_idx",
     }
     assert raw(db, "SELECT version FROM upstream_ops_schema") == [(SCHEMA_VERSION,)]
     assert raw(db, "PRAGMA journal_mode") == [("wal",)]
@@ -142,6 +148,32 @@ def test_newer_schema_version_warns_and_still_works(
     assert "schema version 99" in caplog.text
 
 
+def test_a_schema_1_file_is_migrated_and_its_records_read_as_before(db: Path) -> None:
+    old = full_record(
+        "old", started_at_ms=1, events=[full_event(at_unix_ms=1), full_event(at_unix_ms=2)]
+    )
+    old_bare = RequestRecord(id="old-bare", request_id="req-old-bare", started_at_ms=2)
+    with sqlite3.connect(db) as conn:  # what version 1 of the sink made and wrote
+        for statement in [SCHEMA_TABLE_DDL, *sqlite_module._MIGRATIONS[1]]:
+            conn.execute(statement)
+        conn.execute("INSERT INTO upstream_ops_schema (version) VALUES (1)")
+        for record in (old, old_bare):
+            row, events = schema_1_rows(record)
+            conn.execute(insert_record_sql("?"), row)
+            conn.executemany(insert_event_sql("?"), events)
+    new = full_record("new", started_at_ms=3, events=[full_event(at_unix_ms=3)])
+    sink = SQLiteSink(db)
+    sink.write([new, old])  # "old" again: still stored once
+    assert raw(db, "SELECT version FROM upstream_ops_schema") == [(2,)]
+    assert [n for (n,) in raw(db, "SELECT name FROM sqlite_master") if n in UNUSED_INDEXES] == []
+    assert sink.query_records(*ALL_TIME) == [new, old_bare, old]
+    assert sink.search_records(QueryFilter(*ALL_TIME), limit=2).records == [new, old_bare]
+    assert (sink.get_record("req-old"), sink.get_record("req-new")) == (old, new)
+    assert sink.query_events(*ALL_TIME) == [*new.upstream_errors, *reversed(old.upstream_errors)]
+    assert count(db, "ops_upstream_error_events") == 3
+    sink.close()
+
+
 # --- round trip -------------------------------------------------------------------------------
 
 
@@ -166,9 +198,9 @@ def test_event_rows_hold_the_full_json_and_null_for_empty_fields(
     assert rows[1][:11] == (1, "req-r", None, None, None, None, None, "request_error", None,
                             "connect failed", None)  # fmt: skip
     assert json.loads(str(rows[1][11])) == sparse.to_dict()
-    # the record row keeps the same events as one JSON array
-    [(array,)] = raw(db, "SELECT upstream_errors FROM ops_error_logs WHERE id = 'r'")
-    assert json.loads(str(array)) == [full.to_dict(), sparse.to_dict()]
+    # each event's JSON is stored once: the record row leaves its array to the events table
+    assert raw(db, "SELECT upstream_errors FROM ops_error_logs WHERE id = 'r'") == [(None,)]
+    assert [r.upstream_errors for r in sink.query_records(*ALL_TIME)] == [[full, sparse]]
 
 
 def test_record_without_events_and_optional_fields(sink: SQLiteSink, db: Path) -> None:
@@ -292,7 +324,7 @@ _WRITER = textwrap.dedent(
     import sys, time
     from pathlib import Path
     from upstream_ops.record import RequestRecord
-    from upstream_ops.events import UpstreamErrorEvent
+    from upstream_ops.events import UpstreamErrorEvent, marshal_upstream_errors
     from upstream_ops.sinks.sqlite import SQLiteSink
 
     db, name, go = sys.argv[1], sys.argv[2], Path(sys.argv[3])

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from opentelemetry import trace
 from opentelemetry.instrumentation.utils import is_http_instrumentation_enabled
 from opentelemetry.trace import SpanKind, StatusCode
 
 from upstream_ops import Collector
+from upstream_ops.telemetry import _client
 from upstream_ops.telemetry._client import ClientTelemetry
+from upstream_ops.telemetry._providers import has_current_span
 
 from .conftest import OTel
+from .test_telemetry import run_python
 
 SECRET = "sk-proj-PLANTEDclientSecret0123456789"
 
@@ -126,3 +130,36 @@ def test_a_url_that_does_not_parse_never_raises(otel: OTel, url: str) -> None:
     span = client.start(Collector("r"), "GET", url, {})
     if span is not None:
         span.finish(status_code=200)
+
+
+def test_the_current_span_is_read_from_the_context_directly_and_agrees_with_the_api(
+    otel: OTel,
+) -> None:
+    # The shortcut that answers "no span is current" in one lookup is in use with this API version.
+    assert _client._CONTEXT_VAR is not None
+    assert _client._CONTEXT_VAR.get().get(_client._SPAN_KEY) is None
+    assert not has_current_span()
+    assert trace.get_current_span() is trace.INVALID_SPAN
+    tracer = otel.tracer_provider.get_tracer("test")
+    with tracer.start_as_current_span("outer") as outer:
+        assert _client._CONTEXT_VAR.get().get(_client._SPAN_KEY) is outer
+        assert has_current_span()
+
+
+def test_a_global_tracer_provider_set_later_is_picked_up_and_then_not_looked_for() -> None:
+    out = run_python(
+        """
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from upstream_ops import Collector
+        from upstream_ops.telemetry._client import ClientTelemetry
+
+        client = ClientTelemetry()
+        before = client.start(Collector("r"), "GET", "https://rix.example/", {})
+        trace.set_tracer_provider(TracerProvider())
+        span = client.start(Collector("r"), "GET", "https://rix.example/", {})
+        span.finish(status_code=200)
+        print(before, span.owned, client._live.unset)
+        """
+    )
+    assert out.strip() == "None True False"

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from flask import Flask, Response, g, send_file, stream_with_context
+from flask import Flask, Response, request, send_file, stream_with_context
 
 import upstream_ops
 from upstream_ops import (
@@ -42,7 +42,10 @@ def flask_app(sink: MemorySink, tmp_path: Path, **options: Any) -> Flask:
         append_upstream_error(
             platform="rix", upstream_status_code=504, kind="http_error", message="gateway timeout"
         )
-        return {"ok": True, "same": g.upstream_ops is current_collector()}
+        return {
+            "ok": True,
+            "same": request.environ["upstream_ops.collector"] is current_collector(),
+        }
 
     @app.get("/stream")
     def stream() -> Response:
@@ -70,7 +73,7 @@ def test_flask_recovered_request_under_waitress(tmp_path: Path) -> None:
     with serve_wsgi(flask_app(sink, tmp_path)) as url:
         response = httpx.post(f"{url}/generate/4", headers={"X-Request-ID": "w-1"})
     assert response.status_code == 200 and response.json() == {"ok": True, "same": True}
-    assert response.headers["x-request-id"] == "w-1"
+    assert "x-request-id" not in response.headers  # echoed only with echo_request_id=True
     [record] = records_of(sink)
     assert (record.request_id, record.service, record.method) == ("w-1", "flask-gw", "POST")
     assert (record.path, record.route, record.status_code) == (
@@ -88,6 +91,8 @@ def test_flask_streamed_response_is_recorded_with_its_final_state(tmp_path: Path
     [record] = records_of(sink)
     assert record.status_code == 200 and record.recovered
     assert [e.kind for e in record.upstream_errors] == ["stream_error"]
+    # The trouble came after the response started: the route is matched again at the end.
+    assert record.route == "/stream"
 
 
 def test_flask_view_exception_is_recorded_with_its_class(tmp_path: Path) -> None:
@@ -96,6 +101,17 @@ def test_flask_view_exception_is_recorded_with_its_class(tmp_path: Path) -> None
         assert httpx.get(f"{url}/boom").status_code == 500
     [record] = records_of(sink)
     assert (record.status_code, record.error, record.route) == (500, "RuntimeError", "/boom")
+
+
+def test_flask_registers_no_per_request_hook_and_echoes_on_request(tmp_path: Path) -> None:
+    sink = MemorySink()
+    app = flask_app(sink, tmp_path, echo_request_id=True)
+    assert not any(app.before_request_funcs.values())  # a hook would cost every request
+    with serve_wsgi(app) as url:
+        response = httpx.post(f"{url}/generate/1", headers={"X-Request-ID": "w-2"})
+    assert response.headers["x-request-id"] == "w-2"
+    [record] = records_of(sink)
+    assert (record.request_id, record.route) == ("w-2", "/generate/<int:n>")
 
 
 def test_flask_file_wrapper_response_passes_through(tmp_path: Path) -> None:
@@ -136,7 +152,7 @@ def plain_wsgi_app(environ: dict[str, Any], start_response: Any) -> Iterable[byt
 
 def test_plain_wsgi_app_and_its_errors() -> None:
     sink = MemorySink()
-    app = UpstreamOpsWSGIMiddleware(plain_wsgi_app, sink=sink)
+    app = UpstreamOpsWSGIMiddleware(plain_wsgi_app, sink=sink, echo_request_id=True)
     with serve_wsgi(app) as url:
         ok = httpx.get(f"{url}/ok", headers={"X-Request-ID": "bad id!"})
         assert ok.text == "hello" and re.fullmatch(r"[0-9a-f]{32}", ok.headers["x-request-id"])

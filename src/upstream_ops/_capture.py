@@ -12,12 +12,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-import time
 import weakref
 from collections.abc import Container, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http import HTTPStatus
+from time import perf_counter
 from typing import Final
 
 from opentelemetry.trace import TracerProvider
@@ -43,7 +43,8 @@ from upstream_ops.envelopes import (
     parse_error_body,
 )
 from upstream_ops.events import HTTP_ERROR, REQUEST_ERROR, STREAM_ERROR, UpstreamErrorEvent
-from upstream_ops.labels import UpstreamLabels, current_labels, make_labels
+from upstream_ops.labels import UpstreamLabels, make_labels
+from upstream_ops.labels import _current as _labels_in_effect
 from upstream_ops.telemetry._client import ClientTelemetry, default_client_telemetry
 
 __all__ = ["Attempt", "CaptureOptions", "active_collector", "suppress_capture"]
@@ -155,6 +156,7 @@ class Attempt:
         "_started",
         "method",
         "number",
+        "reads_body",
         "status",
         "url",
     )
@@ -164,16 +166,19 @@ class Attempt:
     ) -> None:
         self._collector = collector
         self._options = options
-        self._labels = current_labels()
+        self._labels = _labels_in_effect.get()
         self.method = method
         self.url = url  # the client's URL object: made a string only when an event is recorded
         self.number = collector.next_attempt()
-        self._started = time.perf_counter()
+        self._started = perf_counter()
         self.status = 0
         self._headers: Mapping[str, str] | None = None
         self._mode = _WATCH
         self._body: bytearray | None = None
         self._scanner: EventStreamScanner | None = None
+        #: Set by :meth:`received`: the chunks of the body must be fed (an error body is kept, an
+        #: event stream scanned). Otherwise only a failure while the body is read is an event.
+        self.reads_body = False
 
     @property
     def pending(self) -> bool:
@@ -199,12 +204,14 @@ class Attempt:
             if status in self._options.record_statuses:
                 self._mode = _ERROR_BODY
                 self._body = bytearray()
+                self.reads_body = True
                 return True
             if 200 <= status < 300 and content_type[:17].lower() == "text/event-stream":
                 self._mode = _EVENT_STREAM
                 self._scanner = EventStreamScanner(
                     data_max=self._options.max_body_bytes, line_max=SSE_LINE_MAX_BYTES
                 )
+                self.reads_body = True
         except Exception:  # a record_statuses container that fails: watch nothing, break nothing
             self._mode = _DONE
             logger.exception("upstream_ops: could not inspect an upstream response")
@@ -217,7 +224,7 @@ class Attempt:
 
     def restart_clock(self) -> None:
         """Start timing now (a retry's back-off sleep is not part of the try that follows it)."""
-        self._started = time.perf_counter()
+        self._started = perf_counter()
 
     def feed(self, chunk: bytes | str) -> None:
         """The caller read ``chunk`` of the body (``str`` when it asked requests for text)."""
@@ -297,7 +304,7 @@ class Attempt:
             method=self.method,
             upstream_url=str(self.url),
             attempt=self.number,
-            duration_ms=round((time.perf_counter() - self._started) * 1000, 3),
+            duration_ms=round((perf_counter() - self._started) * 1000, 3),
         )
         provider: ProviderError | None = None
         if kind == HTTP_ERROR:

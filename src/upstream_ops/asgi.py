@@ -15,7 +15,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.propagators.textmap import Getter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from upstream_ops.collector import Collector, _activate, _deactivate
+from upstream_ops.collector import Collector, _current
 from upstream_ops.defaults import (
     FLUSH_TIMEOUT_S,
     MAX_EVENTS_PER_REQUEST,
@@ -23,7 +23,14 @@ from upstream_ops.defaults import (
     SPOOL_MAX_BYTES,
 )
 from upstream_ops.dispatcher import Dispatcher
-from upstream_ops.recorder import Recorder, RecordFilter, RecordHook, RequestFacts, now_ms
+from upstream_ops.recorder import (
+    Recorder,
+    RecordFilter,
+    RecordHook,
+    RequestFacts,
+    new_request_id,
+    now_ms,
+)
 from upstream_ops.sinks.base import Sink
 from upstream_ops.telemetry._server import IncomingRequest, RequestTelemetry, ServerTelemetry
 
@@ -55,6 +62,7 @@ class UpstreamOpsMiddleware:
         dispatcher: Dispatcher | None = None,
         service: str = "",
         request_id_header: str | None = REQUEST_ID_HEADER,
+        echo_request_id: bool = False,
         should_record: RecordFilter | None = None,
         before_flush: RecordHook | None = None,
         max_events: int = MAX_EVENTS_PER_REQUEST,
@@ -72,6 +80,7 @@ class UpstreamOpsMiddleware:
             dispatcher=dispatcher,
             service=service,
             request_id_header=request_id_header,
+            echo_request_id=echo_request_id,
             should_record=should_record,
             before_flush=before_flush,
             max_events=max_events,
@@ -87,19 +96,100 @@ class UpstreamOpsMiddleware:
         )
         self.shutdown_timeout = shutdown_timeout
         header = request_id_header.lower().encode("latin-1") if request_id_header else None
-        self._header_name = header
+        self._incoming_header_name = header
+        self._header_name = header if echo_request_id else None  # the response header, if echoed
 
     @property
     def dispatcher(self) -> Dispatcher:
         return self.recorder.dispatcher
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            await _HTTPRequestRecording(self, scope, receive, send).run()
-        elif scope["type"] == "lifespan":
-            await self.app(scope, receive, self._lifespan_send(send))
-        else:
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                send = self._lifespan_send(send)
             await self.app(scope, receive, send)
+            return
+        # The happy path runs for every request: each step here is kept to a few bytecodes, and
+        # everything a record needs is worked out in ``_finish`` only for a request that gets one.
+        started = time.perf_counter()
+        recorder = self.recorder
+        request_id = None
+        name = self._incoming_header_name
+        if name is not None:
+            for key, value in scope.get("headers", ()):
+                # ASGI servers lower-case header names (Starlette's ``Headers`` relies on it too).
+                if key == name:
+                    request_id = recorder.request_id_for(_decode(value))
+                    break
+        if request_id is None:
+            request_id = new_request_id()
+        collector = Collector(request_id, recorder.max_events)
+        state = scope.get("state")
+        if state is None:
+            scope["state"] = {"upstream_ops": collector}
+        elif isinstance(state, dict):
+            state["upstream_ops"] = collector
+        telemetry = self.telemetry.start(collector, _describe, scope)
+        recording = _HTTPRequestRecording(self, scope, request_id, telemetry, receive, send)
+        otel_token = telemetry.activate() if telemetry is not None else None
+        token = _current.set(collector)
+        error: BaseException | None = None
+        try:
+            await self.app(scope, recording.receive, recording.send)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            try:
+                _current.reset(token)
+            except ValueError:  # the app left another context current: none of ours stays
+                _current.set(None)
+            if recording.response_complete and error is None and telemetry is None:
+                # Healthy unless the collector says otherwise: no record to describe.
+                if not recorder.finish_if_healthy(collector, recording.status_code, None):
+                    self._finish(scope, collector, recording, started, None, None, None)
+            else:
+                self._finish(scope, collector, recording, started, error, telemetry, otel_token)
+
+    def _finish(
+        self,
+        scope: Scope,
+        collector: Collector,
+        recording: _HTTPRequestRecording,
+        started: float,
+        error: BaseException | None,
+        telemetry: RequestTelemetry | None,
+        otel_token: object | None,
+    ) -> None:
+        """The request is over: end its telemetry, and describe it to the recorder if it needs a record."""
+        recorder = self.recorder
+        now = time.perf_counter()
+        ended = recording.response_ended_at or now
+        status_code = recording.final_status(error)
+        app_error = None if _is_cancellation(error) else error
+        root_path = recording.root_path
+        route = span_context = None
+        if telemetry is not None:
+            route = _route_template(scope, root_path)
+            telemetry.end(status_code=status_code, route=route, error=app_error)
+            telemetry.deactivate(otel_token)
+            span_context = telemetry.span_context
+        if recorder.finish_if_healthy(collector, status_code, app_error):
+            return
+        duration_ms = (ended - started) * 1000.0
+        recorder.finish(
+            collector,
+            RequestFacts(
+                method=scope.get("method", ""),
+                path=scope.get("path", ""),
+                route=route if telemetry is not None else _route_template(scope, root_path),
+                status_code=status_code,
+                started_at_ms=now_ms() - round((now - started) * 1000.0),
+                duration_ms=duration_ms,
+                error=app_error,
+                span_context=span_context,
+            ),
+        )
 
     def _lifespan_send(self, send: Send) -> Send:
         async def send_after_draining(message: Message) -> None:
@@ -111,128 +201,75 @@ class UpstreamOpsMiddleware:
 
 
 class _HTTPRequestRecording:
-    """The state of one HTTP request: status sent, completion, disconnect, and its collector."""
+    """What one HTTP request's ``send`` and ``receive`` tell: status, completion, disconnect."""
 
     __slots__ = (
-        "_collector",
-        "_disconnected",
-        "_middleware",
+        "_header",
         "_receive",
-        "_request_id",
-        "_response_complete",
-        "_response_ended_at",
-        "_scope",
         "_send",
-        "_status_code",
         "_telemetry",
+        "disconnected",
+        "response_complete",
+        "response_ended_at",
+        "root_path",
+        "status_code",
     )
 
     def __init__(
-        self, middleware: UpstreamOpsMiddleware, scope: Scope, receive: Receive, send: Send
+        self,
+        middleware: UpstreamOpsMiddleware,
+        scope: Scope,
+        request_id: str,
+        telemetry: RequestTelemetry | None,
+        receive: Receive,
+        send: Send,
     ) -> None:
-        self._middleware = middleware
-        self._scope = scope
+        name = middleware._header_name
+        # The response header, ready to append (None: the option is off).
+        self._header = None if name is None else (name, request_id.encode("latin-1"))
+        self._telemetry = telemetry
         self._receive = receive
         self._send = send
-        self._status_code = 0
-        self._response_complete = False
-        self._response_ended_at = 0.0
-        self._disconnected = False
-        self._request_id = ""
-        self._collector: Collector | None = None
-        self._telemetry: RequestTelemetry | None = None
+        self.status_code = 0
+        self.response_complete = False
+        self.response_ended_at = 0.0
+        self.disconnected = False
+        # Before a Starlette ``Mount`` adds its prefix (the route template is relative to it).
+        self.root_path = scope.get("root_path", "")
 
-    async def run(self) -> None:
-        middleware = self._middleware
-        recorder = middleware.recorder
-        scope = self._scope
-        started_at_ms = now_ms()
-        started = time.perf_counter()
-        path = scope.get("path", "")
-        root_path = scope.get("root_path", "")
-        self._request_id = recorder.request_id_for(self._incoming_request_id())
-        collector = self._collector = recorder.start(self._request_id)
-        state = scope.setdefault("state", {})
-        if isinstance(state, dict):
-            state["upstream_ops"] = collector
-        telemetry = self._telemetry = middleware.telemetry.start(collector, _describe, scope)
-        otel_token = telemetry.activate() if telemetry is not None else None
-        token = _activate(collector)
-        error: BaseException | None = None
-        try:
-            await middleware.app(scope, self.receive, self.send)
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            _deactivate(token)
-            ended = self._response_ended_at or time.perf_counter()
-            status_code = self._final_status(error)
-            app_error = None if _is_cancellation(error) else error
-            route = span_context = None
-            if telemetry is not None:
-                route = _route_template(scope, root_path)
-                telemetry.end(status_code=status_code, route=route, error=app_error)
-                telemetry.deactivate(otel_token)
-                span_context = telemetry.span_context
-            if not recorder.finish_if_healthy(collector, status_code, app_error):
-                recorder.finish(
-                    collector,
-                    RequestFacts(
-                        method=scope.get("method", ""),
-                        path=path,
-                        route=route if telemetry is not None else _route_template(scope, root_path),
-                        status_code=status_code,
-                        started_at_ms=started_at_ms,
-                        duration_ms=(ended - started) * 1000.0,
-                        error=app_error,
-                        span_context=span_context,
-                    ),
-                )
-
-    def _incoming_request_id(self) -> str | None:
-        name = self._middleware._header_name or b"x-request-id"
-        for key, value in self._scope.get("headers", ()):
-            if key.lower() == name:
-                try:
-                    return str(value.decode("latin-1"))
-                except (AttributeError, UnicodeDecodeError):
-                    return None
-        return None
-
-    def _final_status(self, error: BaseException | None) -> int:
-        if self._response_complete:
-            return self._status_code
-        if self._disconnected or _is_cancellation(error):
+    def final_status(self, error: BaseException | None) -> int:
+        if self.response_complete:
+            return self.status_code
+        if self.disconnected or _is_cancellation(error):
             return CLIENT_CLOSED_REQUEST
-        if self._status_code:
-            return self._status_code
-        return 500 if error is not None else self._status_code
+        if self.status_code:
+            return self.status_code
+        return 500 if error is not None else self.status_code
 
     async def receive(self) -> Message:
         message = await self._receive()
-        if message["type"] == "http.disconnect" and not self._response_complete:
-            self._disconnected = True
+        if message["type"] == "http.disconnect" and not self.response_complete:
+            self.disconnected = True
         return message
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
         if kind == "http.response.start":
-            self._status_code = message.get("status", 0)
-            header = self._middleware._header_name
+            self.status_code = message.get("status", 0)
+            header = self._header
             if header is not None:
-                message = _with_header(message, header, self._request_id.encode("latin-1"))
+                message = _with_header(message, header)
         elif kind in _BODY_MESSAGES and not message.get("more_body", False):
-            self._response_complete = True
-            self._response_ended_at = time.perf_counter()
+            self.response_complete = True
+            self.response_ended_at = time.perf_counter()
             if self._telemetry is not None:
                 # FastAPI's own telemetry ends its server span while this message is sent.
-                self._telemetry.response_ready(self._status_code)
+                self._telemetry.response_ready(self.status_code)
         try:
             await self._send(message)
         except OSError:
-            if not self._response_complete:
-                self._disconnected = True
+            if not self.response_complete:
+                self.disconnected = True
             raise
 
 
@@ -278,12 +315,21 @@ def _describe(scope: Scope) -> IncomingRequest:
     )
 
 
-def _with_header(message: Message, name: bytes, value: bytes) -> Message:
+def _with_header(message: Message, header: tuple[bytes, bytes]) -> Message:
+    """``message`` with ``header`` appended, unless the app set that header (lower-cased, as ASGI has it)."""
     headers = message.get("headers", ())
+    name = header[0]
     for key, _ in headers:
-        if key.lower() == name:
+        if key == name:
             return message
-    return {**message, "headers": [*headers, (name, value)]}
+    return {**message, "headers": [*headers, header]}
+
+
+def _decode(value: bytes) -> str | None:
+    try:
+        return value.decode("latin-1")
+    except (AttributeError, UnicodeDecodeError):
+        return None
 
 
 def _route_template(scope: Scope, entry_root_path: str) -> str | None:

@@ -96,36 +96,25 @@ class Collector:
     ``max_events`` events and counts the ones it dropped, so a retry storm cannot grow memory.
     """
 
-    __slots__ = (
-        "_attempts",
-        "_events",
-        "_finished",
-        "_max_events",
-        "_sends",
-        "dropped_events",
-        "listeners",
-        "request_id",
-        "upstream_error_detail",
-        "upstream_error_message",
-        "upstream_status_code",
-    )
+    # Most requests never see an upstream failure: what stays at its default is read from the
+    # class, so a healthy request's collector costs three attribute stores. (No ``__slots__``:
+    # slots cannot have class defaults.)
+    _events: deque[UpstreamErrorEvent] | tuple[()] = ()  # a deque from the first append
+    _finished = False
+    _attempts = 0
+    _sends: dict[tuple[str, str], int] | None = None
+    dropped_events = 0
+    upstream_status_code: int | None = None
+    upstream_error_message: str | None = None
+    upstream_error_detail: str | None = None
 
-    def __init__(self, request_id: str = "", *, max_events: int = MAX_EVENTS_PER_REQUEST) -> None:
+    def __init__(self, request_id: str = "", max_events: int = MAX_EVENTS_PER_REQUEST) -> None:
         if max_events < 1:
             raise ValueError(f"max_events must be at least 1, got {max_events!r}")
         self.request_id = request_id
-        # Most requests never see an upstream failure: the deque is made by the first append.
-        self._events: deque[UpstreamErrorEvent] | tuple[()] = ()
         self._max_events = max_events
-        self._finished = False
-        self._attempts = 0
-        self.dropped_events = 0
-        self.upstream_status_code: int | None = None
-        self.upstream_error_message: str | None = None
-        self.upstream_error_detail: str | None = None
         #: Called with each stored event (telemetry hooks in here); a failing listener is logged.
         self.listeners: list[EventListener] = []
-        self._sends: dict[tuple[str, str], int] | None = None
 
     @property
     def events(self) -> list[UpstreamErrorEvent]:
@@ -193,6 +182,18 @@ class Collector:
     def finish(self) -> None:
         """Close the collector: the record is being built from it."""
         self._finished = True
+
+    def close(self) -> bool:
+        """:meth:`finish`, and say whether the request left nothing to record: no event kept or
+        dropped and no summary. One call at the end of every request."""
+        self._finished = True
+        return not (
+            self._events
+            or self.upstream_status_code
+            or self.dropped_events
+            or self.upstream_error_message is not None
+            or self.upstream_error_detail is not None
+        )
 
     def count_send(self, method: str, url: str) -> int:
         """Count one upstream attempt to ``method url``; returns how many earlier attempts in this

@@ -2,23 +2,25 @@
 
 It wraps ``app.wsgi_app`` with ``UpstreamOpsWSGIMiddleware`` and adds what only Flask knows: the
 matched URL rule (the record's ``route``), the exception a view raised before Flask turned it into a
-500, ``flask.g.upstream_ops``, and the server span of OpenTelemetry's Flask instrumentation, which is
-started in a ``before_request`` hook inside the middleware: the middleware adopts it instead of
-starting its own.
+500, and the server span of OpenTelemetry's Flask instrumentation, which the middleware adopts instead
+of starting its own. It registers no per-request hook: a ``before_request`` function costs every request
+more than the rest of the middleware, so the route is read when the response starts (the request
+context is still there) and the span is adopted then or when a view raises.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
-from flask import Flask, g, got_request_exception, request
+from flask import Flask, got_request_exception, request
+from werkzeug.exceptions import HTTPException
 
 from upstream_ops.wsgi import (
-    ENVIRON_COLLECTOR,
     ENVIRON_ERROR,
-    ENVIRON_ROUTE,
     ENVIRON_TELEMETRY,
     UpstreamOpsWSGIMiddleware,
+    WSGIEnvironment,
 )
 
 __all__ = ["UpstreamOps"]
@@ -40,36 +42,37 @@ class UpstreamOps:
             raise ValueError("UpstreamOps is already initialised on this Flask app")
         middleware = UpstreamOpsWSGIMiddleware(app.wsgi_app, **{**self.options, **options})
         app.wsgi_app = middleware  # type: ignore[method-assign]
-        middleware._app_starts_server_span = lambda: _instrumented_by_opentelemetry(app)
-        app.before_request(_before_request)
+        # The flag FlaskInstrumentor sets on an app it instrumented (by instrument_app or
+        # instrument()); read by a C-level partial, as it is on every request. Without it the
+        # middleware starts the SERVER span and Flask's becomes an INTERNAL child.
+        middleware._app_starts_server_span = functools.partial(
+            getattr, app, "_is_instrumented_by_opentelemetry", False
+        )
+        middleware._route_of = lambda environ: _route_of(app, environ)
         got_request_exception.connect(_on_exception, app, weak=False)
         app.extensions[EXTENSION_KEY] = self
         self.middleware = middleware
 
 
-def _instrumented_by_opentelemetry(app: Flask) -> bool:
-    # The flag FlaskInstrumentor sets on an app it instrumented (by instrument_app or instrument()).
-    # Without it the middleware starts the SERVER span and Flask's becomes an INTERNAL child.
-    return getattr(app, "_is_instrumented_by_opentelemetry", False) is True
-
-
-def _adopt_server_span(environ: dict[str, Any]) -> None:
-    telemetry = environ.get(ENVIRON_TELEMETRY)
-    if telemetry is not None:
-        telemetry.adopt_current_span()
-
-
-def _before_request() -> None:
-    # One context lookup instead of one per attribute (werkzeug LocalProxy API; typed as Request).
-    current = request._get_current_object()  # type: ignore[attr-defined]
-    environ = current.environ
-    g.upstream_ops = environ.get(ENVIRON_COLLECTOR)
-    rule = current.url_rule
-    if rule is not None:
-        environ[ENVIRON_ROUTE] = rule.rule
-    _adopt_server_span(environ)
+def _route_of(app: Flask, environ: WSGIEnvironment) -> str | None:
+    """The URL rule Flask matched, while its request is alive; afterwards, matched again."""
+    current = environ.get("werkzeug.request")  # Flask clears it when the request context ends
+    if current is not None:
+        rule = getattr(current, "url_rule", None)
+        return None if rule is None else str(rule.rule)
+    try:
+        adapter = app.url_map.bind_to_environ(
+            environ, server_name=app.config.get("SERVER_NAME") or None
+        )
+        matched, _ = adapter.match(return_rule=True)
+    except HTTPException:
+        return None
+    return str(matched.rule)
 
 
 def _on_exception(sender: Flask, exception: BaseException, **extra: Any) -> None:
-    request.environ[ENVIRON_ERROR] = exception
-    _adopt_server_span(request.environ)
+    environ = request.environ
+    environ[ENVIRON_ERROR] = exception
+    telemetry = environ.get(ENVIRON_TELEMETRY)
+    if telemetry is not None:
+        telemetry.adopt_current_span()

@@ -171,14 +171,16 @@ class AsyncUpstreamOpsTransport(httpx.AsyncBaseTransport):
 
 def _watch(attempt: Attempt, response: httpx.Response) -> bool:
     """Tell the attempt about the response; True when its stream must be wrapped."""
-    if attempt.received(response.status_code, response.headers, _content_type(response.headers)):
+    headers = response.headers
+    if attempt.received(response.status_code, headers, _content_type(headers)):
         attempt.record_on_collect(response)
-    if response.is_closed:  # built with content=...: the body is already in memory
+    if not response.is_closed:
+        return True
+    if attempt.reads_body:  # built with content=...: the body is already in memory
         with contextlib.suppress(httpx.ResponseNotRead):  # closed unread: nothing to see
             attempt.feed(response.content)
-        attempt.body_ended()
-        return False
-    return True
+    attempt.body_ended()
+    return False
 
 
 def _content_type(headers: httpx.Headers) -> str:
@@ -193,7 +195,8 @@ def _content_type(headers: httpx.Headers) -> str:
 
 
 class _CapturedSyncStream(httpx.SyncByteStream):
-    """The response stream as the caller reads it, shown to the attempt chunk by chunk."""
+    """The response stream as the caller reads it: shown to the attempt chunk by chunk when the
+    attempt reads the body, passed through otherwise; a failure while it is read is the attempt's."""
 
     def __init__(self, stream: httpx.SyncByteStream | httpx.AsyncByteStream, attempt: Attempt):
         self._stream = stream
@@ -204,9 +207,12 @@ class _CapturedSyncStream(httpx.SyncByteStream):
         if not isinstance(self._stream, httpx.SyncByteStream):
             raise RuntimeError("Attempted to call a sync iterator on an async stream.")
         try:
-            for chunk in self._stream:
-                attempt.feed(chunk)
-                yield chunk
+            if attempt.reads_body:
+                for chunk in self._stream:
+                    attempt.feed(chunk)
+                    yield chunk
+            else:  # a success: only a failure while it is read is an event
+                yield from self._stream
         except _NOT_RECORDED:
             raise
         except BaseException as exc:
@@ -234,9 +240,13 @@ class _CapturedAsyncStream(httpx.AsyncByteStream):
         if not isinstance(self._stream, httpx.AsyncByteStream):
             raise RuntimeError("Attempted to call an async iterator on a sync stream.")
         try:
-            async for chunk in self._stream:
-                attempt.feed(chunk)
-                yield chunk
+            if attempt.reads_body:
+                async for chunk in self._stream:
+                    attempt.feed(chunk)
+                    yield chunk
+            else:  # a success: only a failure while it is read is an event
+                async for chunk in self._stream:
+                    yield chunk
         except _NOT_RECORDED:
             raise
         except BaseException as exc:

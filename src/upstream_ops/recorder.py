@@ -34,7 +34,7 @@ from upstream_ops.record import RequestRecord
 from upstream_ops.sanitize import sanitize_label, sanitize_message
 from upstream_ops.sinks.base import Sink
 
-__all__ = ["RecordFilter", "RecordHook", "Recorder", "default_should_record"]
+__all__ = ["RecordFilter", "RecordHook", "Recorder", "default_should_record", "new_request_id"]
 
 logger = logging.getLogger("upstream_ops")
 
@@ -113,6 +113,7 @@ class Recorder:
         dispatcher: Dispatcher | None = None,
         service: str = "",
         request_id_header: str | None = REQUEST_ID_HEADER,
+        echo_request_id: bool = False,
         should_record: RecordFilter | None = None,
         before_flush: RecordHook | None = None,
         max_events: int = MAX_EVENTS_PER_REQUEST,
@@ -123,6 +124,10 @@ class Recorder:
     ) -> None:
         if request_id_header is not None and not _HEADER_NAME_RE.fullmatch(request_id_header):
             raise ValueError(f"request_id_header is not a valid header name: {request_id_header!r}")
+        if not isinstance(echo_request_id, bool):
+            raise ValueError(f"echo_request_id must be True or False, got {echo_request_id!r}")
+        if echo_request_id and request_id_header is None:
+            raise ValueError("echo_request_id needs a request_id_header to send the id in")
         if not isinstance(max_events, int) or isinstance(max_events, bool) or max_events < 1:
             raise ValueError(f"max_events must be a positive integer, got {max_events!r}")
         if dispatcher is not None and sink is not None:
@@ -146,18 +151,20 @@ class Recorder:
         )
         self.service = sanitize_label(service)
         self.request_id_header = request_id_header
+        self.echo_request_id = echo_request_id
         self.should_record = should_record or default_should_record
+        self._default_rule = self.should_record is default_should_record
         self.before_flush = before_flush
         self.max_events = max_events
 
     def request_id_for(self, incoming: str | None) -> str:
-        """The incoming id when it is 1..128 chars of ``[A-Za-z0-9._:-]``, else a new uuid4 hex."""
+        """The incoming id when it is 1..128 chars of ``[A-Za-z0-9._:-]``, else a new one."""
         if incoming and _REQUEST_ID_RE.fullmatch(incoming):
             return incoming
-        return uuid4_hex()
+        return new_request_id()
 
     def start(self, request_id: str) -> Collector:
-        return Collector(request_id, max_events=self.max_events)
+        return Collector(request_id, self.max_events)
 
     def finish(self, collector: Collector, facts: RequestFacts) -> RequestRecord | None:
         """Build the record, apply the rule and the hook, enqueue. Never raises into the app."""
@@ -186,17 +193,8 @@ class Recorder:
         The happy path's shortcut: a healthy request under ``default_should_record`` gets no record,
         so the adapters ask this before they describe the request to :meth:`finish`.
         """
-        collector.finish()
-        return (
-            self.should_record is default_should_record
-            and status_code < 500
-            and error is None
-            and not collector.upstream_status_code
-            and not collector.dropped_events
-            and collector.upstream_error_message is None
-            and collector.upstream_error_detail is None
-            and not collector.has_events()
-        )
+        quiet = collector.close()
+        return quiet and self._default_rule and status_code < 500 and error is None
 
     def _build(self, collector: Collector, facts: RequestFacts) -> RequestRecord:
         events = collector.events
@@ -243,6 +241,20 @@ def uuid4_hex() -> str:
             _uuid4_pool.extend(_new_uuid4_hexes(_UUID4_POOL_SIZE))
 
 
+def new_request_id() -> str:
+    """32 random lower-case hex digits (128 bits from ``os.urandom``): a request's id when none came.
+
+    The shape of a uuid4 hex without its fixed version bits, because making those costs more than
+    the rest of a healthy request's bookkeeping; ids come from a pool like :func:`uuid4_hex`'s.
+    """
+    while True:
+        try:
+            return _request_id_pool.pop()
+        except IndexError:
+            text = os.urandom(16 * _UUID4_POOL_SIZE).hex()
+            _request_id_pool.extend([text[i : i + 32] for i in range(0, len(text), 32)])
+
+
 def _new_uuid4_hexes(count: int) -> list[str]:
     data = bytearray(os.urandom(16 * count))
     # RFC 4122 version 4, as uuid.UUID(version=4): byte 6 starts with the version nibble 4 and
@@ -257,8 +269,10 @@ _UUID4_VERSION: Final = bytes(byte & 0x0F | 0x40 for byte in range(256))
 _UUID4_VARIANT: Final = bytes(byte & 0x3F | 0x80 for byte in range(256))
 _UUID4_POOL_SIZE: Final = 256
 _uuid4_pool: list[str] = []
+_request_id_pool: list[str] = []
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_uuid4_pool.clear)
+    os.register_at_fork(after_in_child=_request_id_pool.clear)
 
 
 def _qualified_name(exc: BaseException) -> str:

@@ -22,8 +22,8 @@ input beyond 64 times the limit (at most 1 MiB) is cut before the pattern pass.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
-from itertools import compress, repeat
+from collections.abc import Callable, Iterable, Mapping
+from itertools import compress
 from typing import Final, NamedTuple
 from urllib.parse import unquote_plus
 
@@ -163,7 +163,7 @@ TOKEN_RULES: Final = (
         "openai_anthropic_stripe_key",
         "k",
         re.compile(
-            r"(?P<keep>k(?<=sk)(?<![A-Za-z0-9]sk)"
+            r"(?P<keep>sk(?<![A-Za-z0-9]sk)"
             r"(?:-(?:proj-|svcacct-|admin-|ant-(?:[a-z]{2,8}[0-9]{2}-)?)?|_(?:live|test)_))"
             r"[A-Za-z0-9_-]{20,}+"
         ),
@@ -185,7 +185,8 @@ TOKEN_RULES: Final = (
         "github_or_huggingface_token",
         "_",
         re.compile(
-            r"(?P<keep>_(?:(?<=gh[pousr]_)(?<![A-Za-z0-9]gh[pousr]_)|(?<=hf_)(?<![A-Za-z0-9]hf_)"
+            r"(?P<keep>_(?<=[pousrfb]_)"  # one cheap look back rejects most underscores
+            r"(?:(?<=gh[pousr]_)(?<![A-Za-z0-9]gh[pousr]_)|(?<=hf_)(?<![A-Za-z0-9]hf_)"
             r"|(?<=github_)(?<![A-Za-z0-9]github_)pat_))[A-Za-z0-9_]{20,}+"
         ),
     ),
@@ -229,26 +230,43 @@ _VALUE = re.compile(
     r"""
     >?[ \t]{0,16}+(?:\n[ \t]{0,64}+(?=["'\\\[{]))?
     (?:
-        (?P<dqo>[bBrRuU]?")(?:[^"\\\n]|\\.)*+(?P<dqc>"?)
-      | (?P<eqo>\\")(?:[^"\\\n]|\\\\(?:\\.|[^"\\\n])|\\[^"\\\n])*+(?P<eqc>(?:\\")?)
+        (?P<dqo>[bBrRuU]?")[^"\\\n]*+(?:\\.[^"\\\n]*+)*+(?P<dqc>"?)
+      | (?P<eqo>\\")[^"\\\n]*+(?:(?:\\\\(?:\\.|[^"\\\n])|\\[^"\\\n])[^"\\\n]*+)*+(?P<eqc>(?:\\")?)
       | (?P<flat>\[[^\[\]{}]*+\]|\{[^{}]*+\})
       | (?P<literal>(?:null|true|false|None|True|False|nil)(?![A-Za-z0-9_-]))
-      | (?P<sqo>[bBrRuU]?')(?:[^'\\\n]|\\.)*+(?P<sqc>'?)
+      | (?P<sqo>[bBrRuU]?')[^'\\\n]*+(?:\\.[^'\\\n]*+)*+(?P<sqc>'?)
       | (?P<bqo>\\{2,8}+")(?:(?!(?P=bqo))[^\n])*+(?P<bqc>(?P=bqo)?)
       | (?P<bare>[^\s&;,"'<>(){}]++)
     )
     """,
     re.VERBOSE | re.DOTALL,
 )
-_BLOCK_SUBSTITUTIONS: Final = tuple((rule.gate, rule.pattern.sub) for rule in BLOCK_RULES)
-_TOKEN_SUBSTITUTIONS: Final = tuple((rule.gate, rule.pattern.sub) for rule in TOKEN_RULES)
+_Substitute = Callable[[Callable[[re.Match[str]], str], str], str]
+# Besides its gate, characters every match of a rule contains. Each is a memchr; a pass over the text
+# costs as much as twenty of them, so a rule whose match cannot be there is skipped.
+_ALSO_REQUIRED: Final = {
+    "private_key": "VKY",  # "PRIVATE KEY"
+    "url_userinfo": ":/",
+    "aws_access_key_id_or_google_api_key": "I",  # AKIA, ASIA, AIza
+    "google_oauth_token": "y2.",  # ya29.
+    "github_or_huggingface_token": "h",  # gh?_, hf_, github_pat_
+    "slack_token": "-",
+    "jwt": "e.",  # eyJ, and the dots between its parts
+}
+_BLOCK_SUBSTITUTIONS: Final = tuple(
+    (rule.gate, _ALSO_REQUIRED.get(rule.name, ""), rule.pattern.sub) for rule in BLOCK_RULES
+)
+_TOKEN_SUBSTITUTIONS: Final = tuple(
+    (rule.gate, _ALSO_REQUIRED.get(rule.name, ""), rule.pattern.sub) for rule in TOKEN_RULES
+)
 _QUOTE_CLOSE: Final = frozenset(_VALUE.groupindex[g] for g in ("dqc", "eqc", "bqc", "sqc"))
 _FLAT: Final = _VALUE.groupindex["flat"]
 _BARE_VALUE: Final = _VALUE.groupindex["bare"]
 _BARE = re.compile(r"[^\s&;,\"'<>(){}]++")
 _SCHEME = re.compile("(?i:" + "|".join(map(re.escape, AUTH_SCHEMES)) + r")[ \t]++(?=\S)")
 _SEGMENT = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
-_UNKNOWN, _NOT_SECRET, _SECRET, _SECRET_TO_LINE_END = -1, 0, 1, 2
+_NOT_SECRET, _SECRET, _SECRET_TO_LINE_END = 0, 1, 2
+_INNER_VALUE_CHECKS = 16  # values of keys inside a redacted value, read per text
 _KEY_CACHE_SIZE = 4096
 _CACHED_CHARS = 512  # labels and URLs up to this long are cached
 
@@ -300,7 +318,7 @@ class Sanitizer:
         self._secret_names = frozenset(names)
         self._keep_names = frozenset("".join(_segments(key)) for key in keep_keys)
         self._modes: dict[str, int] = {}
-        self._reversed_modes: dict[str, int] = {}
+        self._reversed_modes = _ReversedKeyModes(self._key_mode)
         # Labels and URLs repeat (the same platform, model, kind, endpoint on every event): their
         # results are kept, bounded like the key caches. The output depends only on the input and on
         # this sanitizer's rules, which never change after __init__.
@@ -419,14 +437,14 @@ class Sanitizer:
             return _fallback(max_bytes)
 
     def _redact(self, text: str) -> str:
-        for gate, substitute in _BLOCK_SUBSTITUTIONS:
+        for gate, also_required, substitute in _BLOCK_SUBSTITUTIONS:
             if gate in text:
-                text = substitute(_keep_prefix, text)
+                text = _substitute_if_all_in(text, also_required, substitute)
         if "=" in text or ":" in text or "%" in text:
             text = self._redact_pairs(text)
-        for gate, substitute in _TOKEN_SUBSTITUTIONS:
+        for gate, also_required, substitute in _TOKEN_SUBSTITUTIONS:
             if gate in text:
-                text = substitute(_keep_prefix, text)
+                text = _substitute_if_all_in(text, also_required, substitute)
         for pattern in self._extra_patterns:
             text = pattern.sub(REDACTED, text)
         return text
@@ -435,22 +453,17 @@ class Sanitizer:
         """Replace the values of secret keys; keys, and the values of other keys, stay."""
         size = len(text)
         reversed_text = text[::-1]
+        mode_of = self._reversed_modes.__getitem__
         hits: list[tuple[int, int]] = []  # (index just after the separator, key mode)
         for gate, pattern, shift in _REVERSED_PAIRS:
             if gate not in text:
                 continue
             parts = pattern.split(reversed_text)  # text, separator+key, text, separator+key, ...
-            keys = parts[1::2]
-            modes = list(map(self._reversed_modes.get, keys, repeat(_UNKNOWN)))
-            if _UNKNOWN in modes:
-                modes = [
-                    self._reversed_mode(k) if m == _UNKNOWN else m
-                    for k, m in zip(keys, modes, strict=True)
-                ]
+            modes = list(map(mode_of, parts[1::2]))
             if any(modes):
                 start, summed = 0, 0  # the offset in the reversed text of parts[summed]
                 for i in compress(range(1, len(parts), 2), modes):
-                    start += sum(map(len, parts[summed:i]))
+                    start += len("".join(parts[summed:i]))  # a memcpy: cheaper than len() each
                     summed = i
                     hits.append((size - start + shift, modes[i // 2]))
         if not hits:
@@ -458,25 +471,31 @@ class Sanitizer:
         hits.sort()
         out: list[str] = []
         done = 0
+        inner_checks = _INNER_VALUE_CHECKS
         for position, mode in hits:
-            if position >= done:  # else this "key" was inside a value already redacted
+            if position >= done:
                 span = _value_span(text, position, mode)
                 if span is not None:
                     out += (text[done : span[0]], span[2])
                     done = span[1]
+                continue
+            # This key was inside a value already redacted, but its own value may reach past
+            # that value: `Key=" {'password': "s3cret'"}` (the quote that closes the first value
+            # opens the second), `secret={"password": "a}b"}`. A few are checked (each check reads
+            # the value, so a bounded number keeps the pass linear); past those, the rest of the
+            # line is redacted.
+            if inner_checks:
+                inner_checks -= 1
+                span = _value_span(text, position, mode)
+                end = span[1] if span is not None else done
+            else:
+                line_end = text.find("\n", done)
+                end = len(text) if line_end < 0 else line_end
+            if end > done:
+                out.append(REDACTED)
+                done = end
         out.append(text[done:])
         return "".join(out)
-
-    def _reversed_mode(self, separator_and_key: str) -> int:
-        mode = self._reversed_modes.get(separator_and_key)  # a key seen earlier in the same text
-        if mode is not None:
-            return mode
-        match = _REVERSED_KEY_TEXT.fullmatch(separator_and_key)
-        mode = self._key_mode(match[1][::-1]) if match else _NOT_SECRET
-        if len(self._reversed_modes) >= _KEY_CACHE_SIZE:
-            self._reversed_modes.clear()
-        self._reversed_modes[separator_and_key] = mode
-        return mode
 
     def _redact_url_parameters(self, url: str) -> str:
         rest, hash_mark, fragment = url.partition("#")
@@ -498,6 +517,33 @@ class Sanitizer:
             if value and self.is_secret_key(unquote_plus(name)):
                 parameters[i] = name + equals + REDACTED
         return "&".join(parameters)
+
+
+class _ReversedKeyModes(dict[str, int]):
+    """The key mode of each reversed "separator and key" that the pair patterns split off.
+
+    A dict, so that the modes of all the keys of a text are looked up in one ``map`` without a
+    Python call per key; a key not seen before is read and classified by ``__missing__``.
+    """
+
+    def __init__(self, key_mode: Callable[[object], int]) -> None:
+        super().__init__()
+        self._key_mode = key_mode
+
+    def __missing__(self, separator_and_key: str) -> int:
+        match = _REVERSED_KEY_TEXT.fullmatch(separator_and_key)
+        mode = self._key_mode(match[1][::-1]) if match else _NOT_SECRET
+        if len(self) >= _KEY_CACHE_SIZE:
+            self.clear()
+        self[separator_and_key] = mode
+        return mode
+
+
+def _substitute_if_all_in(text: str, characters: str, substitute: _Substitute) -> str:
+    for character in characters:
+        if character not in text:
+            return text
+    return substitute(_keep_prefix, text)
 
 
 def _keep_prefix(match: re.Match[str]) -> str:
@@ -580,7 +626,7 @@ def _coerce(value: object, limit: int) -> tuple[str, int]:
 
 
 def _strip_controls(text: str, controls: tuple[bytes | None, bytes]) -> str:
-    if len(text) < 64 and text.isprintable():
+    if len(text) < 64 and text.isprintable():  # isprintable costs more per character than translate
         return text
     data = text.encode("utf-8", "surrogatepass")
     cleaned = data.translate(*controls)

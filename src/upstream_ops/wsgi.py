@@ -17,10 +17,17 @@ from typing import Any
 from opentelemetry import metrics, trace
 from opentelemetry.propagators.textmap import Getter
 
-from upstream_ops.collector import Collector, _activate, _deactivate
+from upstream_ops.collector import Collector, _current
 from upstream_ops.defaults import MAX_EVENTS_PER_REQUEST, REQUEST_ID_HEADER, SPOOL_MAX_BYTES
 from upstream_ops.dispatcher import Dispatcher
-from upstream_ops.recorder import Recorder, RecordFilter, RecordHook, RequestFacts, now_ms
+from upstream_ops.recorder import (
+    Recorder,
+    RecordFilter,
+    RecordHook,
+    RequestFacts,
+    new_request_id,
+    now_ms,
+)
 from upstream_ops.sinks.base import Sink
 from upstream_ops.telemetry._server import IncomingRequest, ServerTelemetry
 
@@ -51,6 +58,7 @@ class UpstreamOpsWSGIMiddleware:
         dispatcher: Dispatcher | None = None,
         service: str = "",
         request_id_header: str | None = REQUEST_ID_HEADER,
+        echo_request_id: bool = False,
         should_record: RecordFilter | None = None,
         before_flush: RecordHook | None = None,
         max_events: int = MAX_EVENTS_PER_REQUEST,
@@ -67,6 +75,7 @@ class UpstreamOpsWSGIMiddleware:
             dispatcher=dispatcher,
             service=service,
             request_id_header=request_id_header,
+            echo_request_id=echo_request_id,
             should_record=should_record,
             before_flush=before_flush,
             max_events=max_events,
@@ -82,86 +91,158 @@ class UpstreamOpsWSGIMiddleware:
         )
         #: Set by an integration whose framework instrumentation starts the server span inside the
         #: app (Flask's): then the middleware adopts that span instead of starting one.
-        self._app_starts_server_span: Callable[[], bool] | None = None
+        self._app_starts_server_span: Callable[[], object] | None = None
+        #: Set by an integration that can tell the matched route template from the environ after
+        #: the app ran (Flask's URL rule); asked only for a request that gets a record or a span.
+        self._route_of: Callable[[WSGIEnvironment], str | None] | None = None
         self._environ_key = (
-            "HTTP_" + request_id_header.upper().replace("-", "_")
-            if request_id_header
-            else "HTTP_X_REQUEST_ID"
+            "HTTP_" + request_id_header.upper().replace("-", "_") if request_id_header else None
         )
+        self._echo_header = request_id_header if echo_request_id else None
 
     @property
     def dispatcher(self) -> Dispatcher:
         return self.recorder.dispatcher
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        return _WSGIRequestRecording(self, environ).run(start_response)
+        # The happy path runs for every request: each step is kept to a few bytecodes, and what a
+        # record needs is worked out in ``finish`` only for a request that gets one.
+        recording = _WSGIRequestRecording(self, environ, start_response)
+        telemetry = recording.telemetry
+        otel_token = telemetry.activate() if telemetry is not None else None
+        try:
+            result = self.app(environ, recording.start_response)
+        except BaseException as exc:
+            recording.error = exc
+            recording.finish()
+            raise
+        finally:
+            # Current only while the app runs: a server may close the body in another context.
+            if telemetry is not None:
+                telemetry.deactivate(otel_token)
+        file_wrapper = environ.get("wsgi.file_wrapper")
+        if (
+            file_wrapper is not None
+            and isinstance(file_wrapper, type)
+            and isinstance(result, file_wrapper)
+        ):
+            return recording.wrap_close_of(result)
+        recording.result = result
+        return recording
 
 
 class _WSGIRequestRecording:
-    """The state of one WSGI request, finished exactly once."""
+    """One WSGI request: its collector, what ``start_response`` told, and the response iterable.
 
-    def __init__(self, middleware: UpstreamOpsWSGIMiddleware, environ: WSGIEnvironment) -> None:
+    It is what the middleware returns to the server: iterating it iterates the app's response and
+    notes errors and completion; ``close`` closes the app's response and finishes the record, once.
+    """
+
+    __slots__ = (
+        "_start_response",
+        "collector",
+        "ended",
+        "environ",
+        "error",
+        "finished",
+        "iteration_done",
+        "iteration_started",
+        "middleware",
+        "result",
+        "route",
+        "started",
+        "status_code",
+        "telemetry",
+        "token",
+    )
+
+    def __init__(
+        self,
+        middleware: UpstreamOpsWSGIMiddleware,
+        environ: WSGIEnvironment,
+        start_response: StartResponse,
+    ) -> None:
+        self.started = time.perf_counter()
+        recorder = middleware.recorder
+        request_id = None
+        if middleware._environ_key is not None:
+            incoming = environ.get(middleware._environ_key)
+            if incoming is not None:
+                request_id = recorder.request_id_for(
+                    incoming if isinstance(incoming, str) else None
+                )
+        collector = Collector(request_id or new_request_id(), recorder.max_events)
+        environ[ENVIRON_COLLECTOR] = collector
+        deferred = middleware._app_starts_server_span
+        telemetry = middleware.telemetry.start(
+            collector, _describe, environ, deferred is not None and deferred() is True
+        )
+        if telemetry is not None:
+            environ[ENVIRON_TELEMETRY] = telemetry
         self.middleware = middleware
         self.environ = environ
+        self._start_response = start_response
+        self.collector = collector
+        self.telemetry = telemetry
+        self.result: Iterable[bytes] = ()
         self.status_code = 0
-        self.started_at_ms = now_ms()
-        self.started = time.perf_counter()
         self.ended = 0.0
         self.iteration_started = False
         self.iteration_done = False
         self.error: BaseException | None = None
         self.finished = False
-        recorder = middleware.recorder
-        incoming = environ.get(middleware._environ_key)
-        self.request_id = recorder.request_id_for(incoming if isinstance(incoming, str) else None)
-        self.collector: Collector = recorder.start(self.request_id)
-        deferred = middleware._app_starts_server_span
-        self.telemetry = middleware.telemetry.start(
-            self.collector,
-            _describe,
-            environ,
-            span_started_by_app=deferred is not None and deferred(),
-        )
-        self.token = _activate(self.collector)
-        environ[ENVIRON_COLLECTOR] = self.collector
-        environ[ENVIRON_TELEMETRY] = self.telemetry
+        self.route: str | None = None
+        self.token = _current.set(collector)
 
-    def run(self, start_response: StartResponse) -> Iterable[bytes]:
-        header = self.middleware.recorder.request_id_header
-
-        def recording_start_response(
-            status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
-        ) -> Callable[[bytes], object]:
-            try:
-                self.status_code = int(status[:3])
-            except ValueError:
-                self.status_code = 0
-            if header is not None and not any(k.lower() == header.lower() for k, _ in headers):
-                headers = [*headers, (header, self.request_id)]
-            if self.telemetry is not None:
-                # Flask's server span ends with the request context, before the body is sent.
-                self.telemetry.response_ready(self.status_code)
-            if exc_info is not None:
-                return start_response(status, headers, exc_info)
-            return start_response(status, headers)
-
-        otel_token = self.telemetry.activate() if self.telemetry is not None else None
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
+    ) -> Callable[[bytes], object]:
+        """Notes the status (and echoes the request id) on the way to the server's start_response."""
         try:
-            result = self.middleware.app(self.environ, recording_start_response)
+            status_code = self.status_code = int(status[:3])
+        except ValueError:
+            status_code = self.status_code = 0
+        header = self.middleware._echo_header
+        if header is not None:
+            name = header.lower()
+            if not any(k.lower() == name for k, _ in headers):
+                headers = [*headers, (header, self.collector.request_id)]
+        telemetry = self.telemetry
+        if telemetry is not None or status_code >= 500 or self.collector.has_events():
+            # The route is needed (a span, or a likely record) and the app's request is still
+            # alive: the integration reads it cheaply now instead of working it out at the end.
+            self.route = self._route()
+            if telemetry is not None:
+                # Flask's server span ends with the request context, before the body is sent.
+                telemetry.response_ready(status_code)
+        if exc_info is not None:
+            return self._start_response(status, headers, exc_info)
+        return self._start_response(status, headers)
+
+    def __iter__(self) -> Iterator[bytes]:
+        self.iteration_started = True
+        try:
+            yield from self.result
+        except GeneratorExit:
+            raise  # the server stopped iterating early; close() will tell
         except BaseException as exc:
             self.error = exc
-            self.finish()
+            self.iteration_done = True
+            self.ended = time.perf_counter()
             raise
-        finally:
-            # Current only while the app runs: a server may close the body in another context.
-            if self.telemetry is not None:
-                self.telemetry.deactivate(otel_token)
-        file_wrapper = self.environ.get("wsgi.file_wrapper")
-        if isinstance(file_wrapper, type) and isinstance(result, file_wrapper):
-            return self._wrap_close_of(result)
-        return _RecordedBody(self, result)
+        self.iteration_done = True
+        self.ended = time.perf_counter()
 
-    def _wrap_close_of(self, result: Iterable[bytes]) -> Iterable[bytes]:
+    def close(self) -> None:
+        try:
+            close = getattr(self.result, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self.finish()
+
+    def wrap_close_of(self, result: Iterable[bytes]) -> Iterable[bytes]:
+        """A ``wsgi.file_wrapper`` goes back as is (servers may ``sendfile`` it): hook its close."""
         original_close = getattr(result, "close", None)
 
         def close() -> None:
@@ -182,40 +263,63 @@ class _WSGIRequestRecording:
         if self.finished:
             return
         self.finished = True
-        ended = self.ended or time.perf_counter()
-        _deactivate(self.token)
-        error = self.error or self.environ.get(ENVIRON_ERROR)
-        error = error if isinstance(error, BaseException) else None
-        route = self.environ.get(ENVIRON_ROUTE)
-        route = route if isinstance(route, str) else None
-        status_code = self._final_status()
-        span_context = None
-        if self.telemetry is not None:
-            self.telemetry.end(status_code=status_code, route=route, error=error)
-            span_context = self.telemetry.span_context
+        try:
+            _current.reset(self.token)
+        except ValueError:  # closed in another context than the one the app ran in
+            _current.set(None)
+        error = self.error
+        if error is None:
+            error = self.environ.get(ENVIRON_ERROR)
+            if error is not None and not isinstance(error, BaseException):
+                error = None
+        if error is not None and not self.status_code:
+            status_code = 500
+        elif self.iteration_started and not self.iteration_done and error is None:
+            status_code = CLIENT_CLOSED_REQUEST  # the server stopped reading: the client went away
+        else:
+            status_code = self.status_code
+        telemetry = self.telemetry
         recorder = self.middleware.recorder
-        if recorder.finish_if_healthy(self.collector, status_code, error):
-            return
+        if telemetry is None:
+            if recorder.finish_if_healthy(self.collector, status_code, error):
+                return
+            route = self.route or self._route()
+            span_context = None
+        else:
+            route = self.route or self._route()
+            telemetry.end(status_code=status_code, route=route, error=error)
+            span_context = telemetry.span_context
+            if recorder.finish_if_healthy(self.collector, status_code, error):
+                return
+        environ = self.environ
+        now = time.perf_counter()
         recorder.finish(
             self.collector,
             RequestFacts(
-                method=str(self.environ.get("REQUEST_METHOD", "")),
-                path=str(self.environ.get("PATH_INFO", "")),
+                method=str(environ.get("REQUEST_METHOD", "")),
+                path=str(environ.get("PATH_INFO", "")),
                 route=route,
                 status_code=status_code,
-                started_at_ms=self.started_at_ms,
-                duration_ms=(ended - self.started) * 1000.0,
+                started_at_ms=now_ms() - round((now - self.started) * 1000.0),
+                duration_ms=((self.ended or now) - self.started) * 1000.0,
                 error=error,
                 span_context=span_context,
             ),
         )
 
-    def _final_status(self) -> int:
-        if self.error is not None and not self.status_code:
-            return 500
-        if self.iteration_started and not self.iteration_done and self.error is None:
-            return CLIENT_CLOSED_REQUEST  # the server stopped reading: the client went away
-        return self.status_code
+    def _route(self) -> str | None:
+        """The route template: set in the environ (``upstream_ops.route``) or told by the integration."""
+        route = self.environ.get(ENVIRON_ROUTE)
+        if isinstance(route, str):
+            return route
+        route_of = self.middleware._route_of
+        if route_of is None:
+            return None
+        try:
+            route = route_of(self.environ)
+        except Exception:
+            return None
+        return route if isinstance(route, str) else None
 
 
 class _EnvironGetter(Getter[WSGIEnvironment]):
@@ -252,36 +356,3 @@ def _describe(environ: WSGIEnvironment) -> IncomingRequest:
         carrier=environ,
         getter=_ENVIRON_GETTER,
     )
-
-
-class _RecordedBody:
-    """Wraps the response iterable: notes errors and completion, finishes the record on ``close``."""
-
-    __slots__ = ("_recording", "_result")
-
-    def __init__(self, recording: _WSGIRequestRecording, result: Iterable[bytes]) -> None:
-        self._recording = recording
-        self._result = result
-
-    def __iter__(self) -> Iterator[bytes]:
-        recording = self._recording
-        recording.iteration_started = True
-        try:
-            yield from self._result
-        except GeneratorExit:
-            raise  # the server stopped iterating early; close() will tell
-        except BaseException as exc:
-            recording.error = exc
-            recording.iteration_done = True
-            recording.ended = time.perf_counter()
-            raise
-        recording.iteration_done = True
-        recording.ended = time.perf_counter()
-
-    def close(self) -> None:
-        try:
-            close = getattr(self._result, "close", None)
-            if callable(close):
-                close()
-        finally:
-            self._recording.finish()

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Final
 
 from upstream_ops.events import UpstreamErrorEvent
 from upstream_ops.record import RequestRecord
 from upstream_ops.sinks._query import EVENT_COLUMNS, RECORD_COLUMNS, Column, record_rows
 
-__all__ = ["Staged", "stage"]
+__all__ = ["Staged", "StagedBatch"]
 
 _INT64: Final = (-(2**63), 2**63 - 1)
 
@@ -26,45 +26,68 @@ _INT64: Final = (-(2**63), 2**63 - 1)
 Staged = tuple[RequestRecord, tuple[Any, ...], list[tuple[Any, ...]]]
 
 
-def stage(
-    records: Sequence[RequestRecord], created_at_ms: int
-) -> tuple[list[Staged], list[tuple[RequestRecord, Exception]]]:
-    """Rows for the records that can be stored, first of each id; the others with their error."""
-    staged: list[Staged] = []
-    failures: list[tuple[RequestRecord, Exception]] = []
-    seen: set[str] = set()
-    for record in records:
-        try:
-            row, events = record_rows(record, created_at_ms)
-            if _unstorable_text(row):  # rare: rebuild from a cleaned record
-                row, events = record_rows(_storable(record), created_at_ms)
-            _check_row(row, RECORD_COLUMNS, "RequestRecord")
-            for event in events:
-                _check_row(event, EVENT_COLUMNS, "UpstreamErrorEvent")
-        except (TypeError, ValueError, OverflowError) as exc:
-            failures.append((record, exc))
-            continue
-        if row[0] in seen:
-            continue  # like ON CONFLICT: the first of a duplicated id wins
-        seen.add(row[0])
-        staged.append((record, row, events))
-    return staged, failures
+class StagedBatch:
+    """A batch's rows, made as they are consumed: iterating yields each record that can be stored
+    (the first of each id) with its rows, so a ``COPY`` reading it has the server parse a row while
+    the next one is built. ``staged`` and ``failures`` (records with the error that rules them
+    out) grow as it goes; ``finish()`` stages the rest, e.g. after a ``COPY`` stopped half-way.
+    """
+
+    def __init__(self, records: Sequence[RequestRecord], created_at_ms: int) -> None:
+        self.staged: list[Staged] = []
+        self.failures: list[tuple[RequestRecord, Exception]] = []
+        self._pending = iter(records)
+        self._created_at_ms = created_at_ms
+        self._seen: set[str] = set()
+
+    def __iter__(self) -> Iterator[Staged]:
+        for record in self._pending:  # shared: a second loop goes on where the first stopped
+            try:
+                row, events = _rows(record, self._created_at_ms)
+            except (TypeError, ValueError, OverflowError) as exc:
+                self.failures.append((record, exc))
+                continue
+            if row[0] in self._seen:
+                continue  # like ON CONFLICT: the first of a duplicated id wins
+            self._seen.add(row[0])
+            staged = (record, row, events)
+            self.staged.append(staged)
+            yield staged
+
+    def finish(self) -> list[Staged]:
+        """Stage what is left; every staged record."""
+        for _ in self:
+            pass
+        return self.staged
 
 
-def _unstorable_text(row: Sequence[Any]) -> bool:
-    """Whether a record row holds text PostgreSQL refuses: NUL, a lone surrogate, or in the
-    events' JSON (which holds every event string) ``\\u0000`` or a non-finite number. A false
-    alarm only costs the slow path."""
-    for value in row:
-        if type(value) is str and (
-            "\x00" in value
-            or "\\u0000" in value
-            or "NaN" in value
-            or "Infinity" in value
-            or (not value.isascii() and not _is_utf8(value))
-        ):
-            return True
-    return False
+def _rows(
+    record: RequestRecord, created_at_ms: int
+) -> tuple[tuple[Any, ...], list[tuple[Any, ...]]]:
+    row, events = record_rows(record, created_at_ms)
+    if _unstorable_text([row, *events]):
+        row, events = record_rows(
+            _storable(record), created_at_ms
+        )  # rare: rebuilt from a clean copy
+    _check_row(row, RECORD_COLUMNS, "RequestRecord")
+    for event in events:
+        _check_row(event, EVENT_COLUMNS, "UpstreamErrorEvent")
+    return row, events
+
+
+def _unstorable_text(rows: Iterable[Sequence[Any]]) -> bool:
+    """Whether a record's rows hold text PostgreSQL refuses: NUL, a lone surrogate, or in an
+    event's JSON (which holds every event string) ``\\u0000`` or a non-finite number. All the text
+    is searched at once (a few scans in C instead of a loop over the values); a false alarm only
+    costs the slow path."""
+    text = "\n".join([value for row in rows for value in row if type(value) is str])
+    return (
+        "\x00" in text
+        or "\\u0000" in text
+        or "NaN" in text
+        or "Infinity" in text
+        or (not text.isascii() and not _is_utf8(text))
+    )
 
 
 def _is_utf8(text: str) -> bool:
@@ -131,8 +154,33 @@ _RECORD_TYPES: Final = _column_types(RECORD_COLUMNS)
 _EVENT_TYPES: Final = _column_types(EVENT_COLUMNS)
 
 
+#: Per table, the type signatures of rows that passed ``_check_types`` -> where their ints are.
+_RECORD_CHECKED: Final[dict[tuple[type, ...], tuple[int, ...]]] = {}
+_EVENT_CHECKED: Final[dict[tuple[type, ...], tuple[int, ...]]] = {}
+#: Signatures remembered per table (a handful in practice: which optional fields are empty).
+_CHECKED_MAX: Final = 512
+
+
 def _check_row(row: Sequence[Any], columns: Sequence[Column], what: str) -> None:
-    """Reject a value its column cannot take, naming the field, before it can fail a batch."""
+    """Reject a value its column cannot take, naming the field, before it can fail a batch.
+
+    A row whose value types were accepted before only has its integers' range checked.
+    """
+    checked = _RECORD_CHECKED if columns is RECORD_COLUMNS else _EVENT_CHECKED
+    signature = tuple(map(type, row))
+    ints = checked.get(signature)
+    if ints is None:
+        _check_types(row, columns, what)
+        ints = tuple(i for i, kind in enumerate(signature) if kind is int)
+        if len(checked) < _CHECKED_MAX:
+            checked[signature] = ints
+    low, high = _INT64
+    for i in ints:
+        if not low <= row[i] <= high:
+            raise ValueError(f"{what}.{columns[i].name} does not fit 64 bits: {row[i]}")
+
+
+def _check_types(row: Sequence[Any], columns: Sequence[Column], what: str) -> None:
     types = _RECORD_TYPES if columns is RECORD_COLUMNS else _EVENT_TYPES
     for value, allowed, column in zip(row, types, columns, strict=True):
         kind = type(value)
@@ -143,5 +191,3 @@ def _check_row(row: Sequence[Any], columns: Sequence[Column], what: str) -> None
                 raise TypeError(
                     f"{what}.{column.name} must be {column.type}, got {kind.__name__} {value!r:.60}"
                 )
-        if kind is int and not _INT64[0] <= value <= _INT64[1]:
-            raise ValueError(f"{what}.{column.name} does not fit 64 bits: {value}")

@@ -15,23 +15,23 @@ as Python ``bool`` and read back with ``bool()``, which both drivers handle.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any, Final, NamedTuple
 
 from upstream_ops.defaults import QUERY_LIMIT_MAX
-from upstream_ops.events import (
-    UpstreamErrorEvent,
-    marshal_upstream_errors,
-    unmarshal_upstream_errors,
-)
+from upstream_ops.events import UpstreamErrorEvent, unmarshal_upstream_errors
 from upstream_ops.record import RECORD_FIELDS, RequestRecord
 
 RECORDS_TABLE: Final = "ops_error_logs"
 EVENTS_TABLE: Final = "ops_upstream_error_events"
 SCHEMA_TABLE: Final = "upstream_ops_schema"
 #: The schema this code writes; a store records it in ``SCHEMA_TABLE`` and migrates older ones up.
-SCHEMA_VERSION: Final = 1
+#: 1: the tables and indexes of ``schema_ddl``. 2: ``UNUSED_INDEXES`` are gone, and a record row
+#: written from now on leaves ``upstream_errors`` NULL: its events are stored once, in the events
+#: table (see ``records_from_rows``).
+SCHEMA_VERSION: Final = 2
 SCHEMA_TABLE_DDL: Final = f"CREATE TABLE IF NOT EXISTS {SCHEMA_TABLE} (version INTEGER NOT NULL)"
 SELECT_SCHEMA_VERSION: Final = f"SELECT MAX(version) FROM {SCHEMA_TABLE}"  # noqa: S608 (constants)
 #: Run after the migrations, in their transaction: the table holds one row, the current version.
@@ -69,7 +69,9 @@ RECORD_COLUMNS: Final = (
     Column("upstream_status_code", "bigint"),
     Column("upstream_error_message", "text"),
     Column("upstream_error_detail", "text"),
-    Column("upstream_errors", "json"),  # marshal_upstream_errors(): a JSON array, NULL when none
+    # Schema 1: marshal_upstream_errors(), a JSON array, NULL when none. From schema 2 on, NULL:
+    # the events are in EVENTS_TABLE only (records_from_rows puts them back).
+    Column("upstream_errors", "json"),
     Column("dropped_events", "bigint"),
     Column("error", "text"),
     Column("recovered", "bool"),
@@ -102,7 +104,8 @@ EVENT_COLUMNS: Final = (
 )
 EVENT_PRIMARY_KEY: Final = ("record_id", "seq")
 
-#: Index name -> (table, columns). Chosen for the time-window queries below.
+#: Index name -> (table, columns) of schema 1, chosen for the time-window queries below; schema 2
+#: drops ``UNUSED_INDEXES``.
 INDEXES: Final = {
     "ops_error_logs_started_at_idx": (RECORDS_TABLE, ("started_at_ms",)),
     "ops_error_logs_request_id_idx": (RECORDS_TABLE, ("request_id",)),
@@ -116,6 +119,13 @@ INDEXES: Final = {
     ),
     "ops_upstream_error_events_request_id_idx": (EVENTS_TABLE, ("request_id",)),
 }
+#: Indexes no query uses, which cost every write an insert (a random-place one for the first): an
+#: event's ``request_id`` is only searched with ``LIKE '%...%'``, which no b-tree serves, and a
+#: record's ``upstream_status_code`` only in ``... OR EXISTS (events)``, which no index serves.
+UNUSED_INDEXES: Final = (
+    "ops_upstream_error_events_request_id_idx",
+    "ops_error_logs_status_started_idx",
+)
 
 
 def schema_ddl(type_names: Mapping[str, str]) -> list[str]:
@@ -130,6 +140,12 @@ def schema_ddl(type_names: Mapping[str, str]) -> list[str]:
     for name, (table, columns) in INDEXES.items():
         statements.append(f"CREATE INDEX IF NOT EXISTS {name} ON {table} ({', '.join(columns)})")
     return statements
+
+
+def schema_2_ddl() -> list[str]:
+    """Schema 1 to 2: drop ``UNUSED_INDEXES``. (Rows keep their ``upstream_errors``; new ones do
+    not write it, which needs no DDL.)"""
+    return [f"DROP INDEX IF EXISTS {name}" for name in UNUSED_INDEXES]
 
 
 def _table_ddl(
@@ -167,15 +183,6 @@ def _insert_sql(table: str, columns: Sequence[Column], placeholder: str) -> str:
 # --- rows <-> records -----------------------------------------------------------------------------
 
 
-def record_row(record: RequestRecord, created_at_ms: int) -> tuple[Any, ...]:
-    """The ``RECORD_COLUMNS`` values of one record."""
-    values = {name: getattr(record, name) for name in RECORD_FIELDS}
-    values["upstream_errors"] = marshal_upstream_errors(record.upstream_errors)
-    values["recovered"] = bool(record.recovered)
-    values["created_at_ms"] = created_at_ms
-    return tuple(values[column.name] for column in RECORD_COLUMNS)
-
-
 def event_rows(record: RequestRecord, created_at_ms: int) -> list[tuple[Any, ...]]:
     """The ``EVENT_COLUMNS`` values of each event of one record, ``seq`` being its position."""
     return [
@@ -200,31 +207,76 @@ def event_rows(record: RequestRecord, created_at_ms: int) -> list[tuple[Any, ...
     ]
 
 
-#: Where ``event_rows`` puts the event's JSON.
-EVENT_JSON_INDEX: Final = next(i for i, c in enumerate(EVENT_COLUMNS) if c.name == "event")
-
-
 def record_rows(
     record: RequestRecord, created_at_ms: int
 ) -> tuple[tuple[Any, ...], list[tuple[Any, ...]]]:
-    """``record_row`` and ``event_rows`` at once, serializing each event once.
+    """The ``RECORD_COLUMNS`` values of one record and ``event_rows``.
 
-    The ``upstream_errors`` array is the events' JSON joined: the same text
-    ``marshal_upstream_errors`` makes, at half the cost for a store that writes both.
+    ``upstream_errors`` is NULL in the record row: each event's JSON is stored once, in its event
+    row (schema 2). Writing it twice cost a third of the bytes of a record.
     """
-    events = event_rows(record, created_at_ms)
-    values = {name: getattr(record, name) for name in RECORD_FIELDS}
-    values["upstream_errors"] = (
-        "[" + ",".join(row[EVENT_JSON_INDEX] for row in events) + "]" if events else None
-    )
-    values["recovered"] = bool(record.recovered)
-    values["created_at_ms"] = created_at_ms
-    return tuple(values[column.name] for column in RECORD_COLUMNS), events
+    values = list(_RECORD_VALUES(record))  # RECORD_COLUMNS are the fields, then created_at_ms
+    values[_ROW_UPSTREAM_ERRORS] = None
+    values[_ROW_RECOVERED] = bool(values[_ROW_RECOVERED])
+    values.append(created_at_ms)
+    return tuple(values), event_rows(record, created_at_ms)
+
+
+_RECORD_VALUES: Final = attrgetter(*RECORD_FIELDS)
+_ROW_UPSTREAM_ERRORS: Final = RECORD_FIELDS.index("upstream_errors")
+_ROW_RECOVERED: Final = RECORD_FIELDS.index("recovered")
+if tuple(c.name for c in RECORD_COLUMNS) != (*RECORD_FIELDS, "created_at_ms"):
+    raise AssertionError("RECORD_COLUMNS must be the RequestRecord fields, then created_at_ms")
 
 
 def event_json(event: UpstreamErrorEvent) -> str:
     """One event as compact JSON, the same shape as an item of ``marshal_upstream_errors``."""
-    return json.dumps(event.to_dict(), ensure_ascii=False, separators=(",", ":"))
+    return _EVENT_ENCODER(event.to_dict())
+
+
+#: ``json.dumps`` with these options, without building an encoder for every event.
+_EVENT_ENCODER: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+#: Where ``RECORD_SELECT_COLUMNS`` puts the id and the events' array.
+_ID_INDEX: Final = RECORD_SELECT_COLUMNS.index("id")
+_UPSTREAM_ERRORS_INDEX: Final = RECORD_SELECT_COLUMNS.index("upstream_errors")
+#: The events of some records, ``{}`` standing for the placeholders of their ids.
+_EVENTS_OF_RECORDS: Final = (
+    f"SELECT record_id, event FROM {EVENTS_TABLE} WHERE record_id IN ({{}}) "  # noqa: S608
+    "ORDER BY record_id, seq"
+)
+#: Ids per ``IN (...)`` list of a statement (SQLite before 3.32 allows 999 parameters).
+IDS_PER_STATEMENT: Final = 500
+
+
+def records_from_rows(
+    rows: Sequence[Sequence[Any]],
+    run: Callable[[str, Sequence[Any]], Sequence[Sequence[Any]]],
+    placeholder: str,
+) -> list[RequestRecord]:
+    """Rebuild records from rows selected as ``RECORD_SELECT_COLUMNS``, with their events.
+
+    A row written with schema 1 holds its events' array; a later one holds NULL, and its events
+    come from the events table: one more statement (``run(sql, params) -> rows``) for all such rows
+    of a page, joined into the very array schema 1 stored. A record without events is NULL either
+    way and finds none.
+    """
+    missing = [row[_ID_INDEX] for row in rows if row[_UPSTREAM_ERRORS_INDEX] is None]
+    events: dict[str, list[str]] = {}
+    for start in range(0, len(missing), IDS_PER_STATEMENT):
+        ids = missing[start : start + IDS_PER_STATEMENT]
+        sql = _EVENTS_OF_RECORDS.format(", ".join(placeholder for _ in ids))
+        for record_id, event in run(sql, ids):
+            events.setdefault(record_id, []).append(event)
+    records = []
+    for row in rows:
+        found = events.get(row[_ID_INDEX]) if row[_UPSTREAM_ERRORS_INDEX] is None else None
+        if found:
+            row = list(row)
+            row[_UPSTREAM_ERRORS_INDEX] = "[" + ",".join(found) + "]"
+        records.append(record_from_row(row))
+    return records
 
 
 def record_from_row(row: Sequence[Any]) -> RequestRecord:

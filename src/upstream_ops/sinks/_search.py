@@ -28,7 +28,7 @@ from upstream_ops.sinks._query import (
     RECORD_SELECT_COLUMNS,
     RECORDS_TABLE,
     event_from_row,
-    record_from_row,
+    records_from_rows,
 )
 from upstream_ops.store import (
     GROUP_BY,
@@ -218,7 +218,7 @@ def search_records(
         f"ORDER BY r.started_at_ms DESC, r.id{order} DESC LIMIT {p}"
     )
     rows = run(sql, [*w.params, limit + 1])
-    records = [record_from_row(row) for row in rows[:limit]]
+    records = records_from_rows(rows[:limit], run, dialect.placeholder)
     more = len(rows) > limit
     return RecordPage(records, (records[-1].started_at_ms, records[-1].id) if more else None)
 
@@ -271,7 +271,7 @@ def get_record(run: Run, dialect: Dialect, request_id: str) -> RequestRecord | N
         f"ORDER BY r.started_at_ms DESC, r.id{order} DESC LIMIT 1"
     )
     rows = run(sql, [request_id])
-    return record_from_row(rows[0]) if rows else None
+    return records_from_rows(rows, run, p)[0] if rows else None
 
 
 # --- stats --------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from upstream_ops.events import UpstreamErrorEvent
 from upstream_ops.record import RequestRecord
 from upstream_ops.retention import PurgeProgress, cutoff_ms, purge_in_batches
 from upstream_ops.sinks import _search
-from upstream_ops.sinks._postgres_rows import Staged, stage
+from upstream_ops.sinks._postgres_rows import Staged, StagedBatch
 from upstream_ops.sinks._query import (
     EVENT_COLUMNS,
     EVENTS_TABLE,
@@ -50,8 +50,9 @@ from upstream_ops.sinks._query import (
     events_select,
     insert_event_sql,
     insert_record_sql,
-    record_from_row,
+    records_from_rows,
     records_select,
+    schema_2_ddl,
     schema_ddl,
     validate_query,
 )
@@ -69,7 +70,7 @@ _TYPES: Final = {
     "json": "JSONB",
 }
 #: Statements that bring the schema from version ``n - 1`` to ``n``. Append, never edit.
-_MIGRATIONS: Final = {1: schema_ddl(_TYPES)}
+_MIGRATIONS: Final = {1: schema_ddl(_TYPES), 2: schema_2_ddl()}
 #: ``ORDER BY id`` compares bytes in SQLite; the same order here.
 _TEXT_ORDER: Final = ' COLLATE "C"'
 _SCHEMA_NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
@@ -135,9 +136,11 @@ class PostgresSink(_search.SearchMixin):
     ``timeout`` seconds for a connection, then raises; ``connect_timeout`` bounds one connection
     attempt.
 
-    Each batch is one transaction: the records are copied (``COPY``) into temporary tables and
-    moved with ``INSERT ... ON CONFLICT (id) DO NOTHING``, so a record already stored (a retry, a
-    replay from the spool) is skipped, and its events are inserted only with a new record. Text is
+    Each batch is one transaction: its events and then its records are copied (``COPY``) straight
+    into the tables, each record's rows built as the ``COPY`` reads them. When an id is stored
+    already (a retry, a replay from the spool), the batch goes through temporary tables and
+    ``INSERT ... ON CONFLICT (id) DO NOTHING`` instead, so that record is skipped, and its events
+    are inserted only with a new record. Text is
     stored intact except what PostgreSQL cannot hold: NUL characters and lone surrogates become
     U+FFFD (in columns and in the JSON alike). A record that still cannot be stored (a value of the
     wrong type, an integer beyond 64 bits, a non-finite event duration, a NULL id) is left out,
@@ -219,16 +222,15 @@ class PostgresSink(_search.SearchMixin):
     def write(self, records: Sequence[RequestRecord], /) -> None:
         if not records:
             return
-        created_at_ms = time.time_ns() // 1_000_000
-        staged, failures = stage(records, created_at_ms)
-        if staged:
-            try:
-                self._copy(staged)
-            except psycopg.errors.UndefinedTable:
-                self._schema_ready = False  # dropped behind our back: create it on the retry
-                raise
-            except _RECORD_ERRORS:
-                failures += self._insert_one_by_one(staged)
+        batch = StagedBatch(records, time.time_ns() // 1_000_000)
+        try:
+            self._copy(batch)
+        except psycopg.errors.UndefinedTable:
+            self._schema_ready = False  # dropped behind our back: create it on the retry
+            raise
+        except _RECORD_ERRORS:
+            self._insert_one_by_one(batch)
+        failures = batch.failures
         if not failures:
             return
         for record, error in failures:
@@ -260,9 +262,7 @@ class PostgresSink(_search.SearchMixin):
         """Records with ``start_ms <= started_at_ms < end_ms``, newest first (see ``Store``)."""
         query = validate_query(start_ms, end_ms, platform, status_code, kind, limit)
         statement, params = records_select(query, "%s", _TEXT_ORDER)
-        with self._connection() as connection:
-            rows = connection.execute(statement, params).fetchall()
-        return [record_from_row(row) for row in rows]
+        return records_from_rows(self._select(statement, params), self._select, "%s")
 
     def query_events(
         self,
@@ -311,34 +311,44 @@ class PostgresSink(_search.SearchMixin):
 
     # --- writing ----------------------------------------------------------------------------------
 
-    def _copy(self, staged: Sequence[Staged]) -> None:
+    def _copy(self, batch: StagedBatch) -> None:
+        """The batch in one transaction: its events first, each record staged as the ``COPY``
+        reads it (the server parses the heavy JSONB while the next rows are built)."""
         with self._connection() as connection, connection.transaction():
             cursor = connection.cursor()
             try:
                 with connection.transaction():  # a savepoint
-                    _copy_rows(cursor, _COPY_NEW_RECORDS, _COPY_NEW_EVENTS, staged)
+                    with cursor.copy(_COPY_NEW_EVENTS) as copy:
+                        for _, _, events in batch:
+                            for event in events:
+                                copy.write_row(event)
+                    _copy_records(cursor, _COPY_NEW_RECORDS, batch.staged)
                 return
             except psycopg.errors.UniqueViolation:
                 pass  # some of these ids are stored already
+            staged = batch.finish()
             for statement in _STAGE:
                 cursor.execute(statement)
-            _copy_rows(cursor, _COPY_RECORDS, _COPY_EVENTS, staged)
+            _copy_records(cursor, _COPY_RECORDS, staged)
+            with cursor.copy(_COPY_EVENTS) as copy:
+                for _, _, events in staged:
+                    for event in events:
+                        copy.write_row(event)
             cursor.execute(_MOVE)
 
-    def _insert_one_by_one(self, staged: Sequence[Staged]) -> list[tuple[RequestRecord, Exception]]:
-        """The slow path, for a batch with a record the database rejects: a savepoint each."""
-        failures: list[tuple[RequestRecord, Exception]] = []
+    def _insert_one_by_one(self, batch: StagedBatch) -> None:
+        """The slow path, for a batch with a record the database rejects: a savepoint each; the
+        rejected records join ``batch.failures``."""
         with self._connection() as connection, connection.transaction():
             cursor = connection.cursor()
-            for record, row, events in staged:
+            for record, row, events in batch.finish():
                 try:
                     with connection.transaction():
                         cursor.execute(self._insert_record, row)
                         if cursor.fetchone() is not None and events:
                             cursor.executemany(self._insert_event, events)
                 except _RECORD_ERRORS as exc:
-                    failures.append((record, exc))
-        return failures
+                    batch.failures.append((record, exc))
 
     # --- connections ------------------------------------------------------------------------------
 
@@ -439,16 +449,10 @@ class PostgresSink(_search.SearchMixin):
 # --- COPY -----------------------------------------------------------------------------------------
 
 
-def _copy_rows(
-    cursor: psycopg.Cursor[Any], records_copy: str, events_copy: str, staged: Sequence[Staged]
-) -> None:
-    with cursor.copy(records_copy) as copy:
+def _copy_records(cursor: psycopg.Cursor[Any], statement: str, staged: Sequence[Staged]) -> None:
+    with cursor.copy(statement) as copy:
         for _, row, _ in staged:
             copy.write_row(row)
-    with cursor.copy(events_copy) as copy:
-        for _, _, events in staged:
-            for event in events:
-                copy.write_row(event)
 
 
 def _split_schema(dsn: str) -> tuple[str, str | None]:

@@ -20,20 +20,20 @@ from upstream_ops.retention import PurgeProgress, cutoff_ms, purge_in_batches
 from upstream_ops.sinks import _search
 from upstream_ops.sinks._query import (
     EVENTS_TABLE,
+    IDS_PER_STATEMENT,
     RECORDS_TABLE,
     SCHEMA_TABLE_DDL,
     SCHEMA_VERSION,
     SELECT_SCHEMA_VERSION,
     SET_SCHEMA_VERSION,
     event_from_row,
-    event_rows,
     events_select,
     insert_event_sql,
     insert_record_sql,
-    record_from_row,
-    record_row,
     record_rows,
+    records_from_rows,
     records_select,
+    schema_2_ddl,
     schema_ddl,
     validate_query,
 )
@@ -51,7 +51,7 @@ _TYPES: Final = {
     "json": "TEXT",
 }
 #: Statements that bring the schema from version ``n - 1`` to ``n``. Append, never edit.
-_MIGRATIONS: Final = {1: schema_ddl(_TYPES)}
+_MIGRATIONS: Final = {1: schema_ddl(_TYPES), 2: schema_2_ddl()}
 
 # One purge batch: the oldest records (the same ones for both statements: the write lock is held).
 _OLDEST: Final = (
@@ -60,6 +60,9 @@ _OLDEST: Final = (
 )
 _PURGE_EVENTS: Final = f"DELETE FROM {EVENTS_TABLE} WHERE record_id IN ({_OLDEST})"  # noqa: S608
 _PURGE_RECORDS: Final = f"DELETE FROM {RECORDS_TABLE} WHERE id IN ({_OLDEST})"  # noqa: S608
+
+# Which ids of a batch are stored already (``IDS_PER_STATEMENT`` at a time).
+_STORED_IDS: Final = f"SELECT id FROM {RECORDS_TABLE} WHERE id IN"  # noqa: S608 (constants only)
 
 #: The page cache of each connection, in KiB.
 _CACHE_KIB: Final = 32 * 1024
@@ -92,15 +95,16 @@ class SQLiteSink(_search.SearchMixin):
     Connections are per thread (``sqlite3`` requires it); ``close()`` closes them all, and a later
     call opens new ones. Call ``close()`` when no write or query is running.
 
-    Each batch is one transaction. Inserting a record ignores an id already stored (``ON
-    CONFLICT (id) DO NOTHING``, see ``insert_record_sql``), so a retried batch is harmless, and a
-    record's events are inserted only when its row was new. Each record sits in its own savepoint:
-    a record the database rejects (see ``_RECORD_ERRORS``) is rolled back alone, logged at ERROR
-    with its full JSON so its data is not lost, and the rest of the batch is committed. If no
-    record of the batch could be stored, ``write`` raises as well, because that looks like a
-    problem with the database or the code rather than with one record, and the dispatcher should
-    retry and report it. Database errors (locked, disk full, I/O) roll back the whole batch and
-    raise: the retried batch then finds nothing half-written.
+    Each batch is one transaction, one ``executemany`` for its records and one for their events.
+    An id already stored is left out with its events (looked up first; and ``ON CONFLICT (id) DO
+    NOTHING``, see ``insert_record_sql``), so a retried batch is harmless. A batch with a record the
+    database rejects (see ``_RECORD_ERRORS``) is written again with a savepoint per record: that
+    record is rolled back alone, logged at ERROR with its full JSON so its data is not lost, and
+    the rest of the batch is committed. If no record of the batch could be stored, ``write``
+    raises as well, because that looks like a problem with the database or the code rather than
+    with one record, and the dispatcher should retry and report it. Database errors (locked, disk
+    full, I/O) roll back the whole batch and raise: the retried batch then finds nothing
+    half-written.
     """
 
     _dialect = _search.SQLITE
@@ -173,8 +177,7 @@ class SQLiteSink(_search.SearchMixin):
         """
         query = validate_query(start_ms, end_ms, platform, status_code, kind, limit)
         sql, params = records_select(query, "?")
-        rows = self._retrying(lambda: self._connection().execute(sql, params).fetchall())
-        return [record_from_row(row) for row in rows]
+        return records_from_rows(self._select(sql, params), self._select, "?")
 
     def query_events(
         self,
@@ -261,20 +264,42 @@ class SQLiteSink(_search.SearchMixin):
     def _insert_all(
         self, connection: sqlite3.Connection, records: Sequence[RequestRecord], created_at_ms: int
     ) -> None:
-        """The common case: every record of the batch is storable; raises at the first that is not."""
-        insert_record, insert_event = self._insert_record, self._insert_event
+        """The common case: every record of the batch is storable; raises at the first that is not.
+
+        Two ``executemany`` calls for the whole batch instead of statements per record: the ids
+        already stored (a retried batch) are looked up first, under the write lock, and left out
+        with their events, as is every repeat of an id inside the batch (the first one wins).
+        """
+        rows: dict[str, tuple[Any, ...]] = {}
+        events: list[tuple[Any, ...]] = []
         for record in records:
-            row, events = record_rows(record, created_at_ms)  # each event serialized once
-            # rowcount 0: the id is already stored (a retried batch), and so are its events.
-            if connection.execute(insert_record, row).rowcount == 1 and events:
-                connection.executemany(insert_event, events)
+            row, record_events = record_rows(record, created_at_ms)  # each event serialized once
+            if row[0] not in rows:
+                rows[row[0]] = row
+                events += record_events
+        stored = self._stored_ids(connection, list(rows))
+        if stored:
+            rows = {key: row for key, row in rows.items() if key not in stored}
+            events = [event for event in events if event[0] not in stored]
+        connection.executemany(self._insert_record, rows.values())
+        connection.executemany(self._insert_event, events)
+
+    @staticmethod
+    def _stored_ids(connection: sqlite3.Connection, ids: list[str]) -> set[str]:
+        """Which of ``ids`` the records table holds already."""
+        stored: set[str] = set()
+        for start in range(0, len(ids), IDS_PER_STATEMENT):
+            chunk = ids[start : start + IDS_PER_STATEMENT]
+            marks = ", ".join("?" * len(chunk))
+            cursor = connection.execute(f"{_STORED_IDS} ({marks})", chunk)
+            stored.update(key for (key,) in cursor)
+        return stored
 
     def _insert_one(
         self, connection: sqlite3.Connection, record: RequestRecord, created_at_ms: int
     ) -> Exception | None:
         try:
-            row = record_row(record, created_at_ms)
-            events = event_rows(record, created_at_ms)
+            row, events = record_rows(record, created_at_ms)
         except _RECORD_ERRORS as exc:
             return exc
         connection.execute("SAVEPOINT upstream_ops_record")

@@ -17,7 +17,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+from opentelemetry import metrics, propagate, trace
 from opentelemetry.trace import Span, SpanKind, StatusCode
 from opentelemetry.util.types import AttributeValue
 
@@ -34,7 +34,7 @@ from upstream_ops.telemetry._attributes import (
     SCOPE_NAME,
     URL_FULL,
 )
-from upstream_ops.telemetry._providers import ProviderLiveness
+from upstream_ops.telemetry._providers import _CONTEXT_VAR, _SPAN_KEY, ProviderLiveness
 
 __all__ = ["ClientSpan", "ClientTelemetry", "default_client_telemetry"]
 
@@ -94,7 +94,9 @@ class ClientTelemetry:
 
     def __init__(self, tracer_provider: trace.TracerProvider | None = None) -> None:
         self._provider = tracer_provider
-        self._live = ProviderLiveness(tracer_provider, None)
+        # Only the tracer provider is watched: once a global one is set, no attempt looks again
+        # (a global meter provider, which client spans never use, would keep it looking).
+        self._live = ProviderLiveness(tracer_provider, metrics.NoOpMeterProvider())
         self._tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer(
             SCOPE_NAME, __version__, schema_url=SCHEMA_URL
         )
@@ -121,24 +123,14 @@ class ClientTelemetry:
             live = self._live
             if live.unset:
                 live.refresh()
-            current = trace.get_current_span()
-            enrich = current.is_recording() and getattr(current, "kind", None) is SpanKind.CLIENT
-            if not enrich and not live.tracing:
-                return None  # no SDK: nothing else is done, not even counting
+            if _CONTEXT_VAR is None or _CONTEXT_VAR.get().get(_SPAN_KEY) is not None:
+                current = trace.get_current_span()
+                if current.is_recording() and getattr(current, "kind", None) is SpanKind.CLIENT:
+                    return _enrich(current, collector, method, str(url))
+            if not live.tracing:
+                return None  # no SDK and no span: nothing else is done, not even counting
             url_text = str(url)
             resend_count = collector.count_send(method, url_text)
-            if enrich:
-                # Its URL attribute (stable or old semconv name) is the unredacted URL: replace it.
-                url_full = sanitize_url(url_text)
-                existing = getattr(current, "attributes", None) or {}
-                names = [name for name in _URL_ATTRIBUTES if name in existing] or [URL_FULL]
-                attributes: dict[str, AttributeValue] = dict.fromkeys(names, url_full)
-                if resend_count:
-                    attributes[HTTP_REQUEST_RESEND_COUNT] = resend_count
-                current.set_attributes(attributes)
-                return ClientSpan(current, owned=False, token=None)
-            if not live.tracing:
-                return None
             return self._start_span(method, url_text, resend_count, headers)
         except Exception:
             logger.exception("upstream_ops: could not start a client span")
@@ -171,6 +163,19 @@ class ClientTelemetry:
             context = otel_context.set_value(_SUPPRESS_HTTP, True, context)
         token = otel_context.attach(context)
         return ClientSpan(span, owned=True, token=token)
+
+
+def _enrich(span: Span, collector: Collector, method: str, url: str) -> ClientSpan:
+    """An instrumentation's CLIENT span, current for this attempt: its URL attribute (stable or old
+    semconv name) is the unredacted URL, replaced by the sanitized one; the resend count is added."""
+    resend_count = collector.count_send(method, url)
+    existing = getattr(span, "attributes", None) or {}
+    names = [name for name in _URL_ATTRIBUTES if name in existing] or [URL_FULL]
+    attributes: dict[str, AttributeValue] = dict.fromkeys(names, sanitize_url(url))
+    if resend_count:
+        attributes[HTTP_REQUEST_RESEND_COUNT] = resend_count
+    span.set_attributes(attributes)
+    return ClientSpan(span, owned=False, token=None)
 
 
 _default: ClientTelemetry | None = None

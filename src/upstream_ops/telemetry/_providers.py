@@ -8,12 +8,18 @@ global, the public call is used instead: slower, still right.
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 from typing import Any
 
 from opentelemetry import metrics, trace
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 
 _metrics_api: Any = importlib.import_module("opentelemetry.metrics._internal")
+_context_api: Any = importlib.import_module("opentelemetry.context")
+_SPAN_KEY: Any = getattr(
+    importlib.import_module("opentelemetry.trace.propagation"), "_SPAN_KEY", None
+)
 
 _NOOP_TRACER_PROVIDERS = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
 _NOOP_METER_PROVIDERS: tuple[type, ...] = (
@@ -31,6 +37,8 @@ def is_noop_meter_provider(provider: metrics.MeterProvider) -> bool:
 
 
 _READ_GLOBALS = hasattr(trace, "_TRACER_PROVIDER") and hasattr(_metrics_api, "_METER_PROVIDER")
+#: The module holding the global meter provider, when its globals can be read (else ``None``).
+_metrics_globals: Any = _metrics_api if _READ_GLOBALS else None
 
 
 def global_tracer_provider_set() -> bool:
@@ -45,12 +53,20 @@ def global_meter_provider_set() -> bool:
     return provider is not None and not isinstance(provider, _NOOP_METER_PROVIDERS)
 
 
+def providers_may_be_set() -> bool:
+    """False while neither global provider has been set: two module globals read, no call made."""
+    return not _READ_GLOBALS or not (
+        trace._TRACER_PROVIDER is None and _metrics_api._METER_PROVIDER is None
+    )
+
+
 class ProviderLiveness:
     """Whether spans and measurements would be recorded, for one pair of (optional) providers.
 
     ``tracing`` and ``metrics`` are plain attributes, read on every request. An explicit provider is
     decided once; while a global one is unset, :meth:`refresh` looks again (the request path calls
-    it when ``unset`` is true), and once set it is remembered: the API never replaces it.
+    it when ``unset`` is true and :func:`providers_may_be_set`), and once set it is remembered: the
+    API never replaces it.
     """
 
     __slots__ = ("_meter_global", "_tracer_global", "metrics", "tracing", "unset")
@@ -73,12 +89,8 @@ class ProviderLiveness:
         self.refresh()
 
     def refresh(self) -> None:
-        # The no-SDK request path runs this on every request: the common case reads two globals.
-        if (
-            _READ_GLOBALS
-            and trace._TRACER_PROVIDER is None
-            and _metrics_api._METER_PROVIDER is None
-        ):
+        # The request path calls this only when ``providers_may_be_set()``.
+        if not providers_may_be_set():
             return
         unset = False
         if self._tracer_global and not self.tracing:
@@ -88,3 +100,28 @@ class ProviderLiveness:
             self.metrics = global_meter_provider_set()
             unset = unset or not self.metrics
         self.unset = unset
+
+
+def _context_var() -> Any:
+    """The ContextVar behind the API's default runtime context, or None for another runtime context
+    (chosen with ``OTEL_PYTHON_CONTEXT``) or an API version without these private names."""
+    runtime = getattr(_context_api, "_RUNTIME_CONTEXT", None)
+    if type(runtime) is not ContextVarsRuntimeContext or not isinstance(_SPAN_KEY, str):
+        return None
+    variable = getattr(runtime, "_current_context", None)
+    return variable if isinstance(variable, contextvars.ContextVar) else None
+
+
+_CONTEXT_VAR = _context_var()
+
+
+def has_current_span() -> bool:
+    """Whether a span, recording or not, is current: one ContextVar and one dict lookup.
+
+    ``trace.get_current_span()`` answers the same through four calls; with no instrumentation at
+    all (the common case this is asked for) the context is empty. Another runtime context (set by
+    ``OTEL_PYTHON_CONTEXT``) takes the public call.
+    """
+    if _CONTEXT_VAR is None:
+        return trace.get_current_span() is not trace.INVALID_SPAN
+    return _CONTEXT_VAR.get().get(_SPAN_KEY) is not None

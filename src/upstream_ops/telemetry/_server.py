@@ -43,7 +43,13 @@ from upstream_ops.telemetry._attributes import (
     event_attributes,
 )
 from upstream_ops.telemetry._metrics import UpstreamErrorMetrics
-from upstream_ops.telemetry._providers import ProviderLiveness
+from upstream_ops.telemetry._providers import (
+    _CONTEXT_VAR,
+    _SPAN_KEY,
+    ProviderLiveness,
+    _metrics_globals,
+    has_current_span,
+)
 
 __all__ = ["IncomingRequest", "RequestTelemetry", "ServerTelemetry"]
 
@@ -95,7 +101,6 @@ class ServerTelemetry:
         collector: Collector,
         describe: Callable[[S], IncomingRequest],
         source: S,
-        *,
         span_started_by_app: bool = False,
     ) -> RequestTelemetry | None:
         """Find or start the request's server span and listen to ``collector``'s events.
@@ -107,8 +112,19 @@ class ServerTelemetry:
         """
         try:
             live = self._live
-            if live.unset:
+            # The no-SDK path of every request: module globals and one ContextVar read, no calls.
+            if live.unset and (
+                _metrics_globals is None
+                or trace._TRACER_PROVIDER is not None
+                or _metrics_globals._METER_PROVIDER is not None
+            ):
                 live.refresh()
+            if not (live.tracing or live.metrics or span_started_by_app) and (
+                _CONTEXT_VAR.get().get(_SPAN_KEY) is None
+                if _CONTEXT_VAR is not None
+                else not has_current_span()
+            ):
+                return None  # OpenTelemetry is not set up and no instrumentation made a span
             current = trace.get_current_span()
             span: Span | None = None
             owned: tuple[Context, str] | None = None
