@@ -66,6 +66,27 @@ def test_event_object_is_copied_not_mutated(collector: Collector) -> None:
     assert stored.kind == "http_error"
 
 
+def test_keywords_override_an_event_and_are_checked_and_cleaned(collector: Collector) -> None:
+    event = UpstreamErrorEvent(upstream_status_code=500, kind="http_error", attempt=1)
+    stored = append_upstream_error(event, message=f" {SECRET} ", attempt="2", method=b"get")
+    assert stored is not None
+    assert (stored.kind, stored.attempt, stored.method) == ("http_error", 2, "GET")
+    assert SECRET not in stored.message
+    assert (event.attempt, event.message) == (1, "")
+
+
+def test_labels_fill_empty_fields_sanitized(collector: Collector) -> None:
+    from upstream_ops import upstream
+
+    with upstream(platform=" openai\t", account_id=7, model=f"key={SECRET}"):
+        stored = append_upstream_error(upstream_status_code=502, platform="", model="gpt-4o")
+    assert stored is not None
+    assert (stored.platform, stored.account_id, stored.model) == ("openai", 7, "gpt-4o")
+    with upstream(model=f"key={SECRET}"):
+        stored = append_upstream_error(upstream_status_code=502)
+    assert stored is not None and SECRET not in stored.model and stored.model.startswith("key=")
+
+
 def test_empty_events_are_dropped(collector: Collector) -> None:
     assert append_upstream_error(kind="retry", platform="x", message="   ") is None
     assert get_upstream_errors() == []

@@ -70,6 +70,40 @@ def test_partial_batch_is_written_after_the_interval(memory_sink: MemorySink) ->
     d.close()
 
 
+class BatchLog:
+    """Remembers the size of each batch it is given."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.written = threading.Event()
+
+    def write(self, records: Sequence[RequestRecord]) -> None:
+        self.sizes.append(len(records))
+        self.written.set()
+
+
+def test_a_full_batch_is_written_without_waiting_for_the_interval() -> None:
+    sink = BatchLog()
+    d = Dispatcher(sink, batch_size=5, batch_interval=60.0)
+    for i in range(5):
+        d.submit(make_record(i))
+    assert sink.written.wait(10)  # submit woke the intake thread for the full batch
+    assert sink.sizes == [5]
+    d.close()
+
+
+def test_records_arriving_while_a_batch_gathers_go_into_that_batch() -> None:
+    sink = BatchLog()
+    d = Dispatcher(sink, batch_size=100, batch_interval=0.5)
+    for i in range(20):
+        d.submit(make_record(i))
+        time.sleep(0.005)
+    assert sink.written.wait(10)
+    assert d.flush(5)
+    assert sum(sink.sizes) == 20 and sink.sizes[0] > 1  # not one batch per record
+    d.close()
+
+
 def test_failing_write_is_retried_then_succeeds() -> None:
     sink = FlakySink(failures=2)
     d = Dispatcher(sink, write_attempts=3, batch_interval=0.01)

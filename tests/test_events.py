@@ -75,3 +75,13 @@ def test_unmarshal_round_trips_and_ignores_unknown_keys() -> None:
     assert unmarshal_upstream_errors(None) == []
     with pytest.raises(ValueError, match="JSON array"):
         unmarshal_upstream_errors('{"kind":"retry"}')
+
+
+def test_a_copy_is_equal_and_independent() -> None:
+    import copy
+
+    event = UpstreamErrorEvent(upstream_status_code=502, message="m", retryable=False)
+    clone = copy.copy(event)
+    assert clone == event and clone is not event and type(clone) is UpstreamErrorEvent
+    clone.message = "other"
+    assert event.message == "m"

@@ -18,11 +18,17 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Final, ParamSpec, TypeVar
 
 from upstream_ops.defaults import MAX_EVENTS_PER_REQUEST
-from upstream_ops.events import UpstreamErrorEvent
-from upstream_ops.labels import current_labels
+from upstream_ops.events import (
+    EVENT_FIELDS,
+    FIELD_TYPES,
+    UpstreamErrorEvent,
+    coerce_field,
+    field_values,
+)
+from upstream_ops.labels import NO_LABELS, current_labels
 from upstream_ops.sanitize import sanitize_detail, sanitize_label, sanitize_message, sanitize_url
 
 __all__ = [
@@ -58,22 +64,29 @@ def _new_lock_after_fork() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_new_lock_after_fork)
 
-# Short event fields: bounded and redacted like labels. ``message``, ``detail`` and ``upstream_url``
-# have their own rules.
-_LABEL_FIELDS = (
-    "platform",
-    "upstream_request_id",
-    "kind",
-    "account_name",
-    "model",
-    "method",
-    "error_class",
-    "error_type",
-    "phase",
-    "provider_error_type",
-    "provider_error_code",
-    "origin",
-)
+# How each text field of an event is cleaned: short fields are bounded and redacted like labels;
+# ``message``, ``detail`` and ``upstream_url`` have their own rules.
+_CLEANERS: Final[dict[str, Callable[[str], str]]] = {
+    "platform": sanitize_label,
+    "upstream_request_id": sanitize_label,
+    "kind": sanitize_label,
+    "message": sanitize_message,
+    "detail": sanitize_detail,
+    "account_name": sanitize_label,
+    "model": sanitize_label,
+    "method": sanitize_label,
+    "upstream_url": sanitize_url,
+    "error_class": sanitize_label,
+    "error_type": sanitize_label,
+    "phase": sanitize_label,
+    "provider_error_type": sanitize_label,
+    "provider_error_code": sanitize_label,
+    "origin": sanitize_label,
+}
+# Each field's type and, for text, how it is cleaned: one lookup per field given as a keyword.
+_FIELD_RULES: Final[dict[str, tuple[type, Callable[[str], str] | None]]] = {
+    name: (expected, _CLEANERS.get(name)) for name, expected in FIELD_TYPES.items()
+}
 
 
 class Collector:
@@ -120,13 +133,14 @@ class Collector:
 
     def append(self, event: UpstreamErrorEvent) -> UpstreamErrorEvent | None:
         """Sanitize and store ``event``; returns the stored copy, or ``None`` when it was empty."""
-        return self._append(event, owned=False)
-
-    def _append(self, event: UpstreamErrorEvent, *, owned: bool) -> UpstreamErrorEvent | None:
-        """``append``; ``owned``: ``event`` was made for this call, so it is cleaned in place."""
         if self._finished:
             return None
-        stored = _clean_event(event if owned else copy.copy(event))
+        return self._store(_clean_event(copy.copy(event)))
+
+    def _store(self, stored: UpstreamErrorEvent) -> UpstreamErrorEvent | None:
+        """Keep ``stored``, an event made and cleaned for this call, unless it is empty."""
+        if self._finished:
+            return None
         if not stored.upstream_status_code and not stored.message and not stored.detail:
             return None
         with _lock:
@@ -198,19 +212,33 @@ def _clean_event(clean: UpstreamErrorEvent) -> UpstreamErrorEvent:
     """``clean`` sanitized and trimmed in place, with its timestamp filled in."""
     if clean.at_unix_ms <= 0:
         clean.at_unix_ms = time.time_ns() // 1_000_000
-    for name in _LABEL_FIELDS:
+    for name, sanitize in _CLEANERS.items():
         value = getattr(clean, name)
         if value:
-            setattr(clean, name, sanitize_label(value))
+            setattr(clean, name, sanitize(value))
     if clean.method:
         clean.method = clean.method.upper()
-    if clean.upstream_url:
-        clean.upstream_url = sanitize_url(clean.upstream_url)
-    if clean.message:
-        clean.message = sanitize_message(clean.message)
-    if clean.detail:
-        clean.detail = sanitize_detail(clean.detail)
     return clean
+
+
+def _event_from_fields(fields: dict[str, Any]) -> UpstreamErrorEvent:
+    """``_clean_event(UpstreamErrorEvent(**fields))`` at half the cost: each given field is checked
+    and cleaned in one pass, the others keep their empty defaults. Changes ``fields`` in place."""
+    value: Any
+    try:
+        for name, value in fields.items():
+            expected, sanitize = _FIELD_RULES[name]
+            if type(value) is not expected:
+                value = fields[name] = coerce_field(name, expected, value)
+            if sanitize is not None and value:
+                fields[name] = sanitize(value)
+    except KeyError:
+        raise TypeError(f"UpstreamErrorEvent has no field {name!r}") from None
+    if method := fields.get("method"):
+        fields["method"] = method.upper()
+    if fields.get("at_unix_ms", 0) <= 0:
+        fields["at_unix_ms"] = time.time_ns() // 1_000_000
+    return UpstreamErrorEvent._from_checked(fields)
 
 
 def current_collector() -> Collector | None:
@@ -233,23 +261,20 @@ def append_upstream_error(
     if collector is None:
         return None
     try:
-        owned = event is None or bool(fields)  # an object made here: no copy needed below
+        if collector._finished:
+            return None  # before the sanitizer's work, which would be thrown away
         if event is None:
-            event = UpstreamErrorEvent(**fields)
-        elif fields:
-            event = copy.copy(event)
-            for name, value in fields.items():
-                if not hasattr(event, name):
-                    raise TypeError(f"UpstreamErrorEvent has no field {name!r}")
-                setattr(event, name, value)
-            event.__post_init__()
+            stored = _event_from_fields(fields)
+        elif fields:  # keywords override the event's fields; the caller's object is not changed
+            given = dict(zip(EVENT_FIELDS, field_values(event), strict=True))
+            given.update(fields)
+            stored = _event_from_fields(given)
+        else:
+            stored = _clean_event(copy.copy(event))
         labels = current_labels()
-        if labels:
-            if not owned:
-                event = copy.copy(event)  # never change the caller's object
-                owned = True
-            labels.fill(event)
-        return collector._append(event, owned=owned)
+        if labels is not NO_LABELS:
+            labels.fill(stored, sanitize_label)
+        return collector._store(stored)
     except (TypeError, ValueError) as exc:
         logger.warning("upstream_ops: event not recorded: %s", exc)
         return None

@@ -52,16 +52,17 @@ class UpstreamLabels:
             model=inner.model or self.model,
         )
 
-    def fill(self, event: UpstreamErrorEvent) -> None:
-        """Set the label fields that ``event`` leaves empty (in place)."""
+    def fill(self, event: UpstreamErrorEvent, clean: Callable[[str], str] = str) -> None:
+        """Set the label fields that ``event`` leaves empty (in place), each text passed through
+        ``clean`` (the collector passes the sanitizer: the event it fills is already clean)."""
         if self.platform and not event.platform:
-            event.platform = self.platform
+            event.platform = clean(self.platform)
         if self.account_id and not event.account_id:
             event.account_id = self.account_id
         if self.account_name and not event.account_name:
-            event.account_name = self.account_name
+            event.account_name = clean(self.account_name)
         if self.model and not event.model:
-            event.model = self.model
+            event.model = clean(self.model)
 
 
 NO_LABELS: Final = UpstreamLabels()
