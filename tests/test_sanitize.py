@@ -6,6 +6,7 @@ import json
 import re
 import time
 from collections.abc import Iterator
+from urllib.parse import quote, urlencode
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -254,6 +255,14 @@ REDACTION_CASES = [
         ['\\"model\\": \\"gpt\\"'],
     ),
     ('{"password": "unterminated and cut', ["unterminated", "cut"], ['{"password": "[REDACTED]']),
+    # URL-encoded pairs: each key ends at the encoded separator before it
+    ("body=password%3Dhunter2%26user%3Dbob", ["hunter2"], ["body=password%3D[REDACTED]"]),
+    (
+        "grant_type%3Dpassword%26username%3Dbob%26password%3Dhunter2",
+        ["hunter2"],
+        ["grant_type%3Dpassword%26username%3Dbob%26password%3D[REDACTED]"],
+    ),
+    ('"X-Auth-Token%3dabc123def"%3a%25', ["abc123def"], ['"X-Auth-Token%3d[REDACTED]"']),
 ]
 
 
@@ -668,6 +677,32 @@ def test_planted_quoted_secret_never_survives(
     out = sanitize_message(_plant(context, position, pair))
     assert encoded not in out
     assert len(out.encode("utf-8")) <= MESSAGE_MAX_BYTES
+
+
+form_keys = st.sampled_from(["user", "grant_type", "scope", "max_tokens", "model", "redirect_uri"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    before=st.lists(st.tuples(form_keys, st.text(SECRET_ALPHABET + " :/=&%", max_size=12))),
+    after=st.lists(st.tuples(form_keys, st.text(SECRET_ALPHABET + " :/=&%", max_size=12))),
+    key=st.sampled_from(["password", "client_secret", "access_token", "api_key"]),
+    secret=secret_values,
+    encoded=st.booleans(),
+)
+def test_secret_in_a_url_encoded_form_never_survives(
+    before: list[tuple[str, str]],
+    after: list[tuple[str, str]],
+    key: str,
+    secret: str,
+    encoded: bool,
+) -> None:
+    # A form body as logged: raw, or URL-encoded (a value in another form or a query).
+    body = urlencode([*before, (key, secret), *after])
+    if encoded:
+        body = quote(body, safe="")
+    assume(body.count(secret) == 1)
+    assert secret not in sanitize_message(f"request body: {body}", 8192)
 
 
 @settings(max_examples=300, deadline=None)
