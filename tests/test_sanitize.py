@@ -856,6 +856,9 @@ HOSTILE = {
     "Bearer ": "Bearer " * (MB // 7),
     "Bearer x": "Bearer " + "x" * MB,
     "%3D": "token%3D" * (MB // 8),
+    "long encoded key": "a" * MB + "%3Dx",  # an encoded key is read back to a stop, unbounded
+    "long encoded key of stop starts": "D6a" * (MB // 3) + "%3Dx",
+    "encoded stops": "%26%3A" * (MB // 6),
     "brackets": "token=[" * (MB // 7),
     "braces": '"secret": {' * (MB // 11),
     "AKIA": "AKIA" * (MB // 4),
