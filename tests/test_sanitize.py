@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from urllib.parse import quote, urlencode
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -23,6 +24,8 @@ from upstream_ops.sanitize import (
     BLOCK_RULES,
     REDACTED,
     SECRET_HEADERS,
+    SECRET_KEY_SEGMENTS,
+    SECRET_KEY_SUFFIXES,
     TOKEN_RULES,
     Sanitizer,
     get_default_sanitizer,
@@ -254,6 +257,14 @@ REDACTION_CASES = [
         ['\\"model\\": \\"gpt\\"'],
     ),
     ('{"password": "unterminated and cut', ["unterminated", "cut"], ['{"password": "[REDACTED]']),
+    # URL-encoded pairs: each key ends at the encoded separator before it
+    ("body=password%3Dhunter2%26user%3Dbob", ["hunter2"], ["body=password%3D[REDACTED]"]),
+    (
+        "grant_type%3Dpassword%26username%3Dbob%26password%3Dhunter2",
+        ["hunter2"],
+        ["grant_type%3Dpassword%26username%3Dbob%26password%3D[REDACTED]"],
+    ),
+    ('"X-Auth-Token%3dabc123def"%3a%25', ["abc123def"], ['"X-Auth-Token%3d[REDACTED]"']),
 ]
 
 
@@ -617,7 +628,7 @@ contexts = st.one_of(
 SHAPES = [
     "api_key={}", "password: {}", "token = {}", "?access_token={}&max_tokens=5", "client_secret:{}",
     "Authorization: Bearer {}", "Authorization: Basic {}", "Bearer {}", "Cookie: session={}",
-    "X-Api-Key: {}", "https://user:{}@host.example/", "sk-proj-{}", "sk-{}", "ghp_{}",
+    "X-Api-Key: {}", "https://user:{}@host.example/", "sk-proj-{}", "sk-{}", "AIza{0}{0}", "ghp_{}",
     "github_pat_{}", "xoxb-{}", "ya29.{}", "hf_{}", "eyJ{0}.{0}.{0}", "eyJhbGciOiJIUzI1NiJ9.eyJ{}.x",
     "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----", "-----BEGIN EC PRIVATE KEY-----\n{}",
 ]  # fmt: skip
@@ -668,6 +679,84 @@ def test_planted_quoted_secret_never_survives(
     out = sanitize_message(_plant(context, position, pair))
     assert encoded not in out
     assert len(out.encode("utf-8")) <= MESSAGE_MAX_BYTES
+
+
+def test_every_shape_rule_has_a_planted_shape() -> None:
+    # The planted-secret properties above cover a rule only if one of SHAPES is a match of it.
+    secret = "A1b2C3d4E5f6G7h8J9k0L1m2N3p4"
+    for rule in (*BLOCK_RULES, *TOKEN_RULES):
+        assert any(rule.pattern.search(shape.format(secret)) for shape in SHAPES), rule.name
+
+
+#: Every word that makes a key secret, spelled as keys are written, in every pair syntax the pair
+#: rules read. Each spelling splits into segments of which one is the word.
+SECRET_WORDS = sorted(SECRET_KEY_SEGMENTS | set(SECRET_KEY_SUFFIXES))
+KEY_SPELLINGS = [
+    str,
+    str.upper,
+    "x_{}".format,
+    lambda w: f"X-{w.capitalize()}",
+    lambda w: f"my{w.capitalize()}",
+]
+PAIR_SYNTAXES = [
+    "{k}={v}", "{k}: {v}", "{k} => {v}", '"{k}": "{v}"', "'{k}': '{v}'", '\\"{k}\\": \\"{v}\\"',
+    "{k}%3D{v}", "{k}%3a{v}",
+]  # fmt: skip
+# Characters that case mapping treats specially: "İ" lowers to two characters, the Kelvin sign to an
+# ASCII "k"; the long s, capital sharp s and the ffi ligature fold to ASCII-looking letters. Next to
+# a key they neither hide nor fake it.
+SPECIAL_CASE_CHARACTERS = ["\u0130", "\u212a", "\u017f", "\u1e9e", "\ufb03"]
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    word=st.sampled_from(SECRET_WORDS),
+    spelling=st.sampled_from(KEY_SPELLINGS),
+    syntax=st.sampled_from(PAIR_SYNTAXES),
+    secret=secret_values,
+    context=st.one_of(
+        contexts,
+        st.lists(st.sampled_from(FRAGMENTS + SPECIAL_CASE_CHARACTERS), max_size=40).map("".join),
+    ),
+    position=st.integers(0, 300),
+)
+def test_every_secret_key_value_is_redacted_wherever_it_appears(
+    word: str, spelling: Callable[[str], str], syntax: str, secret: str, context: str, position: int
+) -> None:
+    key = spelling(word)
+    assert get_default_sanitizer().is_secret_key(key), key
+    pair = syntax.format(k=key, v=secret)
+    alone = sanitize_message(pair)
+    assert secret not in alone
+    assert key in alone  # the key stays: it says which secret was there
+    assume(secret not in context)
+    assert secret not in sanitize_message(_plant(context, position, pair), 4096)
+
+
+form_keys = st.sampled_from(["user", "grant_type", "scope", "max_tokens", "model", "redirect_uri"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    before=st.lists(st.tuples(form_keys, st.text(SECRET_ALPHABET + " :/=&%", max_size=12))),
+    after=st.lists(st.tuples(form_keys, st.text(SECRET_ALPHABET + " :/=&%", max_size=12))),
+    key=st.sampled_from(["password", "client_secret", "access_token", "api_key"]),
+    secret=secret_values,
+    encoded=st.booleans(),
+)
+def test_secret_in_a_url_encoded_form_never_survives(
+    before: list[tuple[str, str]],
+    after: list[tuple[str, str]],
+    key: str,
+    secret: str,
+    encoded: bool,
+) -> None:
+    # A form body as logged: raw, or URL-encoded (a value in another form or a query).
+    body = urlencode([*before, (key, secret), *after])
+    if encoded:
+        body = quote(body, safe="")
+    assume(body.count(secret) == 1)
+    assert secret not in sanitize_message(f"request body: {body}", 8192)
 
 
 @settings(max_examples=300, deadline=None)
@@ -767,6 +856,9 @@ HOSTILE = {
     "Bearer ": "Bearer " * (MB // 7),
     "Bearer x": "Bearer " + "x" * MB,
     "%3D": "token%3D" * (MB // 8),
+    "long encoded key": "a" * MB + "%3Dx",  # an encoded key is read back to a stop, unbounded
+    "long encoded key of stop starts": "D6a" * (MB // 3) + "%3Dx",
+    "encoded stops": "%26%3A" * (MB // 6),
     "brackets": "token=[" * (MB // 7),
     "braces": '"secret": {' * (MB // 11),
     "AKIA": "AKIA" * (MB // 4),

@@ -209,19 +209,50 @@ TOKEN_RULES: Final = (
 # A pair is found from its separator: in the reversed text the engine jumps from one "=" (or ":") to
 # the next and reads the key backwards from there, instead of trying a key at every word. re.split
 # hands all of them over at once (no match objects), so that Python code only touches secret keys.
-# A key never contains a separator, so that one match cannot swallow the next separator.
+# A key never contains a separator, so that one match cannot swallow the next separator. A key in
+# URL-encoded text also ends at an encoded separator or "&" ("%3D", "%3A", "%26"; read backwards
+# "D3%", "A3%", "62%"): otherwise `password%3Dhunter2%26user%3Dbob` is one key with the value "bob",
+# and hunter2 is kept.
 _KEY_CHARS = r"A-Za-z0-9_.%\[\]-"
-_REVERSED_KEY = (
-    r"[ \t]*+(?:"
-    r"\"\\{0,8}+[^\"'\\\r\n:=]{1,128}+\"\\{0,8}+"  # "key" or \"key\"
-    r"|'[^\"'\\\r\n:=]{1,128}+'"  # 'key'
-    rf"|[{_KEY_CHARS}]{{1,128}}+(?![{_KEY_CHARS}])"  # key, X-Api-Key, user[password]
-    r"))"
+_KEY_MAX_CHARS = 128
+
+
+def _reversed_key(quoted: str = r"[^\"'\\\r\n:=]", bare: str = "") -> str:
+    """A key read backwards from its separator.
+
+    ``quoted`` matches one character of a quoted key; ``bare`` a whole bare key, by default a run of
+    up to ``_KEY_MAX_CHARS`` key characters.
+    """
+    bare = bare or f"[{_KEY_CHARS}]{{1,{_KEY_MAX_CHARS}}}+(?![{_KEY_CHARS}])"
+    return (
+        r"[ \t]*+(?:"
+        rf"\"\\{{0,8}}+{quoted}{{1,{_KEY_MAX_CHARS}}}+\"\\{{0,8}}+"  # "key" or \"key\"
+        rf"|'{quoted}{{1,{_KEY_MAX_CHARS}}}+'"  # 'key'
+        rf"|{bare}"  # key, X-Api-Key, user[password]
+        r"))"
+    )
+
+
+# URL-encoded keys stop before "D3%", "A3%" and "62%" (read backwards). Only D, d, A, a and 6 are
+# looked ahead from, so that most characters take the engine's fast path. The bare key is the whole
+# run back to a stop: a run never reaches past the separator before it (itself a stop), so each
+# character is read once; _ReversedKeyModes ignores one longer than _KEY_MAX_CHARS, as the bounded
+# bare key of the other separators would.
+_ENCODED_STOP = r"(?:[DdAa]3|62)%"
+_NOT_A_STOP_START = r"[B-CE-Zb-ce-z0-57-9_.%\[\]-]"  # _KEY_CHARS without D, d, A, a, 6
+_ENCODED_QUOTED_KEY_CHAR = rf"(?:[^\"'\\\r\n:=DdAa6]|(?!{_ENCODED_STOP})[DdAa6])"
+_ENCODED_BARE_KEY = (
+    rf"(?!{_ENCODED_STOP})(?=[{_KEY_CHARS}])"
+    rf"{_NOT_A_STOP_START}*+(?:(?!{_ENCODED_STOP})[DdAa6]{_NOT_A_STOP_START}*+)*+"
 )
 _REVERSED_PAIRS: Final = (  # (gate, pattern, separator characters the match leaves out)
-    ("=", re.compile("(=" + _REVERSED_KEY), 0),  # also "=>"
-    (":", re.compile("(:(?<!//:)" + _REVERSED_KEY), 0),  # not the colon of "https://"
-    ("%", re.compile("(3%(?<=[DdAa]3%)" + _REVERSED_KEY), 1),  # %3D, %3A in URL-encoded text
+    ("=", re.compile("(=" + _reversed_key()), 0),  # also "=>"
+    (":", re.compile("(:(?<!//:)" + _reversed_key()), 0),  # not the colon of "https://"
+    (  # %3D, %3A in URL-encoded text
+        "%",
+        re.compile("(3%(?<=[DdAa]3%)" + _reversed_key(_ENCODED_QUOTED_KEY_CHAR, _ENCODED_BARE_KEY)),
+        1,
+    ),
 )
 _REVERSED_KEY_TEXT = re.compile(r"(?:[=:]|3%)[ \t]*[\"'\\]*(.*?)[\"'\\]*", re.DOTALL)
 # The value after a separator. A quoted value may be unterminated (cut off): it is redacted to the end
@@ -532,7 +563,9 @@ class _ReversedKeyModes(dict[str, int]):
 
     def __missing__(self, separator_and_key: str) -> int:
         match = _REVERSED_KEY_TEXT.fullmatch(separator_and_key)
-        mode = self._key_mode(match[1][::-1]) if match else _NOT_SECRET
+        if not match or len(match[1]) > _KEY_MAX_CHARS:
+            return _NOT_SECRET  # not kept: a key this long is not read as one
+        mode = self._key_mode(match[1][::-1])
         if len(self) >= _KEY_CACHE_SIZE:
             self.clear()
         self[separator_and_key] = mode
