@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import struct
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -205,7 +207,7 @@ class Recorder:
             span_id = format(span_context.span_id, "016x")
         error = facts.error
         return RequestRecord(
-            id=uuid4_hex(),
+            id=new_record_id(),
             request_id=collector.request_id,
             service=self.service,
             method=sanitize_label(facts.method).upper(),
@@ -240,6 +242,33 @@ def uuid4_hex() -> str:
             _uuid4_pool.extend(_new_uuid4_hexes(_UUID4_POOL_SIZE))
 
 
+def new_record_id() -> str:
+    """A new record id: a UUIDv7 (RFC 9562) as 32 lower-case hex digits, like a uuid4 hex.
+
+    Time-ordered so that a database's indexes on record ids grow at their end instead of dirtying a
+    random page per record: the first 48 bits are the Unix time in ms, then the version (7), a 12-bit
+    counter (method 1 of RFC 9562 section 6.2: random at each new ms, else one up), the variant and
+    62 random bits from a pool. Ids increase within a process, even if the clock steps back;
+    the random bits (the pool is emptied in a forked child) keep processes apart.
+    """
+    with _record_id_lock:
+        try:
+            tail = _record_id_pool.pop()
+        except IndexError:
+            _record_id_pool.extend(_new_random_64s(_UUID4_POOL_SIZE))
+            tail = _record_id_pool.pop()
+        ms = time.time_ns() // 1_000_000
+        last_ms, counter = _record_id_state
+        if ms > last_ms:
+            counter = tail >> 53  # 11 random bits: at least 2048 more ids in this ms
+        elif counter < 0xFFF:
+            ms, counter = last_ms, counter + 1
+        else:
+            ms, counter = last_ms + 1, 0  # 4096 ids in one ms: borrow the next one
+        _record_id_state[:] = (ms, counter)
+    return f"{ms << 80 | counter << 64 | tail & _TAIL_BITS | _UUID7_SET:032x}"
+
+
 def new_request_id() -> str:
     """32 random lower-case hex digits (128 bits from ``os.urandom``): a request's id when none came.
 
@@ -262,15 +291,34 @@ def _new_uuid4_hexes(count: int) -> list[str]:
     ]
 
 
+def _new_random_64s(count: int) -> list[int]:
+    return list(struct.unpack(f"<{count}Q", os.urandom(8 * count)))
+
+
 # RFC 4122 version 4: the version nibble is 4 and the variant bits are 10, as uuid.UUID(version=4).
 _UUID4_CLEAR: Final = ~((0xF000 << 64) | (0xC000 << 48))
 _UUID4_SET: Final = (4 << 76) | (0x8000 << 48)
 _UUID4_POOL_SIZE: Final = 256
 _uuid4_pool: list[str] = []
 _request_id_pool: list[str] = []
+# RFC 9562 version 7: the version nibble (7) above the counter, the variant bits (10) above the tail.
+_UUID7_SET: Final = (7 << 76) | (0b10 << 62)
+_TAIL_BITS: Final = (1 << 62) - 1
+_record_id_pool: list[int] = []
+_record_id_state: list[int] = [0, 0]  # the last id's ms and counter
+_record_id_lock = threading.Lock()
+
+
+def _record_ids_after_fork() -> None:
+    global _record_id_lock
+    _record_id_lock = threading.Lock()  # another thread may have held it at fork
+    _record_id_pool.clear()
+
+
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_uuid4_pool.clear)
     os.register_at_fork(after_in_child=_request_id_pool.clear)
+    os.register_at_fork(after_in_child=_record_ids_after_fork)
 
 
 def _qualified_name(exc: BaseException) -> str:
