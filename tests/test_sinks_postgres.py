@@ -269,7 +269,9 @@ def test_a_schema_1_database_is_migrated_and_its_records_read_as_before(
     sink = PostgresSink(dsn, schema=pg_schema)
     try:
         sink.write([new, old])  # "old" again: still stored once
-        assert pg_rows(dsn, pg_schema, "SELECT version FROM upstream_ops_schema") == [(2,)]
+        assert pg_rows(dsn, pg_schema, "SELECT version FROM upstream_ops_schema") == [
+            (SCHEMA_VERSION,)
+        ]
         assert pg_rows(
             dsn, pg_schema, "SELECT indexname FROM pg_indexes WHERE schemaname = %s "
             "AND indexname = ANY(%s)", pg_schema, list(UNUSED_INDEXES),

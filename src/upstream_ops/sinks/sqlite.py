@@ -34,6 +34,7 @@ from upstream_ops.sinks._query import (
     records_from_rows,
     records_select,
     schema_2_ddl,
+    schema_3_sqlite_ddl,
     schema_ddl,
     validate_query,
 )
@@ -51,7 +52,7 @@ _TYPES: Final = {
     "json": "TEXT",
 }
 #: Statements that bring the schema from version ``n - 1`` to ``n``. Append, never edit.
-_MIGRATIONS: Final = {1: schema_ddl(_TYPES), 2: schema_2_ddl()}
+_MIGRATIONS: Final = {1: schema_ddl(_TYPES), 2: schema_2_ddl(), 3: schema_3_sqlite_ddl()}
 
 # One purge batch: the oldest records (the same ones for both statements: the write lock is held).
 _OLDEST: Final = (
@@ -347,8 +348,8 @@ class SQLiteSink(_search.SearchMixin):
         )
         try:
             connection.execute("PRAGMA synchronous = NORMAL")
-            # A batch inserts into a dozen indexes at random places (ids are random): a page cache
-            # bigger than SQLite's default 2 MiB keeps them in memory.
+            # A batch inserts into seven b-trees, one (the request ids') at random places: a page
+            # cache bigger than SQLite's default 2 MiB keeps them in memory.
             connection.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")
             if not self._schema_ready:
                 self._ensure_schema(connection)
