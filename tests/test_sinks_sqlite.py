@@ -111,6 +111,7 @@ def test_schema_tables_indexes_version_and_pragmas(sink: SQLiteSink, db: Path) -
     }
     assert raw(db, "SELECT version FROM upstream_ops_schema") == [(SCHEMA_VERSION,)]
     assert raw(db, "PRAGMA journal_mode") == [("wal",)]
+    assert raw(db, "PRAGMA page_size") == [(sqlite_module._PAGE_SIZE,)]
     record_cols = [row[1] for row in raw(db, "PRAGMA table_info(ops_error_logs)")]
     assert record_cols == [*RECORD_FIELDS, "created_at_ms"]
     event_cols = [row[1] for row in raw(db, "PRAGMA table_info(ops_upstream_error_events)")]
@@ -193,6 +194,7 @@ def test_a_schema_2_file_is_migrated_and_every_query_answers_as_before(db: Path)
             conn.execute(insert_record_sql("?"), row)
             conn.executemany(insert_event_sql("?"), events)
     assert {n for (n,) in raw(db, "SELECT name FROM sqlite_master")} >= set(SQLITE_UNSERVED_INDEXES)
+    page_size = raw(db, "PRAGMA page_size")
     filters = [
         QueryFilter(0, 10),
         QueryFilter(0, 10, platform="other"),
@@ -215,6 +217,7 @@ def test_a_schema_2_file_is_migrated_and_every_query_answers_as_before(db: Path)
     sink = SQLiteSink(db)
     sink.write([records[2], records[0]])  # "a" again: still stored once
     assert raw(db, "SELECT version FROM upstream_ops_schema") == [(SCHEMA_VERSION,)]
+    assert raw(db, "PRAGMA page_size") == page_size  # an existing file keeps its own
     names = {n for (n,) in raw(db, "SELECT name FROM sqlite_master")}
     assert not names & {*UNUSED_INDEXES, *SQLITE_UNSERVED_INDEXES}
     after = answers(sink)

@@ -65,6 +65,10 @@ _PURGE_RECORDS: Final = f"DELETE FROM {RECORDS_TABLE} WHERE id IN ({_OLDEST})"  
 # Which ids of a batch are stored already (``IDS_PER_STATEMENT`` at a time).
 _STORED_IDS: Final = f"SELECT id FROM {RECORDS_TABLE} WHERE id IN"  # noqa: S608 (constants only)
 
+#: The page size of a new file: twice SQLite's default, because a batch appends rows of about
+#: 800 bytes (an event with its JSON) to a few b-trees; fewer, fuller pages cost a write about a
+#: tenth less CPU time.
+_PAGE_SIZE: Final = 8192
 #: The page cache of each connection, in KiB.
 _CACHE_KIB: Final = 32 * 1024
 
@@ -360,6 +364,8 @@ class SQLiteSink(_search.SearchMixin):
 
     def _ensure_schema(self, connection: sqlite3.Connection) -> None:
         """Switch the file to WAL and apply missing migrations, once per sink and process."""
+        # Only a new, empty file takes it (an existing one keeps its page size).
+        connection.execute(f"PRAGMA page_size = {_PAGE_SIZE}")
         mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             logger.warning("upstream_ops: %s could not switch to WAL (mode %s)", self.path, mode)
