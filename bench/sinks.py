@@ -1,8 +1,9 @@
 """Sink throughput: records per second written in batches, each record carrying 3 upstream errors.
 
 The records are made the way the middleware makes them (the three benchmark events appended to a
-collector, so sanitized), each with its own id; ``sink.write`` gets batches of ``BATCH_SIZE``, as the
-dispatcher hands them over, from one thread. Measured: SQLite, JSONL, the durable spool's fsync'd
+collector, so sanitized; a time-ordered record id from ``new_record_id`` and a random request id
+from ``new_request_id``, as ``Recorder`` makes them); ``sink.write`` gets batches of ``BATCH_SIZE``,
+as the dispatcher hands them over, from one thread. Measured: SQLite, JSONL, the durable spool's fsync'd
 appends (what absorbs the traffic while a database is away), and PostgreSQL when the build has its
 sink and a server answers at ``$UPSTREAM_OPS_BENCH_PG_DSN`` (else ``$UPSTREAM_OPS_TEST_PG_DSN``, else
 ``postgresql://postgres@127.0.0.1:5432/test``), in a schema of its own that is dropped afterwards.
@@ -29,6 +30,7 @@ PG_DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 def make_records(count: int) -> list[Any]:
     from upstream_ops import Collector
     from upstream_ops.record import RequestRecord
+    from upstream_ops.recorder import new_record_id, new_request_id
 
     collector = Collector("bench")
     for fields in UPSTREAM_ERRORS:
@@ -38,8 +40,8 @@ def make_records(count: int) -> list[Any]:
     now_ms = time.time_ns() // 1_000_000
     return [
         RequestRecord(
-            id=uuid.uuid4().hex,
-            request_id=uuid.uuid4().hex,
+            id=new_record_id(),
+            request_id=new_request_id(),
             service="bench",
             method="POST",
             path="/v1/chat/completions",

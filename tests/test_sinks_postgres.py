@@ -269,7 +269,9 @@ def test_a_schema_1_database_is_migrated_and_its_records_read_as_before(
     sink = PostgresSink(dsn, schema=pg_schema)
     try:
         sink.write([new, old])  # "old" again: still stored once
-        assert pg_rows(dsn, pg_schema, "SELECT version FROM upstream_ops_schema") == [(2,)]
+        assert pg_rows(dsn, pg_schema, "SELECT version FROM upstream_ops_schema") == [
+            (SCHEMA_VERSION,)
+        ]
         assert pg_rows(
             dsn, pg_schema, "SELECT indexname FROM pg_indexes WHERE schemaname = %s "
             "AND indexname = ANY(%s)", pg_schema, list(UNUSED_INDEXES),
@@ -324,6 +326,13 @@ def test_bad_text_is_stored_intact_or_bounded_as_documented(
     records.append(  # bytes become text (invalid UTF-8 as U+FFFD) when the event is built
         full_record("binary", started_at_ms=400, events=[full_event(detail=binary)])  # type: ignore[arg-type]
     )
+    records.append(  # bad text in an event field only (the record's own text is clean)
+        full_record(
+            "event-only",
+            started_at_ms=450,
+            events=[full_event(), full_event(upstream_request_id="lone \udc80", platform="p\x00")],
+        )
+    )
     huge = "ü" * 5_000_000  # 10 MB of UTF-8
     records.append(full_record("huge", started_at_ms=500, upstream_error_detail=huge))
     with caplog.at_level(logging.ERROR):
@@ -341,6 +350,10 @@ def test_bad_text_is_stored_intact_or_bounded_as_documented(
             assert back.error == "lone \ufffd and split \U0001f680 pair"
             assert back.upstream_errors[0].message == "nul \ufffd here"
             assert back.upstream_errors[0].detail == "\ufffd" + binary[1:].decode("latin-1")
+        elif record.id == "event-only":
+            assert back.upstream_errors[0] == record.upstream_errors[0]
+            assert back.upstream_errors[1].upstream_request_id == "lone \ufffd"
+            assert back.upstream_errors[1].platform == "p\ufffd"
         else:
             assert back == record  # intact
     # The tables are still there, and hold what was written.

@@ -26,9 +26,11 @@ from upstream_ops.sinks._query import (
     RECORD_COLUMNS,
     SCHEMA_TABLE_DDL,
     SCHEMA_VERSION,
+    SQLITE_UNSERVED_INDEXES,
     UNUSED_INDEXES,
     insert_event_sql,
     insert_record_sql,
+    record_rows,
 )
 from upstream_ops.sinks.base import Sink
 from upstream_ops.store import QueryFilter, Store
@@ -106,12 +108,10 @@ def test_schema_tables_indexes_version_and_pragmas(sink: SQLiteSink, db: Path) -
         "ops_error_logs_started_at_idx",
         "ops_error_logs_request_id_idx",
         "ops_upstream_error_events_at_idx",
-        "ops_upstream_error_events_platform_at_idx",
-        "ops_upstream_error_events_kind_at_idx",
-        "ops_upstream_error_events_status_at_idx",
     }
     assert raw(db, "SELECT version FROM upstream_ops_schema") == [(SCHEMA_VERSION,)]
     assert raw(db, "PRAGMA journal_mode") == [("wal",)]
+    assert raw(db, "PRAGMA page_size") == [(sqlite_module._PAGE_SIZE,)]
     record_cols = [row[1] for row in raw(db, "PRAGMA table_info(ops_error_logs)")]
     assert record_cols == [*RECORD_FIELDS, "created_at_ms"]
     event_cols = [row[1] for row in raw(db, "PRAGMA table_info(ops_upstream_error_events)")]
@@ -164,13 +164,69 @@ def test_a_schema_1_file_is_migrated_and_its_records_read_as_before(db: Path) ->
     new = full_record("new", started_at_ms=3, events=[full_event(at_unix_ms=3)])
     sink = SQLiteSink(db)
     sink.write([new, old])  # "old" again: still stored once
-    assert raw(db, "SELECT version FROM upstream_ops_schema") == [(2,)]
-    assert [n for (n,) in raw(db, "SELECT name FROM sqlite_master") if n in UNUSED_INDEXES] == []
+    assert raw(db, "SELECT version FROM upstream_ops_schema") == [(SCHEMA_VERSION,)]
+    dropped = (*UNUSED_INDEXES, *SQLITE_UNSERVED_INDEXES)
+    assert [n for (n,) in raw(db, "SELECT name FROM sqlite_master") if n in dropped] == []
     assert sink.query_records(*ALL_TIME) == [new, old_bare, old]
     assert sink.search_records(QueryFilter(*ALL_TIME), limit=2).records == [new, old_bare]
     assert (sink.get_record("req-old"), sink.get_record("req-new")) == (old, new)
     assert sink.query_events(*ALL_TIME) == [*new.upstream_errors, *reversed(old.upstream_errors)]
     assert count(db, "ops_upstream_error_events") == 3
+    sink.close()
+
+
+def test_a_schema_2_file_is_migrated_and_every_query_answers_as_before(db: Path) -> None:
+    records = [
+        full_record(
+            "a", started_at_ms=1, events=[full_event(at_unix_ms=1), full_event(at_unix_ms=2)]
+        ),
+        full_record("b", started_at_ms=2, events=[full_event(at_unix_ms=3, platform="other")]),
+        RequestRecord(id="c", request_id="req-c", started_at_ms=3),
+    ]
+    with sqlite3.connect(db) as conn:  # what version 2 of the sink made and wrote
+        for statement in [SCHEMA_TABLE_DDL, *sqlite_module._MIGRATIONS[1]]:
+            conn.execute(statement)
+        for statement in sqlite_module._MIGRATIONS[2]:
+            conn.execute(statement)
+        conn.execute("INSERT INTO upstream_ops_schema (version) VALUES (2)")
+        for record in records[:2]:
+            row, events = record_rows(record, 5)
+            conn.execute(insert_record_sql("?"), row)
+            conn.executemany(insert_event_sql("?"), events)
+    assert {n for (n,) in raw(db, "SELECT name FROM sqlite_master")} >= set(SQLITE_UNSERVED_INDEXES)
+    page_size = raw(db, "PRAGMA page_size")
+    filters = [
+        QueryFilter(0, 10),
+        QueryFilter(0, 10, platform="other"),
+        QueryFilter(0, 10, kind=records[0].upstream_errors[0].kind),
+        QueryFilter(0, 10, status_codes=(records[0].upstream_errors[0].upstream_status_code,)),
+    ]
+
+    def answers(sink: SQLiteSink) -> list[Any]:
+        found: list[Any] = [sink.query_records(*ALL_TIME), sink.query_events(*ALL_TIME)]
+        for f in filters:
+            found += [sink.search_records(f), sink.search_events(f, limit=1)]
+            found.append(sink.stats(f, bucket_ms=2, group_by="platform"))
+        return [*found, sink.get_record("req-a")]
+
+    sink = SQLiteSink(db)
+    sink._schema_ready = True  # read the version 2 file as it is, for the answers before
+    before = answers(sink)
+    sink.close()
+    assert before[5].records == [records[1]]  # platform="other"
+    sink = SQLiteSink(db)
+    sink.write([records[2], records[0]])  # "a" again: still stored once
+    assert raw(db, "SELECT version FROM upstream_ops_schema") == [(SCHEMA_VERSION,)]
+    assert raw(db, "PRAGMA page_size") == page_size  # an existing file keeps its own
+    names = {n for (n,) in raw(db, "SELECT name FROM sqlite_master")}
+    assert not names & {*UNUSED_INDEXES, *SQLITE_UNSERVED_INDEXES}
+    after = answers(sink)
+    assert after[0] == [records[2], *before[0]]  # the new record "c", then the same as before
+    sink.close()
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM ops_error_logs WHERE id = 'c'")
+    sink = SQLiteSink(db)
+    assert answers(sink) == before
     sink.close()
 
 

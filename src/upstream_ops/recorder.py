@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import struct
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +36,14 @@ from upstream_ops.record import RequestRecord
 from upstream_ops.sanitize import sanitize_label, sanitize_message
 from upstream_ops.sinks.base import Sink
 
-__all__ = ["RecordFilter", "RecordHook", "Recorder", "default_should_record", "new_request_id"]
+__all__ = [
+    "RecordFilter",
+    "RecordHook",
+    "Recorder",
+    "default_should_record",
+    "new_record_id",
+    "new_request_id",
+]
 
 logger = logging.getLogger("upstream_ops")
 
@@ -205,7 +214,7 @@ class Recorder:
             span_id = format(span_context.span_id, "016x")
         error = facts.error
         return RequestRecord(
-            id=uuid4_hex(),
+            id=new_record_id(),
             request_id=collector.request_id,
             service=self.service,
             method=sanitize_label(facts.method).upper(),
@@ -227,52 +236,71 @@ class Recorder:
         )
 
 
-def uuid4_hex() -> str:
-    """A new ``uuid.uuid4().hex``: the same random bits, version and variant, taken from a pool.
+def new_record_id() -> str:
+    """A new record id: a UUIDv7 (RFC 9562) as 32 lower-case hex digits, like a uuid4 hex.
 
-    Every request that brings no id needs one, and a ``UUID`` object plus one ``os.urandom`` call each
-    cost more than the rest of the happy path; the pool makes 256 at a time from one ``os.urandom``
-    and is emptied in a forked child, so that two processes never hand out the same ids.
+    Time-ordered so that a database's indexes on record ids grow at their end instead of dirtying a
+    random page per record: the first 48 bits are the Unix time in ms, then the version (7), a 12-bit
+    counter (method 1 of RFC 9562 section 6.2: random at each new ms, else one up), the variant and
+    62 random bits from a pool. Ids increase within a process, even if the clock steps back;
+    the random bits (the pool is emptied in a forked child) keep processes apart.
     """
-    while True:
+    with _record_id_lock:
         try:
-            return _uuid4_pool.pop()  # atomic: threads never get the same id
+            tail = _record_id_pool.pop()
         except IndexError:
-            _uuid4_pool.extend(_new_uuid4_hexes(_UUID4_POOL_SIZE))
+            _record_id_pool.extend(_new_random_64s(_ID_POOL_SIZE))
+            tail = _record_id_pool.pop()
+        ms = time.time_ns() // 1_000_000
+        last_ms, counter = _record_id_state
+        if ms > last_ms:
+            counter = tail >> 53  # 11 random bits: at least 2048 more ids in this ms
+        elif counter < 0xFFF:
+            ms, counter = last_ms, counter + 1
+        else:
+            ms, counter = last_ms + 1, 0  # 4096 ids in one ms: borrow the next one
+        _record_id_state[:] = (ms, counter)
+    return f"{ms << 80 | counter << 64 | tail & _TAIL_BITS | _UUID7_SET:032x}"
 
 
 def new_request_id() -> str:
     """32 random lower-case hex digits (128 bits from ``os.urandom``): a request's id when none came.
 
     The shape of a uuid4 hex without its fixed version bits, because making those costs more than
-    the rest of a healthy request's bookkeeping; ids come from a pool like :func:`uuid4_hex`'s.
+    the rest of a healthy request's bookkeeping; ids come from a pool made from one ``os.urandom`` per
+    256, emptied in a forked child so that two processes never hand out the same ids.
     """
     while True:
         try:
             return _request_id_pool.pop()
         except IndexError:
-            text = os.urandom(16 * _UUID4_POOL_SIZE).hex()
+            text = os.urandom(16 * _ID_POOL_SIZE).hex()
             _request_id_pool.extend([text[i : i + 32] for i in range(0, len(text), 32)])
 
 
-def _new_uuid4_hexes(count: int) -> list[str]:
-    data = bytearray(os.urandom(16 * count))
-    # RFC 4122 version 4, as uuid.UUID(version=4): byte 6 starts with the version nibble 4 and
-    # byte 8 with the variant bits 10; a translation table sets them in every id at once.
-    data[6::16] = data[6::16].translate(_UUID4_VERSION)
-    data[8::16] = data[8::16].translate(_UUID4_VARIANT)
-    text = data.hex()
-    return [text[i : i + 32] for i in range(0, 32 * count, 32)]
+def _new_random_64s(count: int) -> list[int]:
+    return list(struct.unpack(f"<{count}Q", os.urandom(8 * count)))
 
 
-_UUID4_VERSION: Final = bytes(byte & 0x0F | 0x40 for byte in range(256))
-_UUID4_VARIANT: Final = bytes(byte & 0x3F | 0x80 for byte in range(256))
-_UUID4_POOL_SIZE: Final = 256
-_uuid4_pool: list[str] = []
+_ID_POOL_SIZE: Final = 256
 _request_id_pool: list[str] = []
+# RFC 9562 version 7: the version nibble (7) above the counter, the variant bits (10) above the tail.
+_UUID7_SET: Final = (7 << 76) | (0b10 << 62)
+_TAIL_BITS: Final = (1 << 62) - 1
+_record_id_pool: list[int] = []
+_record_id_state: list[int] = [0, 0]  # the last id's ms and counter
+_record_id_lock = threading.Lock()
+
+
+def _record_ids_after_fork() -> None:
+    global _record_id_lock
+    _record_id_lock = threading.Lock()  # another thread may have held it at fork
+    _record_id_pool.clear()
+
+
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_uuid4_pool.clear)
     os.register_at_fork(after_in_child=_request_id_pool.clear)
+    os.register_at_fork(after_in_child=_record_ids_after_fork)
 
 
 def _qualified_name(exc: BaseException) -> str:

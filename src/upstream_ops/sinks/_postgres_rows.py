@@ -65,7 +65,7 @@ def _rows(
     record: RequestRecord, created_at_ms: int
 ) -> tuple[tuple[Any, ...], list[tuple[Any, ...]]]:
     row, events = record_rows(record, created_at_ms)
-    if _unstorable_text([row, *events]):
+    if _unstorable_text(row, events):
         row, events = record_rows(
             _storable(record), created_at_ms
         )  # rare: rebuilt from a clean copy
@@ -75,12 +75,16 @@ def _rows(
     return row, events
 
 
-def _unstorable_text(rows: Iterable[Sequence[Any]]) -> bool:
+def _unstorable_text(row: Sequence[Any], events: Iterable[Sequence[Any]]) -> bool:
     """Whether a record's rows hold text PostgreSQL refuses: NUL, a lone surrogate, or in an
     event's JSON (which holds every event string) ``\\u0000`` or a non-finite number. All the text
     is searched at once (a few scans in C instead of a loop over the values); a false alarm only
-    costs the slow path."""
-    text = "\n".join([value for row in rows for value in row if type(value) is str])
+    costs the slow path. Of an event row, only the JSON is searched: its other text columns are
+    copies of event strings (a NUL in one is ``\\u0000`` in the JSON, a lone surrogate is kept
+    as it is) or of the record's ids."""
+    text = "\n".join(
+        [value for value in row if type(value) is str] + [event[_EVENT_JSON] for event in events]
+    )
     return (
         "\x00" in text
         or "\\u0000" in text
@@ -150,6 +154,7 @@ def _column_types(columns: Sequence[Column]) -> tuple[tuple[type, ...], ...]:
     return tuple(kinds[c.type] + (() if c.not_null else (type(None),)) for c in columns)
 
 
+_EVENT_JSON: Final = [c.name for c in EVENT_COLUMNS].index("event")
 _RECORD_TYPES: Final = _column_types(RECORD_COLUMNS)
 _EVENT_TYPES: Final = _column_types(EVENT_COLUMNS)
 

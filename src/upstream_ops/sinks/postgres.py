@@ -1,6 +1,8 @@
 """A sink and store on PostgreSQL (psycopg 3 with a connection pool), for many processes and hosts.
 
-Same tables, columns, indexes and queries as ``SQLiteSink`` (all defined once in ``_query.py``);
+Same tables, columns and queries as ``SQLiteSink`` (all defined once in ``_query.py``), and its
+indexes plus the three for filtered event lists that SQLite dropped in schema 3 (its planner has
+statistics and uses them well: see ``SQLITE_UNSERVED_INDEXES``);
 ``upstream_errors`` and each event's ``event`` are ``JSONB``. Needs ``upstream-ops[postgres]``.
 """
 
@@ -70,7 +72,7 @@ _TYPES: Final = {
     "json": "JSONB",
 }
 #: Statements that bring the schema from version ``n - 1`` to ``n``. Append, never edit.
-_MIGRATIONS: Final = {1: schema_ddl(_TYPES), 2: schema_2_ddl()}
+_MIGRATIONS: Final = {1: schema_ddl(_TYPES), 2: schema_2_ddl(), 3: []}  # 3: SQLite's alone
 #: ``ORDER BY id`` compares bytes in SQLite; the same order here.
 _TEXT_ORDER: Final = ' COLLATE "C"'
 _SCHEMA_NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")

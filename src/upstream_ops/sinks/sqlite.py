@@ -34,6 +34,7 @@ from upstream_ops.sinks._query import (
     records_from_rows,
     records_select,
     schema_2_ddl,
+    schema_3_sqlite_ddl,
     schema_ddl,
     validate_query,
 )
@@ -51,7 +52,7 @@ _TYPES: Final = {
     "json": "TEXT",
 }
 #: Statements that bring the schema from version ``n - 1`` to ``n``. Append, never edit.
-_MIGRATIONS: Final = {1: schema_ddl(_TYPES), 2: schema_2_ddl()}
+_MIGRATIONS: Final = {1: schema_ddl(_TYPES), 2: schema_2_ddl(), 3: schema_3_sqlite_ddl()}
 
 # One purge batch: the oldest records (the same ones for both statements: the write lock is held).
 _OLDEST: Final = (
@@ -64,6 +65,10 @@ _PURGE_RECORDS: Final = f"DELETE FROM {RECORDS_TABLE} WHERE id IN ({_OLDEST})"  
 # Which ids of a batch are stored already (``IDS_PER_STATEMENT`` at a time).
 _STORED_IDS: Final = f"SELECT id FROM {RECORDS_TABLE} WHERE id IN"  # noqa: S608 (constants only)
 
+#: The page size of a new file: twice SQLite's default, because a batch appends rows of about
+#: 800 bytes (an event with its JSON) to a few b-trees; fewer, fuller pages cost a write about a
+#: tenth less CPU time.
+_PAGE_SIZE: Final = 8192
 #: The page cache of each connection, in KiB.
 _CACHE_KIB: Final = 32 * 1024
 
@@ -347,8 +352,8 @@ class SQLiteSink(_search.SearchMixin):
         )
         try:
             connection.execute("PRAGMA synchronous = NORMAL")
-            # A batch inserts into a dozen indexes at random places (ids are random): a page cache
-            # bigger than SQLite's default 2 MiB keeps them in memory.
+            # A batch inserts into seven b-trees, one (the request ids') at random places: a page
+            # cache bigger than SQLite's default 2 MiB keeps them in memory.
             connection.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")
             if not self._schema_ready:
                 self._ensure_schema(connection)
@@ -359,6 +364,8 @@ class SQLiteSink(_search.SearchMixin):
 
     def _ensure_schema(self, connection: sqlite3.Connection) -> None:
         """Switch the file to WAL and apply missing migrations, once per sink and process."""
+        # Only a new, empty file takes it (an existing one keeps its page size).
+        connection.execute(f"PRAGMA page_size = {_PAGE_SIZE}")
         mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             logger.warning("upstream_ops: %s could not switch to WAL (mode %s)", self.path, mode)

@@ -1,0 +1,86 @@
+"""Record ids: ``new_record_id`` makes UUIDv7s, increasing within a process, unique across threads
+and forked processes."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+
+import pytest
+
+from upstream_ops import recorder
+from upstream_ops.recorder import new_record_id
+
+
+def test_a_record_id_is_a_uuid7_in_hex_with_the_time_in_ms() -> None:
+    before = time.time_ns() // 1_000_000
+    record_id = new_record_id()
+    after = time.time_ns() // 1_000_000
+    assert len(record_id) == 32
+    assert record_id == record_id.lower()
+    parsed = uuid.UUID(hex=record_id)
+    assert parsed.version == 7
+    assert parsed.variant == uuid.RFC_4122
+    assert parsed.hex == record_id
+    # a few ms of slack: a burst of more than 4096 ids in one ms borrows the next ms
+    assert before <= int(record_id[:12], 16) <= after + 5
+
+
+def test_ids_increase_and_never_repeat_within_a_process() -> None:
+    ids = [new_record_id() for _ in range(20_000)]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+
+
+def test_ids_keep_increasing_when_the_clock_steps_back_or_one_ms_overflows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    last = new_record_id()
+    now = [int(last[:12], 16) * 1_000_000 - 5_000_000_000]  # 5 s in the past
+    monkeypatch.setattr(time, "time_ns", lambda: now[0])
+    ids = [new_record_id() for _ in range(5_000)]  # more than one ms's 4096 counter values
+    assert [last, *ids] == sorted([last, *ids])
+    assert len(set(ids)) == len(ids)
+    assert all(uuid.UUID(hex=i).version == 7 for i in ids)
+
+
+def test_threads_never_get_the_same_id() -> None:
+    found: list[list[str]] = []
+
+    def make() -> None:
+        found.append([new_record_id() for _ in range(5_000)])
+
+    threads = [threading.Thread(target=make) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    everything = [i for ids in found for i in ids]
+    assert len(set(everything)) == len(everything) == 20_000
+    assert all(ids == sorted(ids) for ids in found)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_draws_other_random_bits_than_its_parent() -> None:
+    new_record_id()  # the pool holds random bits the child must not reuse
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        try:
+            os.write(write, "".join(new_record_id() for _ in range(100)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        text = pipe.read()
+    os.waitpid(pid, 0)
+    child = [text[i : i + 32] for i in range(0, len(text), 32)]
+    parent = [new_record_id() for _ in range(100)]
+    assert len(child) == 100
+
+    def tails(ids: list[str]) -> set[int]:
+        return {int(i, 16) & recorder._TAIL_BITS for i in ids}
+
+    assert not tails(child) & tails(parent)
