@@ -264,9 +264,11 @@ def render_redaction_rules() -> str:
     )  # fmt: skip
     lines += [
         "**2. Key/value pairs.** The value after `key=`, `key: `, `\"key\": `, `'key': `, `key=>`",
-        "(and URL-encoded `%3D` / `%3A`) is replaced when the key is secret. A key is split into",
-        "segments on non-alphanumerics and camelCase (`X-Amz-Signature`: `x`, `amz`, `signature`;",
-        "`clientSecret`: `client`, `secret`), lowercased. It is **secret** when a segment",
+        "(and URL-encoded `%3D` / `%3A`, where the key starts after the previous `%3D`, `%3A` or",
+        f"`%26`: `user%3Dbob%26password%3Dhunter2` is stored as `{message('user%3Dbob%26password%3Dhunter2')}`)",
+        "is replaced when the key is secret. A key is split into segments on non-alphanumerics and",
+        "camelCase (`X-Amz-Signature`: `x`, `amz`, `signature`; `clientSecret`: `client`, `secret`),",
+        "lowercased. It is **secret** when a segment",
         "",
         f"- is one of `SECRET_KEY_SEGMENTS`: {_words(sanitize.SECRET_KEY_SEGMENTS)};",
         f"- or ends with one of `SECRET_KEY_SUFFIXES`: {_words(sanitize.SECRET_KEY_SUFFIXES)};",
