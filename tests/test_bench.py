@@ -149,3 +149,25 @@ def test_the_httpx_capture_micro_benchmark_runs_its_checks(in_request: bool) -> 
     result = httpx_capture_case(2, 0.002, in_request=in_request)
     assert len(result["samples_us"]) == 2
     assert {"median_us", "min_us", "max_us", "bare_median_us", "capture_median_us"} <= set(result)
+
+
+def test_instruction_counts_rank_the_middleware_above_the_bare_app() -> None:
+    import shutil
+
+    from bench import instructions
+
+    if shutil.which("valgrind") is None:
+        pytest.skip("valgrind is not installed (apt-get install valgrind)")
+    bare = instructions.per_request("asgi.bare", 50)
+    ours = instructions.per_request("asgi.ours", 50)
+    # A Starlette request is tens of thousands of instructions; the middleware adds some.
+    assert 10_000 < bare < ours < bare * 2
+
+
+def test_instruction_counts_refuse_a_bad_request_count(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import instructions
+
+    with pytest.raises(SystemExit) as exited:
+        instructions.main(["asgi.bare", "--requests", "0"])
+    assert exited.value.code == 2
+    assert "--requests must be at least 1" in capsys.readouterr().err
