@@ -9,7 +9,7 @@ from opentelemetry.instrumentation.utils import is_http_instrumentation_enabled
 from opentelemetry.trace import SpanKind, StatusCode
 
 from upstream_ops import Collector
-from upstream_ops.telemetry import _client
+from upstream_ops.telemetry import _providers
 from upstream_ops.telemetry._client import ClientTelemetry
 from upstream_ops.telemetry._providers import has_current_span
 
@@ -136,13 +136,13 @@ def test_the_current_span_is_read_from_the_context_directly_and_agrees_with_the_
     otel: OTel,
 ) -> None:
     # The shortcut that answers "no span is current" in one lookup is in use with this API version.
-    assert _client._CONTEXT_VAR is not None
-    assert _client._CONTEXT_VAR.get().get(_client._SPAN_KEY) is None
+    assert _providers._CONTEXT_VAR is not None
+    assert _providers._CONTEXT_VAR.get().get(_providers._SPAN_KEY) is None
     assert not has_current_span()
     assert trace.get_current_span() is trace.INVALID_SPAN
     tracer = otel.tracer_provider.get_tracer("test")
     with tracer.start_as_current_span("outer") as outer:
-        assert _client._CONTEXT_VAR.get().get(_client._SPAN_KEY) is outer
+        assert _providers._CONTEXT_VAR.get().get(_providers._SPAN_KEY) is outer
         assert has_current_span()
 
 

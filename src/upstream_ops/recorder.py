@@ -172,9 +172,6 @@ class Recorder:
             return incoming
         return new_request_id()
 
-    def start(self, request_id: str) -> Collector:
-        return Collector(request_id, self.max_events)
-
     def finish(self, collector: Collector, facts: RequestFacts) -> RequestRecord | None:
         """Build the record, apply the rule and the hook, enqueue. Never raises into the app."""
         try:

@@ -34,7 +34,7 @@ from upstream_ops.telemetry._attributes import (
     SCOPE_NAME,
     URL_FULL,
 )
-from upstream_ops.telemetry._providers import _CONTEXT_VAR, _SPAN_KEY, ProviderLiveness
+from upstream_ops.telemetry._providers import ProviderLiveness, has_current_span
 
 __all__ = ["ClientSpan", "ClientTelemetry", "default_client_telemetry"]
 
@@ -123,7 +123,7 @@ class ClientTelemetry:
             live = self._live
             if live.unset:
                 live.refresh()
-            if _CONTEXT_VAR is None or _CONTEXT_VAR.get().get(_SPAN_KEY) is not None:
+            if has_current_span():
                 current = trace.get_current_span()
                 if current.is_recording() and getattr(current, "kind", None) is SpanKind.CLIENT:
                     return _enrich(current, collector, method, str(url))

@@ -37,8 +37,6 @@ def is_noop_meter_provider(provider: metrics.MeterProvider) -> bool:
 
 
 _READ_GLOBALS = hasattr(trace, "_TRACER_PROVIDER") and hasattr(_metrics_api, "_METER_PROVIDER")
-#: The module holding the global meter provider, when its globals can be read (else ``None``).
-_metrics_globals: Any = _metrics_api if _READ_GLOBALS else None
 
 
 def global_tracer_provider_set() -> bool:
@@ -65,7 +63,7 @@ class ProviderLiveness:
 
     ``tracing`` and ``metrics`` are plain attributes, read on every request. An explicit provider is
     decided once; while a global one is unset, :meth:`refresh` looks again (the request path calls
-    it when ``unset`` is true and :func:`providers_may_be_set`), and once set it is remembered: the
+    it when ``unset`` is true), and once set it is remembered: the
     API never replaces it.
     """
 
@@ -89,7 +87,7 @@ class ProviderLiveness:
         self.refresh()
 
     def refresh(self) -> None:
-        # The request path calls this only when ``providers_may_be_set()``.
+        # The request path calls this on every request while ``unset``: two globals read.
         if not providers_may_be_set():
             return
         unset = False

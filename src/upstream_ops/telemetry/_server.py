@@ -44,10 +44,7 @@ from upstream_ops.telemetry._attributes import (
 )
 from upstream_ops.telemetry._metrics import UpstreamErrorMetrics
 from upstream_ops.telemetry._providers import (
-    _CONTEXT_VAR,
-    _SPAN_KEY,
     ProviderLiveness,
-    _metrics_globals,
     has_current_span,
 )
 
@@ -112,18 +109,9 @@ class ServerTelemetry:
         """
         try:
             live = self._live
-            # The no-SDK path of every request: module globals and one ContextVar read, no calls.
-            if live.unset and (
-                _metrics_globals is None
-                or trace._TRACER_PROVIDER is not None
-                or _metrics_globals._METER_PROVIDER is not None
-            ):
+            if live.unset:
                 live.refresh()
-            if not (live.tracing or live.metrics or span_started_by_app) and (
-                _CONTEXT_VAR.get().get(_SPAN_KEY) is None
-                if _CONTEXT_VAR is not None
-                else not has_current_span()
-            ):
+            if not (live.tracing or live.metrics or span_started_by_app or has_current_span()):
                 return None  # OpenTelemetry is not set up and no instrumentation made a span
             current = trace.get_current_span()
             span: Span | None = None
