@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -9,7 +10,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from upstream_ops import RequestRecord, flush
+from upstream_ops import RequestRecord, UpstreamErrorEvent, flush
 from upstream_ops.dispatcher import Dispatcher
 from upstream_ops.sinks import MemorySink
 
@@ -155,6 +156,31 @@ def test_submit_never_blocks_on_a_slow_sink() -> None:
     sink.release.set()
     assert d.flush(timeout=10)
     assert len(sink.records) == 1000
+    d.close()
+
+
+def test_records_waiting_behind_a_slow_sink_are_packed_and_written_unchanged() -> None:
+    sink = BlockingSink()
+    d = Dispatcher(sink, batch_size=4, batch_interval=0.01)
+    records = [
+        RequestRecord(
+            id=f"id-{i}",
+            request_id=f"req-{i}",
+            upstream_errors=[UpstreamErrorEvent(upstream_status_code=504, attempt=i)],
+        )
+        for i in range(100)
+    ]
+    for record in records:
+        assert d.submit(record)
+    queued = list(d._queue.queue)
+    # Behind two full batches, records wait as flat tuples the garbage collector does not track.
+    assert sum(type(item) is tuple for item in queued) >= len(queued) - 8
+    assert len(queued) >= 80
+    gc.collect()
+    assert not any(gc.is_tracked(item) for item in queued if type(item) is tuple)
+    sink.release.set()
+    assert d.flush(timeout=10)
+    assert sink.records == records
     d.close()
 
 

@@ -44,7 +44,7 @@ from upstream_ops.defaults import (
     SPOOL_MAX_BYTES,
     WRITE_ATTEMPTS,
 )
-from upstream_ops.record import RequestRecord
+from upstream_ops.record import RequestRecord, pack_record, unpack_record
 from upstream_ops.retention import parse_duration, purge_periodically
 from upstream_ops.sinks.base import Sink, close_sink, record_json
 from upstream_ops.spool import Spool, SpoolChunk
@@ -65,6 +65,8 @@ logger = logging.getLogger("upstream_ops")
 _WAKE = object()
 # How long a waiting thread sleeps before it looks again (a backstop for missed wake-ups).
 _POLL_S = 0.05
+#: Records submitted behind this many full batches are packed while they wait (see pack_record).
+_PACK_AT_BATCHES = 2
 #: A spooling intake thread takes up to this many already-queued records into one fsync'd append.
 _SPOOL_APPEND_MAX = 4096
 #: Exceptions that say "this data", not "this sink": retrying or spooling them cannot help.
@@ -159,6 +161,7 @@ class Dispatcher:
         self.retention_interval = float(retention_interval)
         self.spool = None if spool_dir is None else Spool(spool_dir, max_bytes=spool_max_bytes)
         self._spill_at = max(1, int(queue_size * SPILL_AT_QUEUE_FRACTION))
+        self._pack_at = _PACK_AT_BATCHES * batch_size
         self._metrics = DispatcherMetrics(meter_provider)
         self._reset()
         lifecycle.register(self, handle_sigterm=handle_sigterm)
@@ -200,8 +203,13 @@ class Dispatcher:
         if self._intake is None:
             self._start()
         self._metrics.queued(1)  # before the worker can take it: the gauge never goes below zero
+        item: object = record
+        if self._pack_at <= len(self._queue.queue) < self.queue_size:
+            # It will wait behind a slow sink long enough to reach the collector's oldest
+            # generation; packed, it does not lengthen every full collection (see pack_record).
+            item = pack_record(record) or record
         try:
-            self._queue.put_nowait(record)
+            self._queue.put_nowait(item)
         except queue.Full:
             self._metrics.queued(-1)
             self._record_drop()
@@ -395,8 +403,7 @@ class Dispatcher:
         item = self._queue.get()
         if item is _WAKE:
             return batch
-        assert isinstance(item, RequestRecord)
-        batch.append(item)
+        batch.append(_record_of(item))
         deadline = time.monotonic() + self.batch_interval
         while len(batch) < self.batch_size:
             remaining = deadline - time.monotonic()
@@ -410,8 +417,7 @@ class Dispatcher:
                 # flush(): take what is already queued without waiting for more.
                 self._take_queued(batch, self.batch_size)
                 break
-            assert isinstance(item, RequestRecord)
-            batch.append(item)
+            batch.append(_record_of(item))
         return batch
 
     def _take_queued(self, batch: list[RequestRecord], limit: int) -> None:
@@ -420,8 +426,8 @@ class Dispatcher:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(item, RequestRecord):
-                batch.append(item)
+            if item is not _WAKE:
+                batch.append(_record_of(item))
 
     def _route(self, batch: list[RequestRecord]) -> None:
         """Hand ``batch`` to the writer; with a spool, spool it when the sink is not keeping up."""
@@ -745,6 +751,14 @@ class Dispatcher:
 
 _REPLAY = object()
 _DONE = object()
+
+
+def _record_of(item: object) -> RequestRecord:
+    """The record a queue item holds: submit packs the ones that will wait long."""
+    if type(item) is tuple:
+        return unpack_record(item)
+    assert isinstance(item, RequestRecord)
+    return item
 
 
 def _is_data_error(error: BaseException | None) -> bool:

@@ -96,6 +96,13 @@ class UpstreamErrorEvent(_EventFields):
         _EventFields.__init__(event, **values)
         return event
 
+    @classmethod
+    def _from_field_values(cls, values: tuple[Any, ...]) -> UpstreamErrorEvent:
+        """The event whose ``field_values`` were ``values`` (no checks: they came from an event)."""
+        event = object.__new__(cls)
+        _EventFields.__init__(event, *values)
+        return event
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready dict: empty strings, zeros and ``None`` are omitted (``retryable=False`` is kept)."""
         out: dict[str, Any] = {}

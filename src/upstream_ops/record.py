@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
+from operator import attrgetter
 from typing import Any, Final
 
-from upstream_ops.events import UpstreamErrorEvent
+from upstream_ops.events import EVENT_FIELDS, UpstreamErrorEvent, field_values
 
 
 @dataclass(slots=True)
@@ -60,3 +61,43 @@ class RequestRecord:
 
 RECORD_FIELDS: Final = tuple(f.name for f in fields(RequestRecord))
 _RECORD_FIELD_SET: Final = frozenset(RECORD_FIELDS)
+
+
+#: A record as one flat tuple of plain values, see ``pack_record``.
+PackedRecord = tuple[Any, ...]
+
+_EVENTS_AT: Final = RECORD_FIELDS.index("upstream_errors")
+_scalar_values: Final = attrgetter(*(n for n in RECORD_FIELDS if n != "upstream_errors"))
+_SCALARS: Final = len(RECORD_FIELDS) - 1
+_EVENT_WIDTH: Final = len(EVENT_FIELDS)
+_new_record: Callable[..., RequestRecord] = RequestRecord  # positional, in field order
+
+
+def pack_record(record: RequestRecord) -> PackedRecord | None:
+    """``record`` as one flat tuple of strings and numbers, which the garbage collector stops tracking.
+
+    A record waiting in a deep queue (a slow sink) lives long enough to reach the oldest
+    generation; thousands of them there make every full collection, a pause of the whole
+    process, tens of milliseconds longer. Packed, they cost the collector nothing. Flat, because
+    the collector untracks a tuple only after the tuples it holds, one level per collection.
+    ``None`` when ``record`` is not exactly a ``RequestRecord`` of ``UpstreamErrorEvent`` objects
+    (a ``before_flush`` hook may return its own subclass, which packing would lose).
+    """
+    if type(record) is not RequestRecord:
+        return None
+    packed: tuple[Any, ...] = _scalar_values(record)
+    for event in record.upstream_errors:
+        if type(event) is not UpstreamErrorEvent:
+            return None
+        packed += field_values(event)
+    return packed
+
+
+def unpack_record(packed: PackedRecord) -> RequestRecord:
+    """The record ``pack_record`` packed, equal to the original."""
+    new_event = UpstreamErrorEvent._from_field_values
+    events = [
+        new_event(packed[at : at + _EVENT_WIDTH])
+        for at in range(_SCALARS, len(packed), _EVENT_WIDTH)
+    ]
+    return _new_record(*packed[:_EVENTS_AT], events, *packed[_EVENTS_AT:_SCALARS])
