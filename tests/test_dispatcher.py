@@ -172,7 +172,7 @@ def test_records_waiting_behind_a_slow_sink_are_packed_and_written_unchanged() -
     ]
     for record in records:
         assert d.submit(record)
-    queued = list(d._queue.queue)
+    queued = list(d._queue)
     # Behind two full batches, records wait as flat tuples the garbage collector does not track.
     assert sum(type(item) is tuple for item in queued) >= len(queued) - 8
     assert len(queued) >= 80

@@ -1,9 +1,11 @@
 """The dispatcher: gets records off the request path and into a sink, and keeps them when it cannot.
 
 Like the OpenTelemetry SDK's batch processor, it owns the decisions (queue, batches, retries, spool,
-drain) while the sink only writes. ``submit`` is a ``put_nowait`` on a bounded queue: it never
-blocks, never does I/O and never raises, so a slow or broken sink cannot hurt the request that
-produced the record.
+drain) while the sink only writes. ``submit`` appends to a bounded queue: it never blocks, never
+does I/O and never raises, so a slow or broken sink cannot hurt the request that produced the record.
+Nor does it wake a thread for every record: waking one and handing it the GIL costs the request more
+than everything else ``submit`` does, so the intake thread is woken only when it waits for a first
+record, when a batch is full, or when ``flush`` asks; its batch timer does the rest.
 
 Two threads share the work. The *intake* thread gathers batches from the queue and hands each to
 the *writer* thread, which writes it to the sink. With a ``spool_dir`` the intake thread spools a
@@ -13,13 +15,12 @@ passes half full, and the writer replays the spool, oldest first, once the sink 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import queue
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -44,7 +45,7 @@ from upstream_ops.defaults import (
     SPOOL_MAX_BYTES,
     WRITE_ATTEMPTS,
 )
-from upstream_ops.record import RequestRecord, pack_record, unpack_record
+from upstream_ops.record import PackedRecord, RequestRecord, pack_record, unpack_record
 from upstream_ops.retention import parse_duration, purge_periodically
 from upstream_ops.sinks.base import Sink, close_sink, record_json
 from upstream_ops.spool import Spool, SpoolChunk
@@ -61,8 +62,6 @@ __all__ = ["Dispatcher", "DispatcherStats", "flush"]
 
 logger = logging.getLogger("upstream_ops")
 
-# Put on the queue by flush() so the intake thread hands over its partial batch at once.
-_WAKE = object()
 # How long a waiting thread sleeps before it looks again (a backstop for missed wake-ups).
 _POLL_S = 0.05
 #: Records submitted behind this many full batches are packed while they wait (see pack_record).
@@ -170,9 +169,16 @@ class Dispatcher:
 
     def _reset(self) -> None:
         """Fresh state: at construction and in a forked child (the parent owns what it had queued)."""
-        self._queue: queue.Queue[object] = queue.Queue(self.queue_size)
-        self._lock = threading.Lock()  # counters and hand-over; never held during I/O
+        # Bounded by submit (queue_size); records that will wait long are packed (see submit).
+        self._queue: deque[RequestRecord | PackedRecord] = deque()
+        self._lock = threading.Lock()  # queue, counters and hand-over; never held during I/O
         self._changed = threading.Condition(self._lock)
+        # The intake thread waits here, and says why, so submit wakes it only when it must.
+        self._intake_wakeup = threading.Condition(self._lock)
+        self._intake_idle = False  # it waits for a first record
+        self._intake_gathering = False  # it waits for its batch to fill or grow old
+        # flush() wants every record up to this count (of records ever enqueued) handed over now.
+        self._hurry_until = 0
         # Serializes "spool or hand over" against "the spool is empty, stop spooling", so records
         # leave in the order they came. Held while appending to the spool; submit never takes it.
         self._route_lock = threading.Lock()
@@ -203,22 +209,25 @@ class Dispatcher:
         if self._intake is None:
             self._start()
         self._metrics.queued(1)  # before the worker can take it: the gauge never goes below zero
-        item: object = record
-        if self._pack_at <= len(self._queue.queue) < self.queue_size:
+        item: RequestRecord | PackedRecord = record
+        if self._pack_at <= len(self._queue) < self.queue_size:
             # It will wait behind a slow sink long enough to reach the collector's oldest
             # generation; packed, it does not lengthen every full collection (see pack_record).
             item = pack_record(record) or record
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
-            self._metrics.queued(-1)
-            self._record_drop()
-            return False
         with self._lock:
-            self._enqueued += 1
-            if self._waiting_intake and self._queue.qsize() >= self._spill_at:
-                self._changed.notify_all()  # the intake thread waits for a busy writer: spool now
-        return True
+            queued = len(self._queue)
+            if queued < self.queue_size:
+                self._queue.append(item)
+                self._enqueued += 1
+                if self._intake_idle or (self._intake_gathering and queued + 1 >= self.batch_size):
+                    self._intake_idle = self._intake_gathering = False
+                    self._intake_wakeup.notify()
+                if self._waiting_intake and queued + 1 >= self._spill_at:
+                    self._changed.notify_all()  # the intake thread waits for a busy writer: spool now
+                return True
+        self._metrics.queued(-1)
+        self._record_drop()
+        return False
 
     def _record_drop(self) -> None:
         self._metrics.count(DROPPED)
@@ -280,10 +289,9 @@ class Dispatcher:
         drained = self.drain(timeout)
         self._stop.set()
         self._spill_now.set()
-        with contextlib.suppress(queue.Full):
-            self._queue.put_nowait(_WAKE)
         with self._lock:
             self._changed.notify_all()
+            self._intake_wakeup.notify_all()
         for thread in (self._intake, self._writer, self._retention_thread):
             if thread is not None and thread is not threading.current_thread():
                 thread.join(max(0.0, min(deadline - time.monotonic(), 1.0)))
@@ -331,9 +339,9 @@ class Dispatcher:
             target = self._enqueued
             if self._handled >= target:
                 return True
-        # A full queue makes full batches: the intake thread is not waiting anyway.
-        with contextlib.suppress(queue.Full):
-            self._queue.put_nowait(_WAKE)
+            # The intake thread hands over a partial batch at once instead of waiting for more.
+            self._hurry_until = max(self._hurry_until, target)
+            self._intake_wakeup.notify_all()
         return self._wait(lambda: self._handled >= target, deadline)
 
     def _wait_for_spool(self, deadline: float) -> bool:
@@ -385,49 +393,52 @@ class Dispatcher:
 
     def _run_intake(self) -> None:
         try:
-            while True:
-                batch = self._next_batch()
-                if batch:
-                    self._route(batch)
-                    del batch  # hold nothing while waiting for the next record
-                elif self._stop.is_set() and self._queue.empty():
-                    return
+            while (batch := self._next_batch()) is not None:
+                self._route(batch)
+                del batch  # hold nothing while waiting for the next record
         finally:
             with self._lock:
                 self._intake = None
                 self._changed.notify_all()
 
-    def _next_batch(self) -> list[RequestRecord]:
-        """Block for the first record, then gather until the batch is full, old, or a flush asks."""
-        batch: list[RequestRecord] = []
-        item = self._queue.get()
-        if item is _WAKE:
-            return batch
-        batch.append(_record_of(item))
-        deadline = time.monotonic() + self.batch_interval
-        while len(batch) < self.batch_size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                item = self._queue.get(timeout=remaining)
-            except queue.Empty:
-                break
-            if item is _WAKE:
-                # flush(): take what is already queued without waiting for more.
-                self._take_queued(batch, self.batch_size)
-                break
-            batch.append(_record_of(item))
-        return batch
+    def _next_batch(self) -> list[RequestRecord] | None:
+        """Wait for a first record, then until the batch is full, old, or a flush asks.
 
-    def _take_queued(self, batch: list[RequestRecord], limit: int) -> None:
-        while len(batch) < limit:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if item is not _WAKE:
-                batch.append(_record_of(item))
+        ``None`` when closing with nothing queued. Submitters wake this thread only for a first
+        record or a full batch; the ``batch_interval`` timer ends every other wait.
+        """
+        records = self._queue
+        with self._lock:
+            while not records:
+                if self._stop.is_set():
+                    return None
+                self._intake_idle = True
+                self._intake_wakeup.wait()
+                self._intake_idle = False
+            deadline = time.monotonic() + self.batch_interval
+            while len(records) < self.batch_size and not self._hurried():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._intake_gathering = True
+                self._intake_wakeup.wait(remaining)
+                self._intake_gathering = False
+            taken = self._take_queued(self.batch_size)
+        return _unpacked(taken)  # outside the lock: submitters never wait for it
+
+    def _hurried(self) -> bool:
+        """A flush waits for a record still queued, or the dispatcher closes (caller holds the lock)."""
+        taken = self._enqueued - len(self._queue)
+        return taken < self._hurry_until or self._stop.is_set()
+
+    def _take_queued(self, limit: int) -> list[RequestRecord | PackedRecord]:
+        """Up to ``limit`` queued items, oldest first (the caller holds ``_lock``)."""
+        records = self._queue
+        if len(records) <= limit:
+            batch = list(records)
+            records.clear()
+            return batch
+        return [records.popleft() for _ in range(limit)]
 
     def _route(self, batch: list[RequestRecord]) -> None:
         """Hand ``batch`` to the writer; with a spool, spool it when the sink is not keeping up."""
@@ -441,7 +452,9 @@ class Dispatcher:
         while True:
             with self._route_lock:
                 if self._spilling or self._spill_now.is_set():
-                    self._take_queued(batch, _SPOOL_APPEND_MAX)
+                    with self._lock:
+                        taken = self._take_queued(_SPOOL_APPEND_MAX - len(batch))
+                    batch += _unpacked(taken)
                     self._spool_batch(batch)
                     return
                 with self._lock:
@@ -449,7 +462,7 @@ class Dispatcher:
                         self._handoff = batch
                         self._changed.notify_all()
                         return
-                    if self._queue.qsize() >= self._spill_at:
+                    if len(self._queue) >= self._spill_at:
                         self._spilling = True  # the sink is slower than the traffic
                         continue
             with self._lock:
@@ -753,12 +766,9 @@ _REPLAY = object()
 _DONE = object()
 
 
-def _record_of(item: object) -> RequestRecord:
-    """The record a queue item holds: submit packs the ones that will wait long."""
-    if type(item) is tuple:
-        return unpack_record(item)
-    assert isinstance(item, RequestRecord)
-    return item
+def _unpacked(items: list[RequestRecord | PackedRecord]) -> list[RequestRecord]:
+    """The records queued as ``items``: submit packs the ones that will wait long."""
+    return [unpack_record(item) if isinstance(item, tuple) else item for item in items]
 
 
 def _is_data_error(error: BaseException | None) -> bool:
