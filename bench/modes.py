@@ -12,13 +12,12 @@ whichever happened to run at the time.
 from __future__ import annotations
 
 import http.client
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from bench.apps import EXPECTED_BODY, EXPECTED_STATUS, PATH
 from bench.loadgen import run_load
-from bench.procs import Worker, WorkerError
+from bench.procs import Worker, WorkerError, wait_until_quiet
 from bench.variants import IN_PROCESS, SERVER, Variant
 
 Progress = Callable[[str], None]
@@ -66,6 +65,7 @@ def run_in_process(
             progress(f"in-process round {round_no + 1}/{rounds}")
             for variant in variants:
                 result = results[variant.name]
+                result.setdefault("waited_s", []).append(wait_until_quiet(workers.values()))
                 answer = workers[variant.name].ask({"run": result["requests_per_run"]})
                 result["samples_us"].append(answer["elapsed_ns"] / answer["requests"] / 1000)
                 result["requests"] += answer["requests"]
@@ -135,15 +135,15 @@ def run_server(
             progress(f"server round {round_no + 1}/{rounds}")
             for variant in variants:
                 url = f"http://127.0.0.1:{ports[variant.name]}{PATH}"
-                load = run_load(url, seconds_per_run, connections, tool)
                 result = results[variant.name]
+                result.setdefault("waited_s", []).append(wait_until_quiet(workers.values()))
+                load = run_load(url, seconds_per_run, connections, tool)
                 result["samples_rps"].append(load.requests_per_s)
                 result["samples_p50_us"].append(load.p50_us)
                 result["samples_p99_us"].append(load.p99_us)
                 result["requests"] += load.requests
                 result["bad"] += load.bad
                 result["errors"] += load.errors
-                time.sleep(0.2)  # let the dispatcher catch up before the next variant's run
         for variant in variants:
             result = results[variant.name]
             facts = workers[variant.name].ask({"facts": True})["facts"]

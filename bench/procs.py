@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,17 @@ class Worker:
         self.proc.stdin.flush()
         return self.receive(timeout)
 
+    def cpu_ns(self) -> int:
+        """CPU time the worker's threads have used so far, in ns (0 where /proc cannot tell)."""
+        total = 0
+        try:
+            for task in os.scandir(f"/proc/{self.proc.pid}/task"):
+                with open(f"{task.path}/schedstat") as stat:
+                    total += int(stat.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # not Linux, or the thread ended while being read
+        return total
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             try:
@@ -75,3 +88,28 @@ class Worker:
             except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
                 self.proc.wait(5)
+
+
+#: A worker process whose threads use less CPU than this share of one core is quiet.
+QUIET_CPU_SHARE = 0.02
+_QUIET_WINDOW_S = 0.1
+
+
+def wait_until_quiet(workers: Iterable[Worker], max_seconds: float = 5.0) -> float:
+    """Wait until no worker is still busy (a span exporter, a sink catching up); seconds waited.
+
+    Every variant's process stays alive for the whole run, and some keep working after their load
+    ends: the OpenTelemetry SDK and sentry-sdk export what their batch processors queued, a
+    dispatcher writes its backlog. On two cores that work would be billed to whichever variant is
+    measured next, so the next run starts only once the others are idle.
+    """
+    workers = list(workers)
+    started = time.monotonic()
+    before = sum(w.cpu_ns() for w in workers)
+    while time.monotonic() - started < max_seconds:
+        time.sleep(_QUIET_WINDOW_S)
+        after = sum(w.cpu_ns() for w in workers)
+        if after - before <= QUIET_CPU_SHARE * _QUIET_WINDOW_S * 1e9:
+            break
+        before = after
+    return time.monotonic() - started
