@@ -639,8 +639,6 @@ class Dispatcher:
                 self.sink.write(records)
         except Exception as exc:
             if len(records) > 1:
-                # The sink is down, or some record in here is bad: try fewer at a time. Data
-                # errors are retried at once; anything else waits for the circuit.
                 # The sink is down, or a record in here is bad: try fewer at a time. After a
                 # data error at once; otherwise after a probe delay that grows only once the
                 # probes are single records.
