@@ -822,3 +822,31 @@ def test_a_stream_of_the_wrong_kind_fails_as_without_capture() -> None:
     with collecting() as async_collector:
         asyncio.run(main())
     assert collector.events == [] and async_collector.events == []
+
+
+def test_a_success_body_passes_through_the_async_attempt_chunk_by_chunk() -> None:
+    chunks = [b'{"id":', b'"1"}']
+    closed: list[bool] = []
+
+    class Chunks(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            for chunk in chunks:
+                yield chunk
+
+        async def aclose(self) -> None:
+            closed.append(True)
+
+    async def main() -> tuple[Collector, list[bytes]]:
+        transport = AsyncUpstreamOpsTransport(
+            httpx.MockTransport(lambda request: httpx.Response(200, stream=Chunks()))
+        )
+        with collecting() as collector:
+            response = await transport.handle_async_request(
+                httpx.Request("GET", "https://api.example/")
+            )
+            read = [chunk async for chunk in response.aiter_raw()]
+        return collector, read
+
+    collector, read = asyncio.run(main())
+    assert read == chunks and closed == [True]
+    assert collector.events == [] and collector.attempts == 1

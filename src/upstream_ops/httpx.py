@@ -248,29 +248,34 @@ class _SyncAttempt(Attempt, httpx.SyncByteStream):
 
 
 class _AsyncAttempt(Attempt, httpx.AsyncByteStream):
-    """``_SyncAttempt`` for ``httpx.AsyncClient``."""
+    """``_SyncAttempt`` for ``httpx.AsyncClient``. It iterates with ``__anext__`` instead of an
+    async generator: a generator's machinery costs more than the rest of a successful attempt."""
 
     #: The wrapped transport's stream (None when it returned a sync one).
     stream: httpx.AsyncByteStream | None = None
+    _chunks: AsyncIterator[bytes]
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        stream = self.stream
-        if stream is None:
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        if self.stream is None:
             raise RuntimeError("Attempted to call an async iterator on a sync stream.")
+        self._chunks = self.stream.__aiter__()
+        return self
+
+    async def __anext__(self) -> bytes:
         try:
-            if not self.reads_body:
-                async for chunk in stream:  # a success: only a failure while it is read is an event
-                    yield chunk
-                return
-            async for chunk in stream:
-                self.feed(chunk)
-                yield chunk
+            chunk = await self._chunks.__anext__()
+        except StopAsyncIteration:
+            if self.reads_body:
+                self.body_ended()
+            raise
         except _NOT_RECORDED:
             raise
         except BaseException as exc:
             self.body_failed(exc)
             raise
-        self.body_ended()
+        if self.reads_body:
+            self.feed(chunk)
+        return chunk
 
     async def aclose(self) -> None:
         try:
