@@ -75,6 +75,7 @@ def active_collector() -> Collector | None:
     suppressed. The only work a capture integration does before delegating, when it returns ``None``.
     """
     collector = _current.get()
+    # ``_finished`` is what the ``finished`` property returns, read without the property's call.
     if collector is None or collector._finished or _suppressed.get():
         return None
     return collector
