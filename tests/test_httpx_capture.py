@@ -6,7 +6,7 @@ import asyncio
 import gc
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
@@ -726,3 +726,127 @@ def test_a_response_closed_unread_by_its_transport_is_recorded_without_a_body() 
     assert response.status_code == 502
     [event] = collector.events
     assert (event.upstream_status_code, event.detail, event.message) == (502, "", "502 Bad Gateway")
+
+
+# --- what a success costs: the body passes through the attempt ------------------------------------
+
+
+def test_a_success_body_passes_through_the_attempt_chunk_by_chunk() -> None:
+    chunks = [b'{"id":', b'"1"}']
+
+    class Chunks(httpx.SyncByteStream):
+        closed = False
+
+        def __iter__(self) -> Iterator[bytes]:
+            yield from chunks
+
+        def close(self) -> None:
+            Chunks.closed = True
+
+    transport = UpstreamOpsTransport(
+        httpx.MockTransport(lambda request: httpx.Response(200, stream=Chunks()))
+    )
+    with collecting() as collector:
+        response = transport.handle_request(httpx.Request("GET", "https://api.example/"))
+        assert list(response.iter_raw()) == chunks
+    assert Chunks.closed and response.is_closed
+    assert collector.events == [] and collector.attempts == 1
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["text/event-stream", "Text/Event-Stream; charset=utf-8", "TEXT/EVENT-STREAM"],
+)
+def test_an_event_stream_is_told_by_its_content_type_in_any_case(content_type: str) -> None:
+    body = b'data: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n'
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        headers = {"content-type": content_type}
+        return httpx.Response(200, headers=headers, stream=httpx.ByteStream(body))
+
+    with (
+        httpx.Client(transport=UpstreamOpsTransport(httpx.MockTransport(handler))) as client,
+        collecting() as collector,
+    ):
+        for _ in range(2):  # the second one's answer is the kept one
+            with client.stream("GET", "https://api.example/") as response:
+                response.read()
+    assert [(e.kind, e.message) for e in collector.events] == [("stream_error", "Overloaded")] * 2
+
+
+def test_the_kept_content_type_answers_are_bounded() -> None:
+    from upstream_ops.httpx import _EVENT_STREAM_VALUES_KEPT, _event_stream_by_value
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        boundary = request.url.params["b"]
+        headers = {"content-type": f"multipart/mixed; boundary={boundary}"}
+        return httpx.Response(200, headers=headers, stream=httpx.ByteStream(b"--"))
+
+    with (
+        httpx.Client(transport=UpstreamOpsTransport(httpx.MockTransport(handler))) as client,
+        collecting() as collector,
+    ):
+        for boundary in range(_EVENT_STREAM_VALUES_KEPT * 2):
+            assert client.get(f"https://api.example/?b={boundary}").content == b"--"
+    assert len(_event_stream_by_value) <= _EVENT_STREAM_VALUES_KEPT
+    assert collector.events == []
+
+
+def test_a_stream_of_the_wrong_kind_fails_as_without_capture() -> None:
+    class AsyncBody(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            yield b"never"
+
+    class SyncBody(httpx.SyncByteStream):
+        def __iter__(self) -> Iterator[bytes]:
+            yield b"never"
+
+    sync_wrong = httpx.MockTransport(lambda request: httpx.Response(200, stream=AsyncBody()))
+    with collecting() as collector:
+        response = UpstreamOpsTransport(sync_wrong).handle_request(
+            httpx.Request("GET", "https://api.example/")
+        )
+        with pytest.raises(RuntimeError, match="sync iterator on an async stream"):
+            response.read()
+        response.close()
+
+    async def main() -> None:
+        async_wrong = httpx.MockTransport(lambda request: httpx.Response(200, stream=SyncBody()))
+        response = await AsyncUpstreamOpsTransport(async_wrong).handle_async_request(
+            httpx.Request("GET", "https://api.example/")
+        )
+        with pytest.raises(RuntimeError, match="async iterator on a sync stream"):
+            await response.aread()
+        await response.aclose()
+
+    with collecting() as async_collector:
+        asyncio.run(main())
+    assert collector.events == [] and async_collector.events == []
+
+
+def test_a_success_body_passes_through_the_async_attempt_chunk_by_chunk() -> None:
+    chunks = [b'{"id":', b'"1"}']
+    closed: list[bool] = []
+
+    class Chunks(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            for chunk in chunks:
+                yield chunk
+
+        async def aclose(self) -> None:
+            closed.append(True)
+
+    async def main() -> tuple[Collector, list[bytes]]:
+        transport = AsyncUpstreamOpsTransport(
+            httpx.MockTransport(lambda request: httpx.Response(200, stream=Chunks()))
+        )
+        with collecting() as collector:
+            response = await transport.handle_async_request(
+                httpx.Request("GET", "https://api.example/")
+            )
+            read = [chunk async for chunk in response.aiter_raw()]
+        return collector, read
+
+    collector, read = asyncio.run(main())
+    assert read == chunks and closed == [True]
+    assert collector.events == [] and collector.attempts == 1

@@ -75,7 +75,8 @@ def active_collector() -> Collector | None:
     suppressed. The only work a capture integration does before delegating, when it returns ``None``.
     """
     collector = _current.get()
-    if collector is None or collector.finished or _suppressed.get():
+    # ``_finished`` is what the ``finished`` property returns, read without the property's call.
+    if collector is None or collector._finished or _suppressed.get():
         return None
     return collector
 
@@ -144,22 +145,16 @@ class Attempt:
     stream closed after the ``upstream`` block) still carries them. None of its methods raises.
     """
 
-    __slots__ = (
-        "__weakref__",
-        "_body",
-        "_collector",
-        "_headers",
-        "_labels",
-        "_mode",
-        "_options",
-        "_scanner",
-        "_started",
-        "method",
-        "number",
-        "reads_body",
-        "status",
-        "url",
-    )
+    # What stays at its default on a successful attempt is read from the class, so starting an
+    # attempt costs seven attribute stores. (No ``__slots__``: slots cannot have class defaults.)
+    status = 0
+    _headers: Mapping[str, str] | None = None
+    _mode = _WATCH
+    _body: bytearray | None = None
+    _scanner: EventStreamScanner | None = None
+    #: Set by :meth:`received`: the chunks of the body must be fed (an error body is kept, an
+    #: event stream scanned). Otherwise only a failure while the body is read is an event.
+    reads_body = False
 
     def __init__(
         self, collector: Collector, options: CaptureOptions, method: str, url: object
@@ -171,14 +166,6 @@ class Attempt:
         self.url = url  # the client's URL object: made a string only when an event is recorded
         self.number = collector.next_attempt()
         self._started = perf_counter()
-        self.status = 0
-        self._headers: Mapping[str, str] | None = None
-        self._mode = _WATCH
-        self._body: bytearray | None = None
-        self._scanner: EventStreamScanner | None = None
-        #: Set by :meth:`received`: the chunks of the body must be fed (an error body is kept, an
-        #: event stream scanned). Otherwise only a failure while the body is read is an event.
-        self.reads_body = False
 
     @property
     def pending(self) -> bool:
@@ -196,7 +183,14 @@ class Attempt:
         """The status line and headers arrived. True when an event is pending until the body ends.
 
         ``content_type`` is passed in because each client has a faster way to look it up than a
-        case-insensitive ``headers.get``, and this runs on every successful attempt.
+        case-insensitive ``headers.get``.
+        """
+        event_stream = 200 <= status < 300 and content_type[:17].lower() == "text/event-stream"
+        return self.received_head(status, headers, event_stream)
+
+    def received_head(self, status: int, headers: Mapping[str, str], event_stream: bool) -> bool:
+        """:meth:`received`, told whether the Content-Type is ``text/event-stream``: for a client
+        that can tell faster than from the header's text (this runs on every successful attempt).
         """
         self.status = status
         self._headers = headers
@@ -206,7 +200,7 @@ class Attempt:
                 self._body = bytearray()
                 self.reads_body = True
                 return True
-            if 200 <= status < 300 and content_type[:17].lower() == "text/event-stream":
+            if event_stream and 200 <= status < 300:
                 self._mode = _EVENT_STREAM
                 self._scanner = EventStreamScanner(
                     data_max=self._options.max_body_bytes, line_max=SSE_LINE_MAX_BYTES

@@ -12,13 +12,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Container, Iterator
 from types import TracebackType
-from typing import TypeVar, overload
+from typing import Final, TypeVar, overload
 
 import httpx
 from opentelemetry.trace import TracerProvider
 
 from upstream_ops._capture import Attempt, CaptureOptions, active_collector
 from upstream_ops.defaults import CAPTURE_BODY_MAX_BYTES, CAPTURE_STATUSES
+from upstream_ops.telemetry._client import ClientSpan
 
 __all__ = ["AsyncUpstreamOpsTransport", "UpstreamOpsTransport", "instrument_client"]
 
@@ -65,25 +66,20 @@ class UpstreamOpsTransport(httpx.BaseTransport):
         collector = active_collector()
         if collector is None:
             return self.transport.handle_request(request)
-        attempt = Attempt(collector, self.options, request.method, request.url)
-        span = self.options.client_spans.start(
-            collector, request.method, request.url, request.headers
-        )
-        status_code, error = 0, None
+        options = self.options
+        attempt = _SyncAttempt(collector, options, request.method, request.url)
+        span = options.client_spans.start(collector, request.method, request.url, request.headers)
         try:
             response = self.transport.handle_request(request)
-            status_code = response.status_code
-        except _NOT_RECORDED:
-            raise
         except BaseException as exc:
-            error = exc
-            attempt.failed(exc)
+            _failed(attempt, span, exc)
             raise
-        finally:
-            if span is not None:
-                span.finish(status_code=status_code, error=error)
+        if span is not None:
+            span.finish(status_code=response.status_code)
         if _watch(attempt, response):
-            response.stream = _CapturedSyncStream(response.stream, attempt)
+            stream = response.stream
+            attempt.stream = stream if isinstance(stream, httpx.SyncByteStream) else None
+            response.stream = attempt
         return response
 
     def close(self) -> None:
@@ -132,25 +128,20 @@ class AsyncUpstreamOpsTransport(httpx.AsyncBaseTransport):
         collector = active_collector()
         if collector is None:
             return await self.transport.handle_async_request(request)
-        attempt = Attempt(collector, self.options, request.method, request.url)
-        span = self.options.client_spans.start(
-            collector, request.method, request.url, request.headers
-        )
-        status_code, error = 0, None
+        options = self.options
+        attempt = _AsyncAttempt(collector, options, request.method, request.url)
+        span = options.client_spans.start(collector, request.method, request.url, request.headers)
         try:
             response = await self.transport.handle_async_request(request)
-            status_code = response.status_code
-        except _NOT_RECORDED:
-            raise
         except BaseException as exc:  # cancellation included: the attempt ended unfinished
-            error = exc
-            attempt.failed(exc)
+            _failed(attempt, span, exc)
             raise
-        finally:
-            if span is not None:
-                span.finish(status_code=status_code, error=error)
+        if span is not None:
+            span.finish(status_code=response.status_code)
         if _watch(attempt, response):
-            response.stream = _CapturedAsyncStream(response.stream, attempt)
+            stream = response.stream
+            attempt.stream = stream if isinstance(stream, httpx.AsyncByteStream) else None
+            response.stream = attempt
         return response
 
     async def aclose(self) -> None:
@@ -169,10 +160,23 @@ class AsyncUpstreamOpsTransport(httpx.AsyncBaseTransport):
         await self.transport.__aexit__(exc_type, exc_value, traceback)
 
 
+def _failed(attempt: Attempt, span: ClientSpan | None, exc: BaseException) -> None:
+    """The wrapped transport raised ``exc``: the attempt's event (none when the process is being
+    stopped), then the end of the attempt's span."""
+    if isinstance(exc, _NOT_RECORDED):
+        if span is not None:
+            span.finish()
+        return
+    attempt.failed(exc)
+    if span is not None:
+        span.finish(error=exc)
+
+
 def _watch(attempt: Attempt, response: httpx.Response) -> bool:
-    """Tell the attempt about the response; True when its stream must be wrapped."""
+    """Tell the attempt about the response; True when the caller must read its body through the
+    attempt (False: it was in memory already, and the attempt has looked at it)."""
     headers = response.headers
-    if attempt.received(response.status_code, headers, _content_type(headers)):
+    if attempt.received_head(response.status_code, headers, _is_event_stream(headers)):
         attempt.record_on_collect(response)
     if not response.is_closed:
         return True
@@ -183,83 +187,103 @@ def _watch(attempt: Attempt, response: httpx.Response) -> bool:
     return False
 
 
-def _content_type(headers: httpx.Headers) -> str:
-    """``headers.get("content-type")`` at a fifth of its cost: httpx keeps the lower-cased names."""
+#: Whether a raw Content-Type value is ``text/event-stream`` (any case, any parameters), by value:
+#: an upstream answers with a handful of values, and a lookup costs a third of lower-casing one.
+_event_stream_by_value: dict[bytes, bool] = {}
+_EVENT_STREAM_VALUES_KEPT: Final = 64
+
+
+def _is_event_stream(headers: httpx.Headers) -> bool:
+    """Whether the Content-Type is ``text/event-stream``, found without ``headers.get``'s cost:
+    httpx keeps the lower-cased names."""
     try:
         for _, name, value in headers._list:
             if name == b"content-type":
-                return value.decode("latin-1")
-        return ""
+                try:
+                    return _event_stream_by_value[value]
+                except KeyError:
+                    known = value[:17].lower() == b"text/event-stream"
+                    if len(_event_stream_by_value) < _EVENT_STREAM_VALUES_KEPT:
+                        _event_stream_by_value[value] = known
+                    return known
+        return False
     except (AttributeError, TypeError, ValueError):  # another httpx version's layout
-        return str(headers.get("content-type", ""))
+        return str(headers.get("content-type", ""))[:17].lower() == "text/event-stream"
 
 
-class _CapturedSyncStream(httpx.SyncByteStream):
-    """The response stream as the caller reads it: shown to the attempt chunk by chunk when the
-    attempt reads the body, passed through otherwise; a failure while it is read is the attempt's."""
+class _SyncAttempt(Attempt, httpx.SyncByteStream):
+    """An attempt through ``httpx.Client`` that is also the body stream of its response: the caller
+    reads the wrapped transport's ``stream`` through it, so the attempt is shown each chunk when it
+    reads the body (an error body is kept, an event stream scanned) and sees a failure while the
+    body is read. A success passes its chunks through untouched."""
 
-    def __init__(self, stream: httpx.SyncByteStream | httpx.AsyncByteStream, attempt: Attempt):
-        self._stream = stream
-        self._attempt = attempt
+    #: The wrapped transport's stream (None when it returned an async one).
+    stream: httpx.SyncByteStream | None = None
 
     def __iter__(self) -> Iterator[bytes]:
-        attempt = self._attempt
-        if not isinstance(self._stream, httpx.SyncByteStream):
+        stream = self.stream
+        if stream is None:
             raise RuntimeError("Attempted to call a sync iterator on an async stream.")
         try:
-            if attempt.reads_body:
-                for chunk in self._stream:
-                    attempt.feed(chunk)
-                    yield chunk
-            else:  # a success: only a failure while it is read is an event
-                yield from self._stream
+            if not self.reads_body:
+                yield from stream  # a success: only a failure while it is read is an event
+                return
+            for chunk in stream:
+                self.feed(chunk)
+                yield chunk
         except _NOT_RECORDED:
             raise
         except BaseException as exc:
-            attempt.body_failed(exc)
+            self.body_failed(exc)
             raise
-        attempt.body_ended()
+        self.body_ended()
 
     def close(self) -> None:
         try:
-            if isinstance(self._stream, httpx.SyncByteStream):
-                self._stream.close()
+            if self.stream is not None:
+                self.stream.close()
         finally:
-            self._attempt.body_ended()
+            if self.reads_body:  # a success has nothing left to record
+                self.body_ended()
 
 
-class _CapturedAsyncStream(httpx.AsyncByteStream):
-    """``_CapturedSyncStream`` for async clients."""
+class _AsyncAttempt(Attempt, httpx.AsyncByteStream):
+    """``_SyncAttempt`` for ``httpx.AsyncClient``. It iterates with ``__anext__`` instead of an
+    async generator: a generator's machinery costs more than the rest of a successful attempt."""
 
-    def __init__(self, stream: httpx.SyncByteStream | httpx.AsyncByteStream, attempt: Attempt):
-        self._stream = stream
-        self._attempt = attempt
+    #: The wrapped transport's stream (None when it returned a sync one).
+    stream: httpx.AsyncByteStream | None = None
+    _chunks: AsyncIterator[bytes]
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        attempt = self._attempt
-        if not isinstance(self._stream, httpx.AsyncByteStream):
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        if self.stream is None:
             raise RuntimeError("Attempted to call an async iterator on a sync stream.")
+        self._chunks = self.stream.__aiter__()
+        return self
+
+    async def __anext__(self) -> bytes:
         try:
-            if attempt.reads_body:
-                async for chunk in self._stream:
-                    attempt.feed(chunk)
-                    yield chunk
-            else:  # a success: only a failure while it is read is an event
-                async for chunk in self._stream:
-                    yield chunk
+            chunk = await self._chunks.__anext__()
+        except StopAsyncIteration:
+            if self.reads_body:
+                self.body_ended()
+            raise
         except _NOT_RECORDED:
             raise
         except BaseException as exc:
-            attempt.body_failed(exc)
+            self.body_failed(exc)
             raise
-        attempt.body_ended()
+        if self.reads_body:
+            self.feed(chunk)
+        return chunk
 
     async def aclose(self) -> None:
         try:
-            if isinstance(self._stream, httpx.AsyncByteStream):
-                await self._stream.aclose()
+            if self.stream is not None:
+                await self.stream.aclose()
         finally:
-            self._attempt.body_ended()
+            if self.reads_body:  # a success has nothing left to record
+                self.body_ended()
 
 
 @overload
