@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,10 @@ def _reference(db: Path, records: list[RequestRecord]) -> dict[str, list[tuple[A
 
 
 def _events() -> list[UpstreamErrorEvent]:
+    odd = full_event(message="a bool where an int goes")
+    odd.attempt = True  # not its declared type: Python writes this one's JSON
     return [
+        odd,
         full_event(),
         full_event(retryable=None, account_id=0, platform="", detail=""),
         full_event(
@@ -120,14 +124,76 @@ def test_a_batch_of_every_shape_stores_the_rows_of_the_shared_mapping(
     assert _tables(tmp_path / "fast.db") == _reference(tmp_path / "plain.db", records)
 
 
+def test_batches_of_many_rows_per_statement_store_the_rows_of_the_shared_mapping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("upstream_ops.sinks.sqlite.time.time_ns", lambda: 7_000_000)
+    events = _events()
+    many = 2 * _sqlite_rows.ROWS_PER_STATEMENT + 7  # of one shape of record and of event
+    records = [full_record(f"r{i:03}", events=[events[0], events[4]]) for i in range(many)]
+    records += [
+        full_record(
+            f"v{i:03}",
+            route=None if i % 3 else "/v1/{name}",
+            trace_id=None if i % 5 else "t",
+            events=[events[(i + k) % len(events)] for k in range(i % 4)],
+        )
+        for i in range(30)
+    ]
+    statements: list[str] = []
+    original = _sqlite_rows.BatchRows.statements
+
+    def spy(batch: _sqlite_rows.BatchRows) -> Iterator[tuple[str, list[tuple[Any, ...]]]]:
+        for sql, rows in original(batch):
+            statements.append(sql)
+            yield sql, rows
+
+    monkeypatch.setattr(_sqlite_rows.BatchRows, "statements", spy)
+    sink = SQLiteSink(tmp_path / "fast.db")
+    sink.write(records[:50])
+    sink.write(records[50:])
+    sink.close()
+    assert _tables(tmp_path / "fast.db") == _reference(tmp_path / "plain.db", records)
+    many_rows = [sql for sql in statements if "), (" in sql]
+    assert any(RECORDS_TABLE in sql for sql in many_rows)
+    assert any(EVENTS_TABLE in sql and "json_object" in sql for sql in many_rows)
+
+
 def test_shapes_beyond_the_cache_still_store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_sqlite_rows, "_SHAPES", {})
+    monkeypatch.setattr(_sqlite_rows, "_RECORD_SHAPES", {})
+    monkeypatch.setattr(_sqlite_rows, "_EVENT_SHAPES", {})
     monkeypatch.setattr(_sqlite_rows, "_SHAPES_MAX", 0)
     records = [full_record("x"), full_record("y", route=None, error=None)]
     sink = SQLiteSink(tmp_path / "fast.db")
     sink.write(records)
     sink.close()
-    assert _sqlite_rows._SHAPES == {}
+    assert _sqlite_rows._RECORD_SHAPES == _sqlite_rows._EVENT_SHAPES == {}
     assert [r.id for r in SQLiteSink(tmp_path / "fast.db").query_records(0, 2**62)] == ["y", "x"]
+
+
+def test_this_sqlite_writes_the_event_json() -> None:
+    assert _sqlite_rows.sqlite_writes_event_json()
+
+
+def test_a_sqlite_without_json_functions_leaves_the_json_to_python(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise sqlite3.OperationalError("no such function: json_object")
+
+    monkeypatch.setattr(_sqlite_rows.sqlite3, "connect", broken)
+    _sqlite_rows.sqlite_writes_event_json.cache_clear()
+    try:
+        assert not _sqlite_rows.sqlite_writes_event_json()
+    finally:
+        monkeypatch.undo()
+        _sqlite_rows.sqlite_writes_event_json.cache_clear()
+    monkeypatch.setattr("upstream_ops.sinks.sqlite.time.time_ns", lambda: 7_000_000)
+    monkeypatch.setattr(_sqlite_rows, "sqlite_writes_event_json", lambda: False)
+    records = [full_record(f"r{i:02}", events=_events()) for i in range(40)]
+    sink = SQLiteSink(tmp_path / "fast.db")
+    sink.write(records)
+    sink.close()
+    assert _tables(tmp_path / "fast.db") == _reference(tmp_path / "plain.db", records)

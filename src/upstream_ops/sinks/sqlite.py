@@ -38,7 +38,7 @@ from upstream_ops.sinks._query import (
     schema_ddl,
     validate_query,
 )
-from upstream_ops.sinks._sqlite_rows import BatchRows, insert_events_sql
+from upstream_ops.sinks._sqlite_rows import BatchRows
 from upstream_ops.sinks.base import RejectedRecords
 
 logger = logging.getLogger(__name__)
@@ -127,7 +127,6 @@ class SQLiteSink(_search.SearchMixin):
         self.path = Path(path)
         self._insert_record = insert_record_sql("?")
         self._insert_event = insert_event_sql("?")
-        self._insert_events = insert_events_sql()
         self._lock = threading.Lock()
         self._local = threading.local()
         self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
@@ -273,8 +272,8 @@ class SQLiteSink(_search.SearchMixin):
     ) -> None:
         """The common case: every record of the batch is storable; raises at the first that is not.
 
-        One ``executemany`` for the events and one per shape of record (see ``BatchRows``) instead
-        of statements per record: the ids already stored (a retried batch) are looked up first,
+        One ``executemany`` per shape of record and of event (see ``BatchRows``) instead of
+        statements per record: the ids already stored (a retried batch) are looked up first,
         under the write lock, and left out with their events, as is every repeat of an id inside
         the batch (the first one wins).
         """
@@ -284,9 +283,8 @@ class SQLiteSink(_search.SearchMixin):
         stored = self._stored_ids(connection, list(batch.records))
         if stored:
             batch.leave_out(stored)
-        for sql, rows in batch.record_rows():
+        for sql, rows in batch.statements():
             connection.executemany(sql, rows)
-        connection.executemany(self._insert_events, batch.event_rows())
 
     @staticmethod
     def _stored_ids(connection: sqlite3.Connection, ids: list[str]) -> set[str]:
