@@ -110,10 +110,10 @@ if [c.name for c in EVENT_COLUMNS[:3]] != ["record_id", "seq", "request_id"] or 
     raise AssertionError("EVENT_COLUMNS changed: _sqlite_rows builds its rows by position")
 _COPIED_AT: Final = tuple(EVENT_FIELDS.index(c.name) for c in _COPIED)
 _copied: Final = _picker(_COPIED_AT)
-#: An event row binds ``(record_id, seq, request_id, *copied fields, created_at_ms, *more)``: the
+#: An event row binds ``(record_id, seq, request_id, created_at_ms, *copied fields, *more)``: the
 #: parameter number of the first copied field and of the first of ``more``.
-_FIRST_COPIED: Final = 4
-_FIRST_MORE: Final = _FIRST_COPIED + len(_COPIED) + 1
+_FIRST_COPIED: Final = 5
+_FIRST_MORE: Final = _FIRST_COPIED + len(_COPIED)
 
 
 def insert_events_sql(event_sql: str = f"?{_FIRST_MORE}") -> str:
@@ -129,7 +129,7 @@ def _insert_events(event_sql: str) -> _Insert:
             values.append(f"?{number}")
         else:
             values.append(f"NULLIF(?{number}, {'' if column.type == 'text' else 0!r})")
-    values += [event_sql, f"?{_FIRST_MORE - 1}"]
+    values += [event_sql, "?4"]
     names = ", ".join(c.name for c in EVENT_COLUMNS)
     return _Insert(f"INSERT INTO {EVENTS_TABLE} ({names})", f"({', '.join(values)})")
 
@@ -152,42 +152,38 @@ class _EventShape:
     one of ``more``; the float (``duration_ms``) is bound last as Python's ``repr`` and taken as a
     JSON number by ``json()`` (SQLite's own text of a float keeps 15 digits, Python's 17)."""
 
-    def __init__(self, key: tuple[object, ...]) -> None:
+    def __init__(self, key: tuple[tuple[bool, ...], object]) -> None:
+        is_set, retryable = key
         more = [
             i
             for i, kind in enumerate(_TYPES)
-            if key[i] and i not in _COPIED_AT and i != _RETRYABLE and kind is not float
+            if is_set[i] and i not in _COPIED_AT and i != _RETRYABLE and kind is not float
         ]
-        floats = [i for i, kind in enumerate(_TYPES) if key[i] and kind is float]
+        floats = [i for i, kind in enumerate(_TYPES) if is_set[i] and kind is float]
         number = {i: _FIRST_COPIED + n for n, i in enumerate(_COPIED_AT)}
         number.update({i: _FIRST_MORE + n for n, i in enumerate(more + floats)})
         pairs = []
         for i, name in enumerate(EVENT_FIELDS):
             if i == _RETRYABLE:
-                if key[i] is not None:
-                    pairs.append(f"'{name}', json('{'true' if key[i] else 'false'}')")
-            elif key[i]:
+                if retryable is not None:
+                    pairs.append(f"'{name}', json('{'true' if retryable else 'false'}')")
+            elif is_set[i]:
                 value = f"?{number[i]}"
                 pairs.append(f"'{name}', {f'json({value})' if i in floats else value}")
         self.insert = _insert_events(f"json_object({', '.join(pairs)})")
-        self.more = _picker(more)
+        #: The values bound after the first four: the copied fields, then ``more``.
+        self.pick = _picker(_COPIED_AT + tuple(more))
         self.float_at = floats[0] if floats else None
 
 
-def _event_key(values: Sequence[Any]) -> tuple[object, ...]:
-    """Which fields of an event are set (as ``to_dict`` decides), with the value of ``retryable``."""
-    key: list[object] = list(map(truth, values))
-    key[_RETRYABLE] = values[_RETRYABLE]
-    return tuple(key)
-
-
-#: Event shapes seen: a handful in practice, bounded anyway.
-_EVENT_SHAPES: dict[tuple[object, ...], _EventShape] = {}
+#: Event shapes seen, by which fields are set (as ``to_dict`` decides: a value's truth, but
+#: ``retryable`` is set unless ``None``) and the value of ``retryable``: a handful in practice.
+_EVENT_SHAPES: dict[tuple[tuple[bool, ...], object], _EventShape] = {}
 _SHAPES_MAX: Final = 256
 
 
 def _event_shape(values: Sequence[Any]) -> _EventShape:
-    key = _event_key(values)
+    key = (tuple(map(truth, values)), values[_RETRYABLE])
     shape = _EVENT_SHAPES.get(key)
     if shape is None:
         shape = _EventShape(key)
@@ -196,21 +192,18 @@ def _event_shape(values: Sequence[Any]) -> _EventShape:
     return shape
 
 
-def _event_row(
-    head: Row, event: UpstreamErrorEvent, created_at_ms: int, json_in_sqlite: bool
-) -> tuple[_Insert, Row]:
-    """The statement and the values of one event's row (``head``: record id, seq, request id)."""
+def _event_row(head: Row, event: UpstreamErrorEvent, json_in_sqlite: bool) -> tuple[_Insert, Row]:
+    """The statement and the values of one event's row (``head``: record id, seq, request id and
+    the write time)."""
     values = field_values(event)
-    copied = _copied(values)
     if json_in_sqlite and tuple(map(type, values)) in _PLAIN_TYPES:
         shape = _event_shape(values)
-        more = shape.more(values)
         if shape.float_at is None:
-            return shape.insert, (*head, *copied, created_at_ms, *more)
+            return shape.insert, (*head, *shape.pick(values))
         number = float.__repr__(values[shape.float_at])
         if number[-1].isdigit():  # not nan or inf, which JSON (and json()) cannot take
-            return shape.insert, (*head, *copied, created_at_ms, *more, number)
-    return _PYTHON_JSON, (*head, *copied, created_at_ms, event_json(event))
+            return shape.insert, (*head, *shape.pick(values), number)
+    return _PYTHON_JSON, (*head, *_copied(values), event_json(event))
 
 
 @functools.cache
@@ -228,7 +221,7 @@ def sqlite_writes_event_json() -> bool:
     try:
         with contextlib.closing(sqlite3.connect(":memory:")) as connection:
             connection.execute(f"CREATE TEMP TABLE {EVENTS_TABLE} ({names})")
-            insert, row = _event_row(("r", 0, "q"), event, 0, json_in_sqlite=True)
+            insert, row = _event_row(("r", 0, "q", 0), event, json_in_sqlite=True)
             connection.execute(insert.sql, row)
             [(text,)] = connection.execute(f"SELECT event FROM {EVENTS_TABLE}").fetchall()  # noqa: S608
     except Exception:
@@ -311,7 +304,7 @@ class BatchRows:
         key, request_id, json_in_sqlite = record.id, record.request_id, self._json_in_sqlite
         rows = [(shape.insert, row if shape.pick is None else shape.pick(row))]
         rows += [
-            _event_row((key, seq, request_id), event, created, json_in_sqlite)
+            _event_row((key, seq, request_id, created), event, json_in_sqlite)
             for seq, event in enumerate(record.upstream_errors)
         ]
         if key not in self.records:
