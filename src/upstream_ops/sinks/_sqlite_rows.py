@@ -16,10 +16,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import re
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
-from itertools import chain, compress
+from itertools import compress
 from operator import attrgetter, itemgetter, truth
 from typing import Any, Final
 
@@ -38,34 +37,6 @@ def _picker(positions: Sequence[int]) -> Picker:
     if len(positions) > 1:
         return itemgetter(*positions)
     return lambda values: tuple(values[i] for i in positions)
-
-
-#: Rows one INSERT statement takes at most: SQLite then opens its cursors and ends the statement
-#: once for all of them (about 6% less CPU a record than a statement per row). Every statement
-#: stays under the 999 parameters SQLite before 3.32 allows.
-ROWS_PER_STATEMENT: Final = 32
-_MAX_PARAMETERS: Final = 999
-_NUMBERED: Final = re.compile(r"\?(\d+)")
-
-
-class _Insert:
-    """An INSERT of one row (``sql``) and of ``ROWS_PER_STATEMENT`` such rows (``many_sql``), whose
-    values are the rows' values one after the other."""
-
-    def __init__(self, head: str, row: str, tail: str = "") -> None:
-        self.sql = f"{head} VALUES {row}{tail}"
-        numbers = [int(n) for n in _NUMBERED.findall(row)]
-        width = max(numbers) if numbers else row.count("?")
-        self.rows = max(1, min(ROWS_PER_STATEMENT, _MAX_PARAMETERS // max(width, 1)))
-        if numbers:  # ?N: each row's numbers moved past the rows before it
-            rows = [_renumbered(row, k * width) for k in range(self.rows)]
-        else:
-            rows = [row] * self.rows
-        self.many_sql = f"{head} VALUES {', '.join(rows)}{tail}"
-
-
-def _renumbered(row: str, offset: int) -> str:
-    return _NUMBERED.sub(lambda match: f"?{int(match.group(1)) + offset}", row)
 
 
 # --- event JSON in Python -------------------------------------------------------------------------
@@ -119,10 +90,6 @@ _FIRST_MORE: Final = _FIRST_COPIED + len(_COPIED)
 def insert_events_sql(event_sql: str = f"?{_FIRST_MORE}") -> str:
     """Insert one event row made by ``BatchRows`` (its empty fields bound as ``''`` or 0, stored as
     NULL like ``event_rows`` stores them), its JSON being ``event_sql``."""
-    return _insert_events(event_sql).sql
-
-
-def _insert_events(event_sql: str) -> _Insert:
     values = ["?1", "?2", "?3"]
     for number, column in enumerate(_COPIED, _FIRST_COPIED):
         if column.not_null:
@@ -131,11 +98,11 @@ def _insert_events(event_sql: str) -> _Insert:
             values.append(f"NULLIF(?{number}, {'' if column.type == 'text' else 0!r})")
     values += [event_sql, "?4"]
     names = ", ".join(c.name for c in EVENT_COLUMNS)
-    return _Insert(f"INSERT INTO {EVENTS_TABLE} ({names})", f"({', '.join(values)})")
+    return f"INSERT INTO {EVENTS_TABLE} ({names}) VALUES ({', '.join(values)})"  # noqa: S608
 
 
 #: The statement of an event whose JSON is made in Python (``more`` is that JSON).
-_PYTHON_JSON: Final = _insert_events(f"?{_FIRST_MORE}")
+_PYTHON_JSON: Final = insert_events_sql()
 _TYPES: Final = tuple(FIELD_TYPES[name] for name in EVENT_FIELDS)
 #: The type signatures of an event whose fields hold their declared types, ``retryable`` being
 #: ``None`` or a ``bool``. Only those are left to ``json_object``: a ``bool`` in an int field, say,
@@ -170,7 +137,7 @@ class _EventShape:
             elif is_set[i]:
                 value = f"?{number[i]}"
                 pairs.append(f"'{name}', {f'json({value})' if i in floats else value}")
-        self.insert = _insert_events(f"json_object({', '.join(pairs)})")
+        self.sql = insert_events_sql(f"json_object({', '.join(pairs)})")
         #: The values bound after the first four: the copied fields, then ``more``.
         self.pick = _picker(_COPIED_AT + tuple(more))
         self.float_at = floats[0] if floats else None
@@ -192,17 +159,17 @@ def _event_shape(values: Sequence[Any]) -> _EventShape:
     return shape
 
 
-def _event_row(head: Row, event: UpstreamErrorEvent, json_in_sqlite: bool) -> tuple[_Insert, Row]:
+def _event_row(head: Row, event: UpstreamErrorEvent, json_in_sqlite: bool) -> tuple[str, Row]:
     """The statement and the values of one event's row (``head``: record id, seq, request id and
     the write time)."""
     values = field_values(event)
     if json_in_sqlite and tuple(map(type, values)) in _PLAIN_TYPES:
         shape = _event_shape(values)
         if shape.float_at is None:
-            return shape.insert, (*head, *shape.pick(values))
+            return shape.sql, (*head, *shape.pick(values))
         number = float.__repr__(values[shape.float_at])
         if number[-1].isdigit():  # not nan or inf, which JSON (and json()) cannot take
-            return shape.insert, (*head, *shape.pick(values), number)
+            return shape.sql, (*head, *shape.pick(values), number)
     return _PYTHON_JSON, (*head, *_copied(values), event_json(event))
 
 
@@ -221,8 +188,7 @@ def sqlite_writes_event_json() -> bool:
     try:
         with contextlib.closing(sqlite3.connect(":memory:")) as connection:
             connection.execute(f"CREATE TEMP TABLE {EVENTS_TABLE} ({names})")
-            insert, row = _event_row(("r", 0, "q", 0), event, json_in_sqlite=True)
-            connection.execute(insert.sql, row)
+            connection.execute(*_event_row(("r", 0, "q", 0), event, json_in_sqlite=True))
             [(text,)] = connection.execute(f"SELECT event FROM {EVENTS_TABLE}").fetchall()  # noqa: S608
     except Exception:
         return False
@@ -252,10 +218,9 @@ class _RecordShape:
         kept = [i for i, kind in enumerate(types) if kind is not _NONE]
         marks = ["NULL" if kind is _NONE else "?" for kind in types]
         marks.insert(_UPSTREAM_ERRORS, "NULL")
-        self.insert = _Insert(
-            f"INSERT INTO {RECORDS_TABLE} ({', '.join(_COLUMN_NAMES)})",
-            f"({', '.join(marks)})",
-            " ON CONFLICT (id) DO NOTHING",
+        self.sql = (
+            f"INSERT INTO {RECORDS_TABLE} ({', '.join(_COLUMN_NAMES)}) "  # noqa: S608
+            f"VALUES ({', '.join(marks)}) ON CONFLICT (id) DO NOTHING"
         )
         self.pick = None if len(kept) == len(types) else _picker(kept)
 
@@ -288,7 +253,7 @@ class BatchRows:
     def __init__(self, created_at_ms: int) -> None:
         self.created_at_ms = created_at_ms
         #: Record id -> (statement, values) of its row and of each of its events' rows.
-        self.records: dict[str, list[tuple[_Insert, Row]]] = {}
+        self.records: dict[str, list[tuple[str, Row]]] = {}
         self._json_in_sqlite = sqlite_writes_event_json()
 
     def add(self, record: RequestRecord) -> None:
@@ -302,7 +267,7 @@ class BatchRows:
         )
         shape = _record_shape(row)
         key, request_id, json_in_sqlite = record.id, record.request_id, self._json_in_sqlite
-        rows = [(shape.insert, row if shape.pick is None else shape.pick(row))]
+        rows = [(shape.sql, row if shape.pick is None else shape.pick(row))]
         rows += [
             _event_row((key, seq, request_id, created), event, json_in_sqlite)
             for seq, event in enumerate(record.upstream_errors)
@@ -316,24 +281,17 @@ class BatchRows:
             self.records.pop(key, None)
 
     def statements(self) -> Iterator[tuple[str, list[Row]]]:
-        """Each statement with the values of every row it inserts (records' statements first):
-        ``ROWS_PER_STATEMENT`` rows at a time, the rest one by one."""
-        by_insert: dict[_Insert, list[Row]] = {}
+        """Each statement with the values of every row it inserts (records' statements first).
+
+        One row a statement: ``INSERT ... VALUES (...), (...)`` needs a statement journal (it may
+        fail half-way), which spills to a temporary file: three times the writes to disk.
+        """
+        by_sql: dict[str, list[Row]] = {}
         for rows in self.records.values():
-            for insert, values in rows:
-                same = by_insert.get(insert)
+            for sql, values in rows:
+                same = by_sql.get(sql)
                 if same is None:
-                    by_insert[insert] = [values]
+                    by_sql[sql] = [values]
                 else:
                     same.append(values)
-        for insert, rows in by_insert.items():
-            size = insert.rows
-            whole = len(rows) - len(rows) % size
-            if whole and size > 1:
-                yield (
-                    insert.many_sql,
-                    [tuple(chain.from_iterable(rows[i : i + size])) for i in range(0, whole, size)],
-                )
-                rows = rows[whole:]
-            if rows:
-                yield insert.sql, rows
+        return iter(by_sql.items())
