@@ -184,3 +184,14 @@ def test_a_sqlite_without_json_functions_leaves_the_json_to_python(
     sink.write(records)
     sink.close()
     assert _tables(tmp_path / "fast.db") == _reference(tmp_path / "plain.db", records)
+
+
+def test_an_int_only_the_json_holds_beyond_64_bits_is_stored_as_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("upstream_ops.sinks.sqlite.time.time_ns", lambda: 7_000_000)
+    records = [full_record("big", events=[full_event(attempt=2**70)]), full_record("fine")]
+    sink = SQLiteSink(tmp_path / "fast.db")
+    sink.write(records)  # SQLite cannot bind it: the batch again, a record at a time
+    sink.close()
+    assert _tables(tmp_path / "fast.db") == _reference(tmp_path / "plain.db", records)
