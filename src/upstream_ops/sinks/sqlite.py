@@ -38,6 +38,7 @@ from upstream_ops.sinks._query import (
     schema_ddl,
     validate_query,
 )
+from upstream_ops.sinks._sqlite_rows import BatchRows
 from upstream_ops.sinks.base import RejectedRecords
 
 logger = logging.getLogger(__name__)
@@ -271,23 +272,19 @@ class SQLiteSink(_search.SearchMixin):
     ) -> None:
         """The common case: every record of the batch is storable; raises at the first that is not.
 
-        Two ``executemany`` calls for the whole batch instead of statements per record: the ids
-        already stored (a retried batch) are looked up first, under the write lock, and left out
-        with their events, as is every repeat of an id inside the batch (the first one wins).
+        One ``executemany`` per shape of record and of event (see ``BatchRows``) instead of
+        statements per record: the ids already stored (a retried batch) are looked up first,
+        under the write lock, and left out with their events, as is every repeat of an id inside
+        the batch (the first one wins).
         """
-        rows: dict[str, tuple[Any, ...]] = {}
-        events: list[tuple[Any, ...]] = []
+        batch = BatchRows(created_at_ms)
         for record in records:
-            row, record_events = record_rows(record, created_at_ms)  # each event serialized once
-            if row[0] not in rows:
-                rows[row[0]] = row
-                events += record_events
-        stored = self._stored_ids(connection, list(rows))
+            batch.add(record)  # each event serialized once
+        stored = self._stored_ids(connection, list(batch.records))
         if stored:
-            rows = {key: row for key, row in rows.items() if key not in stored}
-            events = [event for event in events if event[0] not in stored]
-        connection.executemany(self._insert_record, rows.values())
-        connection.executemany(self._insert_event, events)
+            batch.leave_out(stored)
+        for sql, rows in batch.statements():
+            connection.executemany(sql, rows)
 
     @staticmethod
     def _stored_ids(connection: sqlite3.Connection, ids: list[str]) -> set[str]:

@@ -1,0 +1,297 @@
+"""A batch as SQLite rows, built for ``executemany`` with as little per-value work as possible.
+
+The rows hold exactly what ``_query.record_rows`` makes (the tests compare them through the
+database), but Python builds them with a few C calls per record instead of work per field, and
+binds no ``None`` and no ``bool``: the ``sqlite3`` module in CPython 3.11 runs its adapter lookup for
+any value that is not exactly an int, float, str or bytearray, and that lookup raises and clears an
+``AttributeError`` every time (about 2,000 instructions, 18 values a record). An event's empty
+fields are bound as they are and turned into NULL by the statement (``NULLIF``); a record's
+``None`` fields become a ``NULL`` in the text of a statement made for that shape of record. An
+event's JSON is written by SQLite's ``json_object`` from the values bound anyway (encoding it in
+Python was a third of the CPU time of a write), in a statement made for that shape of event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from itertools import compress
+from operator import attrgetter, itemgetter, truth
+from typing import Any, Final
+
+from upstream_ops.events import EVENT_FIELDS, FIELD_TYPES, UpstreamErrorEvent, field_values
+from upstream_ops.record import RECORD_FIELDS, RequestRecord
+from upstream_ops.sinks._query import EVENT_COLUMNS, EVENTS_TABLE, RECORD_COLUMNS, RECORDS_TABLE
+
+__all__ = ["BatchRows", "event_json", "insert_events_sql"]
+
+Row = tuple[Any, ...]
+Picker = Callable[[Sequence[Any]], Row]
+
+
+def _picker(positions: Sequence[int]) -> Picker:
+    """``itemgetter(*positions)``, always returning a tuple."""
+    if len(positions) > 1:
+        return itemgetter(*positions)
+    return lambda values: tuple(values[i] for i in positions)
+
+
+# --- event JSON in Python -------------------------------------------------------------------------
+
+_RETRYABLE: Final = EVENT_FIELDS.index("retryable")
+
+
+def _not_serializable(value: object) -> object:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+#: ``json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode`` without the encoder
+#: object its ``encode`` builds on every call (the C encoder when there is one).
+_encode: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_c_encode = getattr(json.encoder, "c_make_encoder", None)
+if _c_encode is not None:
+    _c_encode = _c_encode(
+        None, _not_serializable, json.encoder.encode_basestring, None, ":", ",", False, False, True
+    )
+
+
+def event_json(event: UpstreamErrorEvent) -> str:
+    """The text of ``_query.event_json(event)``: ``to_dict`` keeps a value unless it is ``None``,
+    empty or zero (``retryable=False`` is kept), which is the value's truth except for
+    ``retryable``; kept values are picked with ``compress`` rather than a loop in Python."""
+    values = field_values(event)
+    keep = list(map(truth, values))
+    keep[_RETRYABLE] = values[_RETRYABLE] is not None
+    fields = dict(compress(zip(EVENT_FIELDS, values, strict=True), keep))
+    if _c_encode is None:
+        return _encode(fields)
+    return "".join(_c_encode(fields, 0))
+
+
+# --- event rows -----------------------------------------------------------------------------------
+
+#: The event columns between ``request_id`` and ``event`` copy these event fields.
+_COPIED: Final = EVENT_COLUMNS[3:-2]
+if [c.name for c in EVENT_COLUMNS[:3]] != ["record_id", "seq", "request_id"] or [
+    c.name for c in EVENT_COLUMNS[-2:]
+] != ["event", "created_at_ms"]:
+    raise AssertionError("EVENT_COLUMNS changed: _sqlite_rows builds its rows by position")
+_COPIED_AT: Final = tuple(EVENT_FIELDS.index(c.name) for c in _COPIED)
+_copied: Final = _picker(_COPIED_AT)
+#: An event row binds ``(record_id, seq, request_id, created_at_ms, *copied fields, *more)``: the
+#: parameter number of the first copied field and of the first of ``more``.
+_FIRST_COPIED: Final = 5
+_FIRST_MORE: Final = _FIRST_COPIED + len(_COPIED)
+
+
+def insert_events_sql(event_sql: str = f"?{_FIRST_MORE}") -> str:
+    """Insert one event row made by ``BatchRows`` (its empty fields bound as ``''`` or 0, stored as
+    NULL like ``event_rows`` stores them), its JSON being ``event_sql``."""
+    values = ["?1", "?2", "?3"]
+    for number, column in enumerate(_COPIED, _FIRST_COPIED):
+        if column.not_null:
+            values.append(f"?{number}")
+        else:
+            values.append(f"NULLIF(?{number}, {'' if column.type == 'text' else 0!r})")
+    values += [event_sql, "?4"]
+    names = ", ".join(c.name for c in EVENT_COLUMNS)
+    return f"INSERT INTO {EVENTS_TABLE} ({names}) VALUES ({', '.join(values)})"  # noqa: S608
+
+
+#: The statement of an event whose JSON is made in Python (``more`` is that JSON).
+_PYTHON_JSON: Final = insert_events_sql()
+_TYPES: Final = tuple(FIELD_TYPES[name] for name in EVENT_FIELDS)
+#: The type signatures of an event whose fields hold their declared types, ``retryable`` being
+#: ``None`` or a ``bool``. Only those are left to ``json_object``: a ``bool`` in an int field, say,
+#: would be 1 there and ``true`` in Python.
+_PLAIN_TYPES: Final = frozenset(
+    tuple(retryable if i == _RETRYABLE else kind for i, kind in enumerate(_TYPES))
+    for retryable in (bool, type(None))
+)
+
+
+class _EventShape:
+    """The statement for events with the same fields set (and the same ``retryable``) that has
+    SQLite write their JSON: the fields in order, each from the parameter bound for its column or
+    one of ``more``; the float (``duration_ms``) is bound last as Python's ``repr`` and taken as a
+    JSON number by ``json()`` (SQLite's own text of a float keeps 15 digits, Python's 17)."""
+
+    def __init__(self, key: tuple[tuple[bool, ...], object]) -> None:
+        is_set, retryable = key
+        more = [
+            i
+            for i, kind in enumerate(_TYPES)
+            if is_set[i] and i not in _COPIED_AT and i != _RETRYABLE and kind is not float
+        ]
+        floats = [i for i, kind in enumerate(_TYPES) if is_set[i] and kind is float]
+        number = {i: _FIRST_COPIED + n for n, i in enumerate(_COPIED_AT)}
+        number.update({i: _FIRST_MORE + n for n, i in enumerate(more + floats)})
+        pairs = []
+        for i, name in enumerate(EVENT_FIELDS):
+            if i == _RETRYABLE:
+                if retryable is not None:
+                    pairs.append(f"'{name}', json('{'true' if retryable else 'false'}')")
+            elif is_set[i]:
+                value = f"?{number[i]}"
+                pairs.append(f"'{name}', {f'json({value})' if i in floats else value}")
+        self.sql = insert_events_sql(f"json_object({', '.join(pairs)})")
+        #: The values bound after the first four: the copied fields, then ``more``.
+        self.pick = _picker(_COPIED_AT + tuple(more))
+        self.float_at = floats[0] if floats else None
+
+
+#: Event shapes seen, by which fields are set (as ``to_dict`` decides: a value's truth, but
+#: ``retryable`` is set unless ``None``) and the value of ``retryable``: a handful in practice.
+_EVENT_SHAPES: dict[tuple[tuple[bool, ...], object], _EventShape] = {}
+_SHAPES_MAX: Final = 256
+
+
+def _event_shape(values: Sequence[Any]) -> _EventShape:
+    key = (tuple(map(truth, values)), values[_RETRYABLE])
+    shape = _EVENT_SHAPES.get(key)
+    if shape is None:
+        shape = _EventShape(key)
+        if len(_EVENT_SHAPES) < _SHAPES_MAX:
+            _EVENT_SHAPES[key] = shape
+    return shape
+
+
+def _event_row(head: Row, event: UpstreamErrorEvent, json_in_sqlite: bool) -> tuple[str, Row]:
+    """The statement and the values of one event's row (``head``: record id, seq, request id and
+    the write time)."""
+    values = field_values(event)
+    if json_in_sqlite and tuple(map(type, values)) in _PLAIN_TYPES:
+        shape = _event_shape(values)
+        if shape.float_at is None:
+            return shape.sql, (*head, *shape.pick(values))
+        number = float.__repr__(values[shape.float_at])
+        if number[-1].isdigit():  # not nan or inf, which JSON (and json()) cannot take
+            return shape.sql, (*head, *shape.pick(values), number)
+    return _PYTHON_JSON, (*head, *_copied(values), event_json(event))
+
+
+@functools.cache
+def sqlite_writes_event_json() -> bool:
+    """Whether this SQLite has ``json_object`` and writes the very text ``event_json`` writes (it
+    does since 3.38, where the JSON functions became part of every build); else Python does."""
+    event = UpstreamErrorEvent(
+        at_unix_ms=-1,
+        message='\x00\x01\x1f\x7f "q" \\ / \b\f\n\r\t \u00e9 \u2028 \U0001f600',
+        duration_ms=0.1 + 0.2,
+        attempt=2**62,
+        retryable=False,
+    )
+    names = ", ".join(c.name for c in EVENT_COLUMNS)
+    try:
+        with contextlib.closing(sqlite3.connect(":memory:")) as connection:
+            connection.execute(f"CREATE TEMP TABLE {EVENTS_TABLE} ({names})")
+            connection.execute(*_event_row(("r", 0, "q", 0), event, json_in_sqlite=True))
+            [(text,)] = connection.execute(f"SELECT event FROM {EVENTS_TABLE}").fetchall()  # noqa: S608
+    except Exception:
+        return False
+    return bool(text == event_json(event))
+
+
+# --- record rows ----------------------------------------------------------------------------------
+
+_UPSTREAM_ERRORS: Final = RECORD_FIELDS.index("upstream_errors")
+_RECOVERED: Final = RECORD_FIELDS.index("recovered")
+_COLUMN_NAMES: Final = tuple(c.name for c in RECORD_COLUMNS)
+if (*RECORD_FIELDS, "created_at_ms") != _COLUMN_NAMES or RECORD_FIELDS[-3] != "recovered":
+    raise AssertionError("RECORD_COLUMNS changed: _sqlite_rows builds its rows by position")
+#: The record's fields before ``upstream_errors`` (NULL from schema 2 on) and after it, up to
+#: ``recovered``; the two after it.
+_head: Final = attrgetter(*RECORD_FIELDS[:_UPSTREAM_ERRORS])
+_middle: Final = attrgetter(*RECORD_FIELDS[_UPSTREAM_ERRORS + 1 : _RECOVERED])
+_tail: Final = attrgetter(*RECORD_FIELDS[_RECOVERED + 1 :])
+_NONE: Final = type(None)
+
+
+class _RecordShape:
+    """The statement for records whose ``None`` fields are at the same places, and how to pick the
+    other values of such a row."""
+
+    def __init__(self, types: tuple[type, ...]) -> None:
+        kept = [i for i, kind in enumerate(types) if kind is not _NONE]
+        marks = ["NULL" if kind is _NONE else "?" for kind in types]
+        marks.insert(_UPSTREAM_ERRORS, "NULL")
+        self.sql = (
+            f"INSERT INTO {RECORDS_TABLE} ({', '.join(_COLUMN_NAMES)}) "  # noqa: S608
+            f"VALUES ({', '.join(marks)}) ON CONFLICT (id) DO NOTHING"
+        )
+        self.pick = None if len(kept) == len(types) else _picker(kept)
+
+
+#: Record shapes seen (type signature -> shape): a handful in practice, bounded anyway.
+_RECORD_SHAPES: dict[tuple[type, ...], _RecordShape] = {}
+
+
+def _record_shape(row: Row) -> _RecordShape:
+    types = tuple(map(type, row))
+    shape = _RECORD_SHAPES.get(types)
+    if shape is None:
+        shape = _RecordShape(types)
+        if len(_RECORD_SHAPES) < _SHAPES_MAX:
+            _RECORD_SHAPES[types] = shape
+    return shape
+
+
+# --- a batch --------------------------------------------------------------------------------------
+
+
+class BatchRows:
+    """A batch's rows: for each record (the first of each id) its row and its events' rows, each
+    with the statement that inserts it.
+
+    ``add`` raises what building a record's rows raises (a value JSON cannot hold ...); the rows
+    of earlier records stay.
+    """
+
+    def __init__(self, created_at_ms: int) -> None:
+        self.created_at_ms = created_at_ms
+        #: Record id -> (statement, values) of its row and of each of its events' rows.
+        self.records: dict[str, list[tuple[str, Row]]] = {}
+        self._json_in_sqlite = sqlite_writes_event_json()
+
+    def add(self, record: RequestRecord) -> None:
+        created = self.created_at_ms
+        row = (
+            *_head(record),
+            *_middle(record),
+            1 if record.recovered else 0,
+            *_tail(record),
+            created,
+        )
+        shape = _record_shape(row)
+        key, request_id, json_in_sqlite = record.id, record.request_id, self._json_in_sqlite
+        rows = [(shape.sql, row if shape.pick is None else shape.pick(row))]
+        rows += [
+            _event_row((key, seq, request_id, created), event, json_in_sqlite)
+            for seq, event in enumerate(record.upstream_errors)
+        ]
+        if key not in self.records:
+            self.records[key] = rows
+
+    def leave_out(self, ids: set[str]) -> None:
+        """Forget the records with these ids (stored already) and their events."""
+        for key in ids:
+            self.records.pop(key, None)
+
+    def statements(self) -> Iterator[tuple[str, list[Row]]]:
+        """Each statement with the values of every row it inserts (records' statements first).
+
+        One row a statement: ``INSERT ... VALUES (...), (...)`` needs a statement journal (it may
+        fail half-way), which spills to a temporary file: three times the writes to disk.
+        """
+        by_sql: dict[str, list[Row]] = {}
+        for rows in self.records.values():
+            for sql, values in rows:
+                same = by_sql.get(sql)
+                if same is None:
+                    by_sql[sql] = [values]
+                else:
+                    same.append(values)
+        return iter(by_sql.items())

@@ -1,0 +1,197 @@
+"""The SQLite sink's fast rows store exactly what the shared row mapping (``record_rows``) stores."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.sink_records import full_event, full_record
+from upstream_ops.events import UpstreamErrorEvent
+from upstream_ops.record import RequestRecord
+from upstream_ops.sinks import SQLiteSink, _sqlite_rows
+from upstream_ops.sinks._query import (
+    EVENTS_TABLE,
+    RECORDS_TABLE,
+    event_json,
+    insert_event_sql,
+    insert_record_sql,
+    record_rows,
+)
+
+
+def _tables(db: Path) -> dict[str, list[tuple[Any, ...]]]:
+    with sqlite3.connect(db) as connection:
+        return {
+            table: connection.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall()
+            for table in (RECORDS_TABLE, EVENTS_TABLE)
+        }
+
+
+def _reference(db: Path, records: list[RequestRecord]) -> dict[str, list[tuple[Any, ...]]]:
+    """The tables the shared row mapping makes: one plain INSERT per row."""
+    sink = SQLiteSink(db)
+    sink.migrate()
+    sink.close()
+    with sqlite3.connect(db) as connection:
+        for record in records:
+            row, events = record_rows(record, 7)
+            if connection.execute(insert_record_sql("?"), row).rowcount:
+                connection.executemany(insert_event_sql("?"), events)
+    return _tables(db)
+
+
+def _events() -> list[UpstreamErrorEvent]:
+    odd = full_event(message="a bool where an int goes")
+    odd.attempt = True  # not its declared type: Python writes this one's JSON
+    return [
+        odd,
+        full_event(),
+        full_event(retryable=None, account_id=0, platform="", detail=""),
+        full_event(
+            retryable=True, duration_ms=-0.0, message='quote " back \\ nul \x00 é \U0001f600'
+        ),
+        UpstreamErrorEvent(at_unix_ms=0),
+        UpstreamErrorEvent(at_unix_ms=6, kind="request_error", message="connect failed"),
+        UpstreamErrorEvent(at_unix_ms=7, duration_ms=float("nan"), attempt=-1),
+    ]
+
+
+def test_event_json_is_the_shared_event_json() -> None:
+    for event in _events():
+        assert _sqlite_rows.event_json(event) == event_json(event)
+
+
+def test_event_json_without_the_c_encoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_sqlite_rows, "_c_encode", None)
+    for event in _events():
+        assert _sqlite_rows.event_json(event) == event_json(event)
+
+
+def test_event_json_refuses_what_json_refuses() -> None:
+    event = full_event()
+    object.__setattr__(event, "model", object())  # unchecked, as a buggy caller could make it
+    with pytest.raises(TypeError):
+        _sqlite_rows.event_json(event)
+    with pytest.raises(TypeError):
+        event_json(event)
+
+
+_text = st.text(max_size=12)
+_int = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.builds(
+        UpstreamErrorEvent,
+        at_unix_ms=_int,
+        platform=_text,
+        account_id=st.sampled_from([0, 1, -5]),
+        upstream_status_code=st.sampled_from([0, 429, 503]),
+        message=_text,
+        detail=_text,
+        duration_ms=st.floats(),
+        retryable=st.sampled_from([None, False, True]),
+        retry_after_ms=st.sampled_from([0, 1200]),
+        origin=_text,
+    )
+)
+def test_event_json_matches_on_any_event(event: UpstreamErrorEvent) -> None:
+    assert _sqlite_rows.event_json(event) == event_json(event)
+
+
+def test_a_batch_of_every_shape_stores_the_rows_of_the_shared_mapping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("upstream_ops.sinks.sqlite.time.time_ns", lambda: 7_000_000)
+    records = [
+        full_record("a", events=_events()),
+        RequestRecord(id="b", request_id="req-b", started_at_ms=10),
+        full_record("c", route=None, error=None, trace_id=None, recovered=False),
+        full_record("d", upstream_status_code=None, span_id=None, recovered=True, events=[]),
+        full_record("a", service="a repeated id: the first one wins"),
+        RequestRecord(id="e", request_id="req-e", started_at_ms=11, status_code=0, recovered=True),
+    ]
+    sink = SQLiteSink(tmp_path / "fast.db")
+    sink.write(records)
+    sink.close()
+    assert _tables(tmp_path / "fast.db") == _reference(tmp_path / "plain.db", records)
+
+
+def test_batches_of_many_rows_of_each_shape_store_the_rows_of_the_shared_mapping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("upstream_ops.sinks.sqlite.time.time_ns", lambda: 7_000_000)
+    events = _events()
+    many = 71  # of one shape of record and of event
+    records = [full_record(f"r{i:03}", events=[events[0], events[4]]) for i in range(many)]
+    records += [
+        full_record(
+            f"v{i:03}",
+            route=None if i % 3 else "/v1/{name}",
+            trace_id=None if i % 5 else "t",
+            events=[events[(i + k) % len(events)] for k in range(i % 4)],
+        )
+        for i in range(30)
+    ]
+    sink = SQLiteSink(tmp_path / "fast.db")
+    sink.write(records[:50])
+    sink.write(records[50:])
+    sink.close()
+    assert _tables(tmp_path / "fast.db") == _reference(tmp_path / "plain.db", records)
+
+
+def test_shapes_beyond_the_cache_still_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_sqlite_rows, "_RECORD_SHAPES", {})
+    monkeypatch.setattr(_sqlite_rows, "_EVENT_SHAPES", {})
+    monkeypatch.setattr(_sqlite_rows, "_SHAPES_MAX", 0)
+    records = [full_record("x"), full_record("y", route=None, error=None)]
+    sink = SQLiteSink(tmp_path / "fast.db")
+    sink.write(records)
+    sink.close()
+    assert _sqlite_rows._RECORD_SHAPES == _sqlite_rows._EVENT_SHAPES == {}
+    assert [r.id for r in SQLiteSink(tmp_path / "fast.db").query_records(0, 2**62)] == ["y", "x"]
+
+
+def test_this_sqlite_writes_the_event_json() -> None:
+    assert _sqlite_rows.sqlite_writes_event_json()
+
+
+def test_a_sqlite_without_json_functions_leaves_the_json_to_python(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise sqlite3.OperationalError("no such function: json_object")
+
+    monkeypatch.setattr(_sqlite_rows.sqlite3, "connect", broken)
+    _sqlite_rows.sqlite_writes_event_json.cache_clear()
+    try:
+        assert not _sqlite_rows.sqlite_writes_event_json()
+    finally:
+        monkeypatch.undo()
+        _sqlite_rows.sqlite_writes_event_json.cache_clear()
+    monkeypatch.setattr("upstream_ops.sinks.sqlite.time.time_ns", lambda: 7_000_000)
+    monkeypatch.setattr(_sqlite_rows, "sqlite_writes_event_json", lambda: False)
+    records = [full_record(f"r{i:02}", events=_events()) for i in range(40)]
+    sink = SQLiteSink(tmp_path / "fast.db")
+    sink.write(records)
+    sink.close()
+    assert _tables(tmp_path / "fast.db") == _reference(tmp_path / "plain.db", records)
+
+
+def test_an_int_only_the_json_holds_beyond_64_bits_is_stored_as_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("upstream_ops.sinks.sqlite.time.time_ns", lambda: 7_000_000)
+    records = [full_record("big", events=[full_event(attempt=2**70)]), full_record("fine")]
+    sink = SQLiteSink(tmp_path / "fast.db")
+    sink.write(records)  # SQLite cannot bind it: the batch again, a record at a time
+    sink.close()
+    assert _tables(tmp_path / "fast.db") == _reference(tmp_path / "plain.db", records)
