@@ -1,5 +1,5 @@
 """Record ids: ``new_record_id`` makes UUIDv7s, increasing within a process, unique across threads
-and forked processes."""
+and forked processes; and the span ids a record is built with."""
 
 from __future__ import annotations
 
@@ -84,3 +84,23 @@ def test_a_forked_child_draws_other_random_bits_than_its_parent() -> None:
         return {int(i, 16) & recorder._TAIL_BITS for i in ids}
 
     assert not tails(child) & tails(parent)
+
+
+def test_a_record_takes_the_ids_of_the_span_current_at_finish_when_none_is_given() -> None:
+    from opentelemetry import trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    from upstream_ops.collector import Collector
+    from upstream_ops.recorder import Recorder, RequestFacts
+    from upstream_ops.sinks import MemorySink
+
+    recorder = Recorder(sink=MemorySink())
+    facts = RequestFacts("GET", "/x", None, 502, 1, 1.0)
+    try:
+        assert recorder._build(Collector("r"), facts).trace_id is None  # no span is current
+        context = SpanContext(0xAB, 0xCD, is_remote=False, trace_flags=TraceFlags(1))
+        with trace.use_span(NonRecordingSpan(context)):
+            record = recorder._build(Collector("r"), facts)
+        assert (record.trace_id, record.span_id) == (f"{0xAB:032x}", f"{0xCD:016x}")
+    finally:
+        recorder.dispatcher.close()

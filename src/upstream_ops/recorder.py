@@ -35,6 +35,7 @@ from upstream_ops.events import UpstreamErrorEvent
 from upstream_ops.record import RequestRecord
 from upstream_ops.sanitize import sanitize_label, sanitize_message
 from upstream_ops.sinks.base import Sink
+from upstream_ops.telemetry._providers import has_current_span
 
 __all__ = [
     "RecordFilter",
@@ -205,8 +206,10 @@ class Recorder:
     def _build(self, collector: Collector, facts: RequestFacts) -> RequestRecord:
         events = collector.events
         trace_id = span_id = None
-        span_context = facts.span_context or trace.get_current_span().get_span_context()
-        if span_context.is_valid:
+        span_context = facts.span_context
+        if span_context is None and has_current_span():  # skips four calls when no span is current
+            span_context = trace.get_current_span().get_span_context()
+        if span_context is not None and span_context.is_valid:
             trace_id = format(span_context.trace_id, "032x")
             span_id = format(span_context.span_id, "016x")
         error = facts.error
