@@ -183,3 +183,25 @@ def test_server_stopping_iteration_early_is_499() -> None:
     [record] = records_of(sink)
     assert record.status_code == 499
     assert current_collector() is None
+
+
+@pytest.mark.parametrize(
+    ("status", "recorded"),
+    [("200 OK", None), ("404 Not Found", None), ("499 Gone", None), ("503 Busy", 503), ("x", None)],
+)
+def test_a_healthy_status_line_is_not_parsed_into_a_record(
+    status: str, recorded: int | None
+) -> None:
+    sink = MemorySink()
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        start_response(status, [])
+        return [b"body"]
+
+    middleware = UpstreamOpsWSGIMiddleware(app, sink=sink)
+    body = middleware({"REQUEST_METHOD": "GET", "PATH_INFO": "/s"}, lambda s, h, e=None: None)
+    assert b"".join(body) == b"body"
+    body.close()  # type: ignore[attr-defined]
+    upstream_ops.flush(timeout=1)
+    assert [r.status_code for r in sink.records] == ([] if recorded is None else [recorded])
+    assert current_collector() is None

@@ -26,6 +26,8 @@ from upstream_ops.wsgi import (
 __all__ = ["UpstreamOps"]
 
 EXTENSION_KEY = "upstream_ops"
+#: Where werkzeug keeps a request's ``Request`` object; Flask clears it when the request context ends.
+REQUEST_KEY = "werkzeug.request"
 
 
 class UpstreamOps:
@@ -48,15 +50,16 @@ class UpstreamOps:
         middleware._app_starts_server_span = functools.partial(
             getattr, app, "_is_instrumented_by_opentelemetry", False
         )
-        middleware._route_of = lambda environ: _route_of(app, environ)
+        middleware._route_key = REQUEST_KEY
+        middleware._route_of = lambda environ, current: _route_of(app, environ, current)
         got_request_exception.connect(_on_exception, app, weak=False)
         app.extensions[EXTENSION_KEY] = self
         self.middleware = middleware
 
 
-def _route_of(app: Flask, environ: WSGIEnvironment) -> str | None:
-    """The URL rule Flask matched, while its request is alive; afterwards, matched again."""
-    current = environ.get("werkzeug.request")  # Flask clears it when the request context ends
+def _route_of(app: Flask, environ: WSGIEnvironment, current: object) -> str | None:
+    """The URL rule Flask matched on ``current``, the request object when the response started;
+    without one (the app raised before it answered), the URL matched again."""
     if current is not None:
         rule = getattr(current, "url_rule", None)
         return None if rule is None else str(rule.rule)
