@@ -292,13 +292,12 @@ class _WSGIRequestRecording:
             error = self.environ.get(ENVIRON_ERROR)
             if error is not None and not isinstance(error, BaseException):
                 error = None
-        status = self.status
-        telemetry = self.telemetry
+        # A status line below "5" has a code below 500 (or none): healthy under the default rule
+        # whether or not the body was sent in full (499), so its number is not needed.
         if (
-            telemetry is None
-            and error is None
-            and status < "5"  # a status below 500 (a 3-digit code); no need to parse it
-            and (self.ended or not self.iteration_started)
+            error is None
+            and self.telemetry is None
+            and self.status < "5"
             and self.middleware.recorder.finish_if_healthy(self.collector, 0, None)
         ):
             return
