@@ -129,6 +129,8 @@ def test_flask_init_app_pattern_and_double_init(tmp_path: Path) -> None:
     app = Flask(__name__)
     ext.init_app(app)
     assert app.extensions["upstream_ops"] is ext
+    # Flask calls the middleware's bound __call__ (cheaper for CPython than calling the object).
+    assert app.wsgi_app == ext.middleware.__call__  # type: ignore[union-attr]
     with pytest.raises(ValueError, match="already"):
         UpstreamOps(app, sink=sink)
 

@@ -4,8 +4,9 @@ It wraps ``app.wsgi_app`` with ``UpstreamOpsWSGIMiddleware`` and adds what only 
 matched URL rule (the record's ``route``), the exception a view raised before Flask turned it into a
 500, and the server span of OpenTelemetry's Flask instrumentation, which the middleware adopts instead
 of starting its own. It registers no per-request hook: a ``before_request`` function costs every request
-more than the rest of the middleware, so the route is read when the response starts (the request
-context is still there) and the span is adopted then or when a view raises.
+more than the rest of the middleware, so the request object is kept when the response starts (its
+context clears it from the environ at the end), its URL rule is read only for a request that gets a
+record or a span, and the span is adopted when the response starts or when a view raises.
 """
 
 from __future__ import annotations

@@ -269,8 +269,6 @@ class _WSGIRequestRecording:
                 if callable(original_close):
                     original_close()
             finally:
-                if not self.ended:
-                    self.ended = _perf_counter()
                 self.finish()
 
         try:
