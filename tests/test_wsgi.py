@@ -207,3 +207,23 @@ def test_a_healthy_status_line_is_not_parsed_into_a_record(
     upstream_ops.flush(timeout=1)
     assert [r.status_code for r in sink.records] == ([] if recorded is None else [recorded])
     assert current_collector() is None
+
+
+def test_flask_exception_propagated_before_a_response_has_its_route_matched_again(
+    tmp_path: Path,
+) -> None:
+    sink = MemorySink()
+    app = flask_app(sink, tmp_path)
+    app.config["PROPAGATE_EXCEPTIONS"] = True  # no 500 response: the error reaches the server
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": "/boom",
+        "SERVER_NAME": "localhost",
+        "SERVER_PORT": "80",
+        "wsgi.url_scheme": "http",
+    }
+    with pytest.raises(RuntimeError, match="view bug"):
+        app(environ, lambda s, h, e=None: None)
+    [record] = records_of(sink)
+    assert (record.status_code, record.error, record.route) == (500, "RuntimeError", "/boom")
+    assert current_collector() is None

@@ -102,7 +102,6 @@ class UpstreamOpsWSGIMiddleware:
         #: it from the environ and that value; asked only for a request that gets a record or a span.
         self._route_key: str | None = None
         self._route_of: Callable[[WSGIEnvironment, object], str | None] | None = None
-        self._max_events = max_events
         self._environ_key = (
             "HTTP_" + request_id_header.upper().replace("-", "_") if request_id_header else None
         )
@@ -123,7 +122,7 @@ class UpstreamOpsWSGIMiddleware:
             new_request_id()
             if incoming is None
             else self.recorder.request_id_for(incoming if isinstance(incoming, str) else None),
-            self._max_events,
+            self.recorder.max_events,
         )
         environ[ENVIRON_COLLECTOR] = collector
         deferred = self._app_starts_server_span
@@ -310,13 +309,15 @@ class _WSGIRequestRecording:
             status_code = CLIENT_CLOSED_REQUEST  # the server stopped reading: the client went away
         telemetry = self.telemetry
         recorder = self.middleware.recorder
-        route = self._route()
-        span_context = None
+        route = span_context = None
         if telemetry is not None:
+            route = self._route()
             telemetry.end(status_code=status_code, route=route, error=error)
             span_context = telemetry.span_context
         if recorder.finish_if_healthy(self.collector, status_code, error):
             return
+        if telemetry is None:
+            route = self._route()
         environ = self.environ
         now = _perf_counter()
         recorder.finish(
