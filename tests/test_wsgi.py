@@ -129,6 +129,8 @@ def test_flask_init_app_pattern_and_double_init(tmp_path: Path) -> None:
     app = Flask(__name__)
     ext.init_app(app)
     assert app.extensions["upstream_ops"] is ext
+    # Flask calls the middleware's bound __call__ (cheaper for CPython than calling the object).
+    assert app.wsgi_app == ext.middleware.__call__  # type: ignore[union-attr]
     with pytest.raises(ValueError, match="already"):
         UpstreamOps(app, sink=sink)
 
@@ -182,4 +184,46 @@ def test_server_stopping_iteration_early_is_499() -> None:
     body.close()  # type: ignore[attr-defined]
     [record] = records_of(sink)
     assert record.status_code == 499
+    assert current_collector() is None
+
+
+@pytest.mark.parametrize(
+    ("status", "recorded"),
+    [("200 OK", None), ("404 Not Found", None), ("499 Gone", None), ("503 Busy", 503), ("x", None)],
+)
+def test_a_healthy_status_line_is_not_parsed_into_a_record(
+    status: str, recorded: int | None
+) -> None:
+    sink = MemorySink()
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        start_response(status, [])
+        return [b"body"]
+
+    middleware = UpstreamOpsWSGIMiddleware(app, sink=sink)
+    body = middleware({"REQUEST_METHOD": "GET", "PATH_INFO": "/s"}, lambda s, h, e=None: None)
+    assert b"".join(body) == b"body"
+    body.close()  # type: ignore[attr-defined]
+    upstream_ops.flush(timeout=1)
+    assert [r.status_code for r in sink.records] == ([] if recorded is None else [recorded])
+    assert current_collector() is None
+
+
+def test_flask_exception_propagated_before_a_response_has_its_route_matched_again(
+    tmp_path: Path,
+) -> None:
+    sink = MemorySink()
+    app = flask_app(sink, tmp_path)
+    app.config["PROPAGATE_EXCEPTIONS"] = True  # no 500 response: the error reaches the server
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": "/boom",
+        "SERVER_NAME": "localhost",
+        "SERVER_PORT": "80",
+        "wsgi.url_scheme": "http",
+    }
+    with pytest.raises(RuntimeError, match="view bug"):
+        app(environ, lambda s, h, e=None: None)
+    [record] = records_of(sink)
+    assert (record.status_code, record.error, record.route) == (500, "RuntimeError", "/boom")
     assert current_collector() is None

@@ -4,8 +4,9 @@ It wraps ``app.wsgi_app`` with ``UpstreamOpsWSGIMiddleware`` and adds what only 
 matched URL rule (the record's ``route``), the exception a view raised before Flask turned it into a
 500, and the server span of OpenTelemetry's Flask instrumentation, which the middleware adopts instead
 of starting its own. It registers no per-request hook: a ``before_request`` function costs every request
-more than the rest of the middleware, so the route is read when the response starts (the request
-context is still there) and the span is adopted then or when a view raises.
+more than the rest of the middleware, so the request object is kept when the response starts (its
+context clears it from the environ at the end), its URL rule is read only for a request that gets a
+record or a span, and the span is adopted when the response starts or when a view raises.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from upstream_ops.wsgi import (
 __all__ = ["UpstreamOps"]
 
 EXTENSION_KEY = "upstream_ops"
+#: Where werkzeug keeps a request's ``Request`` object; Flask clears it when the request context ends.
+REQUEST_KEY = "werkzeug.request"
 
 
 class UpstreamOps:
@@ -41,22 +44,25 @@ class UpstreamOps:
         if EXTENSION_KEY in app.extensions:
             raise ValueError("UpstreamOps is already initialised on this Flask app")
         middleware = UpstreamOpsWSGIMiddleware(app.wsgi_app, **{**self.options, **options})
-        app.wsgi_app = middleware  # type: ignore[method-assign]
+        # Its bound __call__ rather than the object: Flask calls wsgi_app for every request, and
+        # CPython calls a bound method of a Python function for less than an object's __call__.
+        app.wsgi_app = middleware.__call__  # type: ignore[method-assign]
         # The flag FlaskInstrumentor sets on an app it instrumented (by instrument_app or
         # instrument()); read by a C-level partial, as it is on every request. Without it the
         # middleware starts the SERVER span and Flask's becomes an INTERNAL child.
         middleware._app_starts_server_span = functools.partial(
             getattr, app, "_is_instrumented_by_opentelemetry", False
         )
-        middleware._route_of = lambda environ: _route_of(app, environ)
+        middleware._route_key = REQUEST_KEY
+        middleware._route_of = lambda environ, current: _route_of(app, environ, current)
         got_request_exception.connect(_on_exception, app, weak=False)
         app.extensions[EXTENSION_KEY] = self
         self.middleware = middleware
 
 
-def _route_of(app: Flask, environ: WSGIEnvironment) -> str | None:
-    """The URL rule Flask matched, while its request is alive; afterwards, matched again."""
-    current = environ.get("werkzeug.request")  # Flask clears it when the request context ends
+def _route_of(app: Flask, environ: WSGIEnvironment, current: object) -> str | None:
+    """The URL rule Flask matched on ``current``, the request object when the response started;
+    without one (the app raised before it answered), the URL matched again."""
     if current is not None:
         rule = getattr(current, "url_rule", None)
         return None if rule is None else str(rule.rule)

@@ -7,6 +7,8 @@ with its final state. A ``wsgi.file_wrapper`` response is returned as is (server
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -29,7 +31,7 @@ from upstream_ops.recorder import (
     now_ms,
 )
 from upstream_ops.sinks.base import Sink
-from upstream_ops.telemetry._server import IncomingRequest, ServerTelemetry
+from upstream_ops.telemetry._server import IncomingRequest, RequestTelemetry, ServerTelemetry
 
 __all__ = ["UpstreamOpsWSGIMiddleware"]
 
@@ -45,6 +47,8 @@ ENVIRON_ERROR = "upstream_ops.error"
 ENVIRON_TELEMETRY = "upstream_ops.telemetry"
 
 CLIENT_CLOSED_REQUEST = 499
+
+_perf_counter = time.perf_counter
 
 
 class UpstreamOpsWSGIMiddleware:
@@ -92,9 +96,12 @@ class UpstreamOpsWSGIMiddleware:
         #: Set by an integration whose framework instrumentation starts the server span inside the
         #: app (Flask's): then the middleware adopts that span instead of starting one.
         self._app_starts_server_span: Callable[[], object] | None = None
-        #: Set by an integration that can tell the matched route template from the environ after
-        #: the app ran (Flask's URL rule); asked only for a request that gets a record or a span.
-        self._route_of: Callable[[WSGIEnvironment], str | None] | None = None
+        #: Set by an integration that can tell the matched route template after the app ran
+        #: (Flask's URL rule): the environ key of what it reads the route from, kept when the
+        #: response starts (the app's request may be gone by the end), and the function that reads
+        #: it from the environ and that value; asked only for a request that gets a record or a span.
+        self._route_key: str | None = None
+        self._route_of: Callable[[WSGIEnvironment, object], str | None] | None = None
         self._environ_key = (
             "HTTP_" + request_id_header.upper().replace("-", "_") if request_id_header else None
         )
@@ -106,19 +113,52 @@ class UpstreamOpsWSGIMiddleware:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         # The happy path runs for every request: each step is kept to a few bytecodes, and what a
-        # record needs is worked out in ``finish`` only for a request that gets one.
-        recording = _WSGIRequestRecording(self, environ, start_response)
-        telemetry = recording.telemetry
-        otel_token = telemetry.activate() if telemetry is not None else None
-        try:
-            result = self.app(environ, recording.start_response)
-        except BaseException as exc:
-            recording.error = exc
-            recording.finish()
-            raise
-        finally:
-            # Current only while the app runs: a server may close the body in another context.
-            if telemetry is not None:
+        # record needs (the route, the status as a number, timestamps in ms) is worked out in
+        # ``finish`` only for a request that gets one.
+        started = _perf_counter()
+        key = self._environ_key
+        incoming = None if key is None else environ.get(key)
+        collector = Collector(
+            new_request_id()
+            if incoming is None
+            else self.recorder.request_id_for(incoming if isinstance(incoming, str) else None),
+            self.recorder.max_events,
+        )
+        environ[ENVIRON_COLLECTOR] = collector
+        deferred = self._app_starts_server_span
+        telemetry = self.telemetry.start(
+            collector, _describe, environ, deferred is not None and deferred() is True
+        )
+        recording = _new_recording()
+        recording.middleware = self
+        recording.environ = environ
+        recording._start_response = start_response
+        recording.collector = collector
+        recording.telemetry = telemetry
+        recording.started = started
+        recording.status = ""
+        recording.route_source = None
+        recording.iteration_started = False
+        recording.ended = 0.0
+        recording.error = None
+        recording.finished = False
+        recording.token = _current.set(collector)
+        if telemetry is None:
+            try:
+                result = self.app(environ, recording.start_response)
+            except BaseException as exc:
+                recording.fail(exc)
+                raise
+        else:
+            environ[ENVIRON_TELEMETRY] = telemetry
+            otel_token = telemetry.activate()
+            try:
+                result = self.app(environ, recording.start_response)
+            except BaseException as exc:
+                recording.fail(exc)
+                raise
+            finally:
+                # Current only while the app runs: a server may close the body in another context.
                 telemetry.deactivate(otel_token)
         file_wrapper = environ.get("wsgi.file_wrapper")
         if (
@@ -136,6 +176,8 @@ class _WSGIRequestRecording:
 
     It is what the middleware returns to the server: iterating it iterates the app's response and
     notes errors and completion; ``close`` closes the app's response and finishes the record, once.
+    The middleware fills it in (it has no ``__init__``: calling one costs a request more than the
+    stores themselves).
     """
 
     __slots__ = (
@@ -145,76 +187,48 @@ class _WSGIRequestRecording:
         "environ",
         "error",
         "finished",
-        "iteration_done",
         "iteration_started",
         "middleware",
         "result",
-        "route",
+        "route_source",
         "started",
-        "status_code",
+        "status",
         "telemetry",
         "token",
     )
 
-    def __init__(
-        self,
-        middleware: UpstreamOpsWSGIMiddleware,
-        environ: WSGIEnvironment,
-        start_response: StartResponse,
-    ) -> None:
-        self.started = time.perf_counter()
-        recorder = middleware.recorder
-        request_id = None
-        if middleware._environ_key is not None:
-            incoming = environ.get(middleware._environ_key)
-            if incoming is not None:
-                request_id = recorder.request_id_for(
-                    incoming if isinstance(incoming, str) else None
-                )
-        collector = Collector(request_id or new_request_id(), recorder.max_events)
-        environ[ENVIRON_COLLECTOR] = collector
-        deferred = middleware._app_starts_server_span
-        telemetry = middleware.telemetry.start(
-            collector, _describe, environ, deferred is not None and deferred() is True
-        )
-        if telemetry is not None:
-            environ[ENVIRON_TELEMETRY] = telemetry
-        self.middleware = middleware
-        self.environ = environ
-        self._start_response = start_response
-        self.collector = collector
-        self.telemetry = telemetry
-        self.result: Iterable[bytes] = ()
-        self.status_code = 0
-        self.ended = 0.0
-        self.iteration_started = False
-        self.iteration_done = False
-        self.error: BaseException | None = None
-        self.finished = False
-        self.route: str | None = None
-        self.token = _current.set(collector)
+    middleware: UpstreamOpsWSGIMiddleware
+    environ: WSGIEnvironment
+    _start_response: StartResponse
+    collector: Collector
+    telemetry: RequestTelemetry | None
+    token: contextvars.Token[Collector | None]
+    started: float
+    result: Iterable[bytes]
+    status: str  # the status line given to start_response ("" before)
+    route_source: object  # what the integration reads the route from (see ``_route_key``)
+    iteration_started: bool
+    ended: float  # when the iteration ended; 0.0 while it has not
+    error: BaseException | None
+    finished: bool
 
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
     ) -> Callable[[bytes], object]:
         """Notes the status (and echoes the request id) on the way to the server's start_response."""
-        try:
-            status_code = self.status_code = int(status[:3])
-        except ValueError:
-            status_code = self.status_code = 0
-        header = self.middleware._echo_header
+        self.status = status
+        middleware = self.middleware
+        if middleware._route_key is not None:
+            # What the route is read from may be gone by the end (Flask's request object).
+            self.route_source = self.environ.get(middleware._route_key)
+        header = middleware._echo_header
         if header is not None:
             name = header.lower()
             if not any(k.lower() == name for k, _ in headers):
                 headers = [*headers, (header, self.collector.request_id)]
-        telemetry = self.telemetry
-        if telemetry is not None or status_code >= 500 or self.collector.has_events():
-            # The route is needed (a span, or a likely record) and the app's request is still
-            # alive: the integration reads it cheaply now instead of working it out at the end.
-            self.route = self._route()
-            if telemetry is not None:
-                # Flask's server span ends with the request context, before the body is sent.
-                telemetry.response_ready(status_code)
+        if self.telemetry is not None:
+            # Flask's server span ends with the request context, before the body is sent.
+            self.telemetry.response_ready(_status_code(status))
         if exc_info is not None:
             return self._start_response(status, headers, exc_info)
         return self._start_response(status, headers)
@@ -227,11 +241,9 @@ class _WSGIRequestRecording:
             raise  # the server stopped iterating early; close() will tell
         except BaseException as exc:
             self.error = exc
-            self.iteration_done = True
-            self.ended = time.perf_counter()
+            self.ended = _perf_counter()
             raise
-        self.iteration_done = True
-        self.ended = time.perf_counter()
+        self.ended = _perf_counter()
 
     def close(self) -> None:
         try:
@@ -239,7 +251,13 @@ class _WSGIRequestRecording:
             if close is not None:
                 close()
         finally:
-            self.finish()
+            if not self.finished:
+                self.finish()
+
+    def fail(self, error: BaseException) -> None:
+        """The app raised instead of returning a response iterable."""
+        self.error = error
+        self.finish()
 
     def wrap_close_of(self, result: Iterable[bytes]) -> Iterable[bytes]:
         """A ``wsgi.file_wrapper`` goes back as is (servers may ``sendfile`` it): hook its close."""
@@ -250,7 +268,6 @@ class _WSGIRequestRecording:
                 if callable(original_close):
                     original_close()
             finally:
-                self.iteration_done = True
                 self.finish()
 
         try:
@@ -272,27 +289,37 @@ class _WSGIRequestRecording:
             error = self.environ.get(ENVIRON_ERROR)
             if error is not None and not isinstance(error, BaseException):
                 error = None
-        if error is not None and not self.status_code:
+        # A status line below "5" has a code below 500 (or none): healthy under the default rule
+        # whether or not the body was sent in full (499), so its number is not needed.
+        if (
+            error is None
+            and self.telemetry is None
+            and self.status < "5"
+            and self.middleware.recorder.finish_if_healthy(self.collector, 0, None)
+        ):
+            return
+        self._finish_slow(error)
+
+    def _finish_slow(self, error: BaseException | None) -> None:
+        """A request that may get a record, or has telemetry: describe it in full."""
+        status_code = _status_code(self.status)
+        if error is not None and not status_code:
             status_code = 500
-        elif self.iteration_started and not self.iteration_done and error is None:
+        elif self.iteration_started and not self.ended and error is None:
             status_code = CLIENT_CLOSED_REQUEST  # the server stopped reading: the client went away
-        else:
-            status_code = self.status_code
         telemetry = self.telemetry
         recorder = self.middleware.recorder
-        if telemetry is None:
-            if recorder.finish_if_healthy(self.collector, status_code, error):
-                return
-            route = self.route or self._route()
-            span_context = None
-        else:
-            route = self.route or self._route()
+        route = span_context = None
+        if telemetry is not None:
+            route = self._route()
             telemetry.end(status_code=status_code, route=route, error=error)
             span_context = telemetry.span_context
-            if recorder.finish_if_healthy(self.collector, status_code, error):
-                return
+        if recorder.finish_if_healthy(self.collector, status_code, error):
+            return
+        if telemetry is None:
+            route = self._route()
         environ = self.environ
-        now = time.perf_counter()
+        now = _perf_counter()
         recorder.finish(
             self.collector,
             RequestFacts(
@@ -316,10 +343,21 @@ class _WSGIRequestRecording:
         if route_of is None:
             return None
         try:
-            route = route_of(self.environ)
+            route = route_of(self.environ, self.route_source)
         except Exception:
             return None
         return route if isinstance(route, str) else None
+
+
+def _status_code(status: str) -> int:
+    """The code of a status line; 0 when it does not start with one."""
+    try:
+        return int(status[:3])
+    except ValueError:
+        return 0
+
+
+_new_recording = functools.partial(object.__new__, _WSGIRequestRecording)
 
 
 class _EnvironGetter(Getter[WSGIEnvironment]):
