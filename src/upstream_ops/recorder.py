@@ -274,8 +274,8 @@ def new_request_id() -> str:
         try:
             return _request_id_pool.pop()
         except IndexError:
-            text = os.urandom(16 * _ID_POOL_SIZE).hex()
-            _request_id_pool.extend([text[i : i + 32] for i in range(0, len(text), 32)])
+            # hex() with a space every 16 bytes, split in C: half the cost of slicing in Python.
+            _request_id_pool.extend(os.urandom(16 * _ID_POOL_SIZE).hex(" ", 16).split(" "))
 
 
 def _new_random_64s(count: int) -> list[int]:
