@@ -840,9 +840,9 @@ def test_rules_are_skipped_only_when_they_cannot_match(
 @pytest.mark.parametrize(
     "text",
     [
-        "----BEGIN PRIVATE KEY---- ya2.9",  # the characters of both rules, neither literal
+        "----BEGIN PRIVATE KEY----",  # the rule's characters, not its literal
         "-----BEGIN  RSA PRIVATE KEY-----\nabc\n-----END RSA PRIVATE KEY-----",
-        "ya29 .a0AfH6SMBx3y2Qw9_Zt-Lk8Jh7Gf6Dd5Ss4 YA29.a0AfH6SMBx3y2Qw9_Zt-Lk8Jh7Gf6Dd5Ss4",
+        "-----begin PRIVATE KEY-----\nabc",
     ],
 )
 def test_a_rule_whose_literal_is_missing_changes_nothing(text: str) -> None:

@@ -284,13 +284,10 @@ _ALSO_REQUIRED: Final = {
     "slack_token": "-",
     "jwt": "e.",  # eyJ, and the dots between its parts
 }
-# Then, once those characters are all there, the literal a rule's match starts with, for rules whose
-# characters are common but whose literal is rare and long enough for str's search to skip ahead:
-# looking for it costs a third to a half of the rule's pass.
-_REQUIRED_LITERAL: Final = {
-    "private_key": "-----BEGIN ",
-    "google_oauth_token": "ya29.",
-}
+# Then, once those characters are all there, the literal a rule's match starts with, for a rule whose
+# characters are common but whose literal is rare and long enough for str's search to skip ahead
+# (0.5 µs against the pass's 0.75 µs on 2 KiB; for a short literal such as "ya29." it is slower).
+_REQUIRED_LITERAL: Final = {"private_key": "-----BEGIN "}
 
 
 def _requirements(rule: TokenRule) -> tuple[str, ...]:
