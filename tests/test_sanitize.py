@@ -20,6 +20,7 @@ from upstream_ops.defaults import (
 )
 from upstream_ops.sanitize import (
     _ALSO_REQUIRED,
+    _REQUIRED_LITERAL,
     _VALUE,
     BLOCK_RULES,
     REDACTED,
@@ -823,14 +824,29 @@ def test_cached_key_modes_give_what_fresh_ones_give(text: str) -> None:
 def test_rules_are_skipped_only_when_they_cannot_match(
     context: str, plants: list[tuple[str, str]]
 ) -> None:
-    # A rule runs only when its gate and the characters of _ALSO_REQUIRED are all in the text:
-    # every match, with what its lookbehinds and lookaheads read around it, must contain them.
-    assert set(_ALSO_REQUIRED) <= {rule.name for rule in (*BLOCK_RULES, *TOKEN_RULES)}
+    # A rule runs only when its gate, the characters of _ALSO_REQUIRED and its _REQUIRED_LITERAL are
+    # all in the text: every match, with what its lookbehinds and lookaheads read around it, must
+    # contain them (the literal at the match's start).
+    names = {rule.name for rule in (*BLOCK_RULES, *TOKEN_RULES)}
+    assert set(_ALSO_REQUIRED) <= names and set(_REQUIRED_LITERAL) <= names
     text = context + " ".join(shape.format(secret) for shape, secret in plants)
     for rule in (*BLOCK_RULES, *TOKEN_RULES):
         for match in rule.pattern.finditer(text):
             seen = text[max(0, match.start() - 8) : match.end() + 1]
             assert set(rule.gate + _ALSO_REQUIRED.get(rule.name, "")) <= set(seen), rule.name
+            assert match[0].startswith(_REQUIRED_LITERAL.get(rule.name, "")), rule.name
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "----BEGIN PRIVATE KEY----",  # the rule's characters, not its literal
+        "-----BEGIN  RSA PRIVATE KEY-----\nabc\n-----END RSA PRIVATE KEY-----",
+        "-----begin PRIVATE KEY-----\nabc",
+    ],
+)
+def test_a_rule_whose_literal_is_missing_changes_nothing(text: str) -> None:
+    assert Sanitizer().message(text, 4096) == text
 
 
 # --- linear time on hostile input ----------------------------------------------------------------

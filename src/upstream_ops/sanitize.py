@@ -284,11 +284,23 @@ _ALSO_REQUIRED: Final = {
     "slack_token": "-",
     "jwt": "e.",  # eyJ, and the dots between its parts
 }
+# Then, once those characters are all there, the literal a rule's match starts with, for a rule whose
+# characters are common but whose literal is rare and long enough for str's search to skip ahead
+# (0.5 µs against the pass's 0.75 µs on 2 KiB; for a short literal such as "ya29." it is slower).
+_REQUIRED_LITERAL: Final = {"private_key": "-----BEGIN "}
+
+
+def _requirements(rule: TokenRule) -> tuple[str, ...]:
+    """What a text must contain for ``rule`` to match in it: characters first, then its literal."""
+    literal = _REQUIRED_LITERAL.get(rule.name)
+    return (*_ALSO_REQUIRED.get(rule.name, ""), *((literal,) if literal else ()))
+
+
 _BLOCK_SUBSTITUTIONS: Final = tuple(
-    (rule.gate, _ALSO_REQUIRED.get(rule.name, ""), rule.pattern.sub) for rule in BLOCK_RULES
+    (rule.gate, _requirements(rule), rule.pattern.sub) for rule in BLOCK_RULES
 )
 _TOKEN_SUBSTITUTIONS: Final = tuple(
-    (rule.gate, _ALSO_REQUIRED.get(rule.name, ""), rule.pattern.sub) for rule in TOKEN_RULES
+    (rule.gate, _requirements(rule), rule.pattern.sub) for rule in TOKEN_RULES
 )
 _QUOTE_CLOSE: Final = frozenset(_VALUE.groupindex[g] for g in ("dqc", "eqc", "bqc", "sqc"))
 _FLAT: Final = _VALUE.groupindex["flat"]
@@ -572,9 +584,9 @@ class _ReversedKeyModes(dict[str, int]):
         return mode
 
 
-def _substitute_if_all_in(text: str, characters: str, substitute: _Substitute) -> str:
-    for character in characters:
-        if character not in text:
+def _substitute_if_all_in(text: str, required: tuple[str, ...], substitute: _Substitute) -> str:
+    for part in required:
+        if part not in text:
             return text
     return substitute(_keep_prefix, text)
 
