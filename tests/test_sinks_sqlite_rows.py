@@ -15,6 +15,7 @@ from upstream_ops.events import UpstreamErrorEvent
 from upstream_ops.record import RequestRecord
 from upstream_ops.sinks import SQLiteSink, _sqlite_rows
 from upstream_ops.sinks._query import (
+    EVENT_COLUMNS,
     EVENTS_TABLE,
     RECORDS_TABLE,
     event_json,
@@ -61,26 +62,6 @@ def _events() -> list[UpstreamErrorEvent]:
     ]
 
 
-def test_event_json_is_the_shared_event_json() -> None:
-    for event in _events():
-        assert _sqlite_rows.event_json(event) == event_json(event)
-
-
-def test_event_json_without_the_c_encoder(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_sqlite_rows, "_c_encode", None)
-    for event in _events():
-        assert _sqlite_rows.event_json(event) == event_json(event)
-
-
-def test_event_json_refuses_what_json_refuses() -> None:
-    event = full_event()
-    object.__setattr__(event, "model", object())  # unchecked, as a buggy caller could make it
-    with pytest.raises(TypeError):
-        _sqlite_rows.event_json(event)
-    with pytest.raises(TypeError):
-        event_json(event)
-
-
 _text = st.text(max_size=12)
 _int = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 
@@ -101,8 +82,14 @@ _int = st.integers(min_value=-(2**63), max_value=2**63 - 1)
         origin=_text,
     )
 )
-def test_event_json_matches_on_any_event(event: UpstreamErrorEvent) -> None:
-    assert _sqlite_rows.event_json(event) == event_json(event)
+def test_sqlite_writes_the_event_json_python_writes_on_any_event(event: UpstreamErrorEvent) -> None:
+    assert _sqlite_rows.sqlite_writes_event_json()
+    names = ", ".join(c.name for c in EVENT_COLUMNS)
+    with sqlite3.connect(":memory:") as connection:
+        connection.execute(f"CREATE TEMP TABLE {EVENTS_TABLE} ({names})")
+        connection.execute(*_sqlite_rows._event_row(("r", 0, "q", 0), event, json_in_sqlite=True))
+        [(text,)] = connection.execute(f"SELECT event FROM {EVENTS_TABLE}").fetchall()
+    assert text == event_json(event)
 
 
 def test_a_batch_of_every_shape_stores_the_rows_of_the_shared_mapping(

@@ -15,18 +15,22 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
-from itertools import compress
 from operator import attrgetter, itemgetter, truth
 from typing import Any, Final
 
 from upstream_ops.events import EVENT_FIELDS, FIELD_TYPES, UpstreamErrorEvent, field_values
 from upstream_ops.record import RECORD_FIELDS, RequestRecord
-from upstream_ops.sinks._query import EVENT_COLUMNS, EVENTS_TABLE, RECORD_COLUMNS, RECORDS_TABLE
+from upstream_ops.sinks._query import (
+    EVENT_COLUMNS,
+    EVENTS_TABLE,
+    RECORD_COLUMNS,
+    RECORDS_TABLE,
+    event_json,
+)
 
-__all__ = ["BatchRows", "event_json", "insert_events_sql"]
+__all__ = ["BatchRows", "insert_events_sql"]
 
 Row = tuple[Any, ...]
 Picker = Callable[[Sequence[Any]], Row]
@@ -39,36 +43,7 @@ def _picker(positions: Sequence[int]) -> Picker:
     return lambda values: tuple(values[i] for i in positions)
 
 
-# --- event JSON in Python -------------------------------------------------------------------------
-
 _RETRYABLE: Final = EVENT_FIELDS.index("retryable")
-
-
-def _not_serializable(value: object) -> object:
-    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
-
-
-#: ``json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode`` without the encoder
-#: object its ``encode`` builds on every call (the C encoder when there is one).
-_encode: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-_c_encode = getattr(json.encoder, "c_make_encoder", None)
-if _c_encode is not None:
-    _c_encode = _c_encode(
-        None, _not_serializable, json.encoder.encode_basestring, None, ":", ",", False, False, True
-    )
-
-
-def event_json(event: UpstreamErrorEvent) -> str:
-    """The text of ``_query.event_json(event)``: ``to_dict`` keeps a value unless it is ``None``,
-    empty or zero (``retryable=False`` is kept), which is the value's truth except for
-    ``retryable``; kept values are picked with ``compress`` rather than a loop in Python."""
-    values = field_values(event)
-    keep = list(map(truth, values))
-    keep[_RETRYABLE] = values[_RETRYABLE] is not None
-    fields = dict(compress(zip(EVENT_FIELDS, values, strict=True), keep))
-    if _c_encode is None:
-        return _encode(fields)
-    return "".join(_c_encode(fields, 0))
 
 
 # --- event rows -----------------------------------------------------------------------------------
