@@ -20,7 +20,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from bench.procs import ROOT
+from bench.procs import ROOT, child_env
 from bench.variants import BY_NAME
 
 _COLLECTED = re.compile(r"Collected : (\d+)")
@@ -53,6 +53,7 @@ def instructions(name: str, requests: int) -> int:
             str(requests),
         ],
         cwd=ROOT,
+        env=child_env(),
         capture_output=True,
         text=True,
         check=False,

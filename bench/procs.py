@@ -19,13 +19,22 @@ class WorkerError(RuntimeError):
     pass
 
 
+def child_env() -> dict[str, str]:
+    """The environment of a measured process: this checkout's ``src`` and ``bench`` come first.
+
+    The package installed in the venv may be another checkout's (an editable install of a second
+    work tree), and that one must not be what gets measured.
+    """
+    return dict(os.environ, PYTHONPATH=os.pathsep.join((str(ROOT / "src"), str(ROOT))))
+
+
 class Worker:
     """A ``python -m bench.worker MODE NAME`` process; every answer must come within ``timeout``."""
 
     def __init__(self, mode: str, name: str, timeout: float = 120.0) -> None:
         self.name = name
         self.timeout = timeout
-        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        env = dict(child_env(), PYTHONUNBUFFERED="1")
         env.pop("UPSTREAM_OPS_SINK", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.worker", mode, name],
