@@ -29,7 +29,17 @@ from upstream_ops.events import (
     field_values,
 )
 from upstream_ops.labels import NO_LABELS, current_labels
-from upstream_ops.sanitize import sanitize_detail, sanitize_label, sanitize_message, sanitize_url
+from upstream_ops.sanitize import (
+    DETAIL_TEXT,
+    LABEL_TEXT,
+    MESSAGE_TEXT,
+    URL_TEXT,
+    get_default_sanitizer,
+    sanitize_detail,
+    sanitize_label,
+    sanitize_message,
+    sanitize_url,
+)
 
 __all__ = [
     "Collector",
@@ -65,27 +75,28 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 # How each text field of an event is cleaned: short fields are bounded and redacted like labels;
-# ``message``, ``detail`` and ``upstream_url`` have their own rules.
-_CLEANERS: Final[dict[str, Callable[[str], str]]] = {
-    "platform": sanitize_label,
-    "upstream_request_id": sanitize_label,
-    "kind": sanitize_label,
-    "message": sanitize_message,
-    "detail": sanitize_detail,
-    "account_name": sanitize_label,
-    "model": sanitize_label,
-    "method": sanitize_label,
-    "upstream_url": sanitize_url,
-    "error_class": sanitize_label,
-    "error_type": sanitize_label,
-    "phase": sanitize_label,
-    "provider_error_type": sanitize_label,
-    "provider_error_code": sanitize_label,
-    "origin": sanitize_label,
+# ``message``, ``detail`` and ``upstream_url`` have their own rules (``Sanitizer.clean_fields``).
+_TEXT_KINDS: Final[dict[str, int]] = {
+    "platform": LABEL_TEXT,
+    "upstream_request_id": LABEL_TEXT,
+    "kind": LABEL_TEXT,
+    "message": MESSAGE_TEXT,
+    "detail": DETAIL_TEXT,
+    "account_name": LABEL_TEXT,
+    "model": LABEL_TEXT,
+    "method": LABEL_TEXT,
+    "upstream_url": URL_TEXT,
+    "error_class": LABEL_TEXT,
+    "error_type": LABEL_TEXT,
+    "phase": LABEL_TEXT,
+    "provider_error_type": LABEL_TEXT,
+    "provider_error_code": LABEL_TEXT,
+    "origin": LABEL_TEXT,
 }
-# Each field's type and, for text, how it is cleaned: one lookup per field given as a keyword.
-_FIELD_RULES: Final[dict[str, tuple[type, Callable[[str], str] | None]]] = {
-    name: (expected, _CLEANERS.get(name)) for name, expected in FIELD_TYPES.items()
+# The same cleaning as module functions, for an event object cleaned field by field.
+_CLEANERS: Final[dict[str, Callable[[str], str]]] = {
+    name: (sanitize_label, sanitize_message, sanitize_detail, sanitize_url)[kind]
+    for name, kind in _TEXT_KINDS.items()
 }
 
 
@@ -227,13 +238,12 @@ def _event_from_fields(fields: dict[str, Any]) -> UpstreamErrorEvent:
     value: Any
     try:
         for name, value in fields.items():
-            expected, sanitize = _FIELD_RULES[name]
+            expected = FIELD_TYPES[name]
             if type(value) is not expected:
-                value = fields[name] = coerce_field(name, expected, value)
-            if sanitize is not None and value:
-                fields[name] = sanitize(value)
+                fields[name] = coerce_field(name, expected, value)
     except KeyError:
         raise TypeError(f"UpstreamErrorEvent has no field {name!r}") from None
+    get_default_sanitizer().clean_fields(fields, _TEXT_KINDS)
     if method := fields.get("method"):
         fields["method"] = method.upper()
     if fields.get("at_unix_ms", 0) <= 0:

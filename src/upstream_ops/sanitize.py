@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 from itertools import compress
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 from urllib.parse import unquote_plus
 
 from upstream_ops.defaults import (
@@ -309,9 +309,14 @@ _BARE = re.compile(r"[^\s&;,\"'<>(){}]++")
 _SCHEME = re.compile("(?i:" + "|".join(map(re.escape, AUTH_SCHEMES)) + r")[ \t]++(?=\S)")
 _SEGMENT = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
 _NOT_SECRET, _SECRET, _SECRET_TO_LINE_END = 0, 1, 2
+#: The kinds of text of ``Sanitizer.clean_fields``: what ``label``, ``message``, ``detail``, ``url`` clean.
+LABEL_TEXT: Final = 0
+MESSAGE_TEXT: Final = 1
+DETAIL_TEXT: Final = 2
+URL_TEXT: Final = 3
 _INNER_VALUE_CHECKS = 16  # values of keys inside a redacted value, read per text
 _KEY_CACHE_SIZE = 4096
-_CACHED_CHARS = 512  # labels and URLs up to this long are cached
+_CACHED_CHARS = 512  # texts up to this long are cached
 
 # --- Control characters and limits ------------------------------------------------------------------
 # Stripped on the UTF-8 bytes: bytes.translate is far faster than str.translate, and ASCII bytes never
@@ -362,43 +367,71 @@ class Sanitizer:
         self._keep_names = frozenset("".join(_segments(key)) for key in keep_keys)
         self._modes: dict[str, int] = {}
         self._reversed_modes = _ReversedKeyModes(self._key_mode)
-        # Labels and URLs repeat (the same platform, model, kind, endpoint on every event): their
-        # results are kept, bounded like the key caches. The output depends only on the input and on
-        # this sanitizer's rules, which never change after __init__.
-        self._labels: dict[str, str] = {}
-        self._urls: dict[str, str] = {}
+        # Texts repeat: the same platform, model, kind and endpoint on every event, and the same
+        # "429 Too Many Requests" message and provider error body on every rate-limited call. The
+        # results for texts up to _CACHED_CHARS long are kept, one bounded cache per kind of text
+        # (indexed by LABEL_TEXT ... URL_TEXT). The output depends only on the input and on this
+        # sanitizer's rules, which never change after __init__.
+        self._caches: tuple[dict[str, str], ...] = ({}, {}, {}, {})
 
     def message(self, text: str | bytes | None, max_bytes: int = MESSAGE_MAX_BYTES) -> str:
         """An error message, redacted, without control characters, cut to ``max_bytes`` bytes."""
-        return self._clean(text, max_bytes, _TEXT_CONTROLS)
+        if type(text) is not str or len(text) > _CACHED_CHARS or max_bytes != MESSAGE_MAX_BYTES:
+            return self._clean(text, max_bytes, _TEXT_CONTROLS)
+        cleaned = self._caches[MESSAGE_TEXT].get(text)
+        if cleaned is None:
+            cleaned = self._clean(text, max_bytes, _TEXT_CONTROLS)
+            _remember(self._caches[MESSAGE_TEXT], text, cleaned)
+        return cleaned
 
     def detail(self, text: str | bytes | None, max_bytes: int = DETAIL_MAX_BYTES) -> str:
         """Like ``message``, with the larger limit meant for response bodies and tracebacks."""
-        return self._clean(text, max_bytes, _TEXT_CONTROLS)
+        if type(text) is not str or len(text) > _CACHED_CHARS or max_bytes != DETAIL_MAX_BYTES:
+            return self._clean(text, max_bytes, _TEXT_CONTROLS)
+        cleaned = self._caches[DETAIL_TEXT].get(text)
+        if cleaned is None:
+            cleaned = self._clean(text, max_bytes, _TEXT_CONTROLS)
+            _remember(self._caches[DETAIL_TEXT], text, cleaned)
+        return cleaned
 
     def label(self, text: str | bytes | None, max_bytes: int = LABEL_MAX_BYTES) -> str:
         """A short field (platform, model, request id ...): like a message, on one line."""
         if type(text) is not str or len(text) > _CACHED_CHARS or max_bytes != LABEL_MAX_BYTES:
             return self._clean(text, max_bytes, _LABEL_CONTROLS)
-        cleaned = self._labels.get(text)
+        cleaned = self._caches[LABEL_TEXT].get(text)
         if cleaned is None:
             cleaned = self._clean(text, max_bytes, _LABEL_CONTROLS)
-            if len(self._labels) >= _KEY_CACHE_SIZE:
-                self._labels.clear()
-            self._labels[text] = cleaned
+            _remember(self._caches[LABEL_TEXT], text, cleaned)
         return cleaned
 
     def url(self, url: str | None, max_bytes: int = URL_MAX_BYTES) -> str:
         """A URL without userinfo, with the values of secret query and fragment parameters redacted."""
         if type(url) is not str or len(url) > _CACHED_CHARS or max_bytes != URL_MAX_BYTES:
             return self._url(url, max_bytes)
-        cleaned = self._urls.get(url)
+        cleaned = self._caches[URL_TEXT].get(url)
         if cleaned is None:
             cleaned = self._url(url, max_bytes)
-            if len(self._urls) >= _KEY_CACHE_SIZE:
-                self._urls.clear()
-            self._urls[url] = cleaned
+            _remember(self._caches[URL_TEXT], url, cleaned)
         return cleaned
+
+    def clean_fields(self, values: dict[str, Any], kinds: Mapping[str, int]) -> None:
+        """Clean, in place, each non-empty value of ``values`` whose name ``kinds`` maps to a kind
+        of text (``LABEL_TEXT``, ``MESSAGE_TEXT``, ``DETAIL_TEXT``, ``URL_TEXT``), with that kind's
+        default limit: what calling ``label``, ``message``, ``detail`` or ``url`` on each does, in one
+        call for the dozen fields of an event (a cached result costs a lookup, not two calls)."""
+        # A subclass's own label/message/... must see every value: only the base class reads its
+        # caches here.
+        caches = self._caches if type(self) is Sanitizer else ({}, {}, {}, {})
+        for name, value in values.items():
+            kind = kinds.get(name)
+            if kind is None or not value:
+                continue
+            if type(value) is str and len(value) <= _CACHED_CHARS:
+                cleaned = caches[kind].get(value)
+                if cleaned is not None:
+                    values[name] = cleaned
+                    continue
+            values[name] = getattr(self, _CLEANER_NAMES[kind])(value)
 
     def _url(self, url: str | None, max_bytes: int) -> str:
         try:
@@ -560,6 +593,16 @@ class Sanitizer:
             if value and self.is_secret_key(unquote_plus(name)):
                 parameters[i] = name + equals + REDACTED
         return "&".join(parameters)
+
+
+#: The method ``Sanitizer.clean_fields`` calls for a value of each kind of text.
+_CLEANER_NAMES: Final = ("label", "message", "detail", "url")
+
+
+def _remember(cache: dict[str, str], text: str, cleaned: str) -> None:
+    if len(cache) >= _KEY_CACHE_SIZE:
+        cache.clear()
+    cache[text] = cleaned
 
 
 class _ReversedKeyModes(dict[str, int]):

@@ -1,0 +1,130 @@
+"""The sanitizer's caches of results, and ``Sanitizer.clean_fields``: the same text out as the rules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from upstream_ops import sanitize as sanitize_module
+from upstream_ops.collector import _TEXT_KINDS
+from upstream_ops.defaults import DETAIL_MAX_BYTES, MESSAGE_MAX_BYTES
+from upstream_ops.sanitize import (
+    DETAIL_TEXT,
+    LABEL_TEXT,
+    MESSAGE_TEXT,
+    REDACTED,
+    URL_TEXT,
+    Sanitizer,
+)
+
+SECRET_TEXTS = [
+    "upstream returned 503; Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl",
+    '{"error": {"message": "bad key", "api_key": "sk-proj-AbCdEfGhIjKlMnOpQrStUvWx"}}',
+    "https://user:s3cr3t@example.com/v1?token=abcdef0123456789",
+]
+texts = st.one_of(
+    st.text(max_size=600),
+    st.sampled_from(SECRET_TEXTS),
+    st.builds(lambda a, b: a + b, st.sampled_from(SECRET_TEXTS), st.text(max_size=40)),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=texts)
+def test_cached_messages_and_details_are_what_the_rules_give(text: str) -> None:
+    sanitizer = Sanitizer()
+    first_message, first_detail = sanitizer.message(text), sanitizer.detail(text)
+    assert sanitizer.message(text) == first_message  # now from the cache
+    assert sanitizer.detail(text) == first_detail
+    fresh = Sanitizer()
+    assert first_message == fresh._clean(text, MESSAGE_MAX_BYTES, sanitize_module._TEXT_CONTROLS)
+    assert first_detail == fresh._clean(text, DETAIL_MAX_BYTES, sanitize_module._TEXT_CONTROLS)
+
+
+def test_a_cached_secret_stays_redacted() -> None:
+    sanitizer = Sanitizer()
+    for _ in range(3):
+        for text in SECRET_TEXTS:
+            for out in (sanitizer.message(text), sanitizer.detail(text), sanitizer.url(text)):
+                assert REDACTED in out
+                assert "s3cr3t" not in out and "AbCdEfGhIj" not in out and "c2lnbmF0dXJl" not in out
+
+
+def test_another_limit_is_not_served_from_the_cache() -> None:
+    sanitizer = Sanitizer()
+    text = "upstream returned 429 Too Many Requests " * 3
+    assert sanitizer.message(text) == text.strip()
+    short = sanitizer.message(text, 40)
+    assert len(short.encode()) <= 40 and short != text.strip()
+    assert sanitizer.detail(text, 40) == short
+
+
+def test_caches_stay_bounded() -> None:
+    sanitizer = Sanitizer()
+    for i in range(sanitize_module._KEY_CACHE_SIZE * 2 + 7):
+        sanitizer.message(f"upstream returned 503 for request {i}")
+        sanitizer.detail(f'{{"error": "overloaded", "request": {i}}}')
+    assert all(len(cache) <= sanitize_module._KEY_CACHE_SIZE for cache in sanitizer._caches)
+    assert sanitizer.message("upstream returned 503 for request 3") == (
+        "upstream returned 503 for request 3"
+    )
+
+
+def test_long_texts_are_not_kept() -> None:
+    sanitizer = Sanitizer()
+    text = "x" * (sanitize_module._CACHED_CHARS + 1)
+    assert sanitizer.message(text) == text
+    assert sanitizer.detail(text) == text
+    assert not any(sanitizer._caches)
+
+
+KINDS = {"name": LABEL_TEXT, "message": MESSAGE_TEXT, "detail": DETAIL_TEXT, "url": URL_TEXT}
+METHODS = {"name": "label", "message": "message", "detail": "detail", "url": "url"}
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.fixed_dictionaries({name: texts for name in KINDS}), warm=st.booleans())
+def test_clean_fields_cleans_each_kind_as_its_method_does(
+    values: dict[str, str], warm: bool
+) -> None:
+    sanitizer = Sanitizer()
+    if warm:
+        sanitizer.clean_fields(dict(values), KINDS)
+    given_values: dict[str, Any] = dict(values, attempt=3, other="kept as it is")
+    sanitizer.clean_fields(given_values, KINDS)
+    reference = Sanitizer()
+    for name, method in METHODS.items():
+        assert given_values[name] == getattr(reference, method)(values[name])
+    assert given_values["attempt"] == 3
+    assert given_values["other"] == "kept as it is"
+
+
+def test_clean_fields_leaves_empty_values_alone() -> None:
+    values: dict[str, Any] = {"name": "", "message": None, "detail": "", "url": ""}
+    Sanitizer().clean_fields(values, KINDS)
+    assert values == {"name": "", "message": None, "detail": "", "url": ""}
+
+
+def test_clean_fields_calls_a_subclass_s_own_methods_every_time() -> None:
+    seen: list[str] = []
+
+    class Counting(Sanitizer):
+        def message(self, text: str | bytes | None, max_bytes: int = MESSAGE_MAX_BYTES) -> str:
+            seen.append(str(text))
+            return "<" + super().message(text, max_bytes) + ">"
+
+    sanitizer = Counting()
+    for _ in range(2):
+        values: dict[str, Any] = {"message": "token=abc123 failed"}
+        sanitizer.clean_fields(values, KINDS)
+        assert values == {"message": f"<token={REDACTED} failed>"}
+    assert seen == ["token=abc123 failed"] * 2
+
+
+def test_the_collector_cleans_every_text_field_of_an_event() -> None:
+    from upstream_ops.events import FIELD_TYPES
+
+    text_fields = {name for name, kind in FIELD_TYPES.items() if kind is str}
+    assert set(_TEXT_KINDS) == text_fields
