@@ -155,11 +155,34 @@ def sanitize_linearity(samples: int, sample_seconds: float) -> dict[str, Any]:
     }
 
 
-def append_upstream_error_case(samples: int, sample_seconds: float) -> dict[str, Any]:
+#: Distinct texts enough to miss the sanitizer's caches (4,096 results per kind) on every call.
+_UNSEEN_TEXTS = 3 * 4096
+
+
+def append_upstream_error_case(
+    samples: int, sample_seconds: float, *, unseen_texts: bool = False
+) -> dict[str, Any]:
+    """One event appended (the first bench event); with ``unseen_texts``, its message and detail
+    are ones the sanitizer has not seen lately, so that none of its results comes from a cache."""
+    from itertools import cycle
+
     from upstream_ops import Collector, append_upstream_error
     from upstream_ops.collector import _activate, _deactivate
 
-    fields = UPSTREAM_ERRORS[0]
+    base = UPSTREAM_ERRORS[0]
+    if unseen_texts:
+        variants = cycle(
+            [
+                dict(
+                    base,
+                    message=f"{base['message']} (request req_{i:08x})",
+                    detail=base["detail"].replace("requests", f"requests of org-{i:06x}", 1),
+                )
+                for i in range(_UNSEEN_TEXTS)
+            ]
+        )
+    else:
+        variants = cycle([base])
     state: dict[str, Any] = {"left": 0, "token": None}
 
     def one() -> None:
@@ -169,7 +192,7 @@ def append_upstream_error_case(samples: int, sample_seconds: float) -> dict[str,
             state["token"] = _activate(Collector("bench"))
             state["left"] = 16
         state["left"] -= 1
-        append_upstream_error(**fields)
+        append_upstream_error(**next(variants))
 
     def reference() -> None:  # the same bookkeeping without the append
         if state["left"] == 0:
@@ -178,6 +201,7 @@ def append_upstream_error_case(samples: int, sample_seconds: float) -> dict[str,
             state["token"] = _activate(Collector("bench"))
             state["left"] = 16
         state["left"] -= 1
+        next(variants)
 
     with_append = _time_calls(one, samples, sample_seconds)
     without = _time_calls(reference, samples, sample_seconds)
@@ -307,6 +331,9 @@ def run_micro(samples: int, sample_seconds: float) -> dict[str, Any]:
         "sanitize": sanitize_cases(samples, sample_seconds),
         "sanitize_linearity": sanitize_linearity(max(3, samples // 2), sample_seconds),
         "append_upstream_error": append_upstream_error_case(samples, sample_seconds),
+        "append_upstream_error_unseen_texts": append_upstream_error_case(
+            samples, sample_seconds, unseen_texts=True
+        ),
         "httpx_capture_added": httpx_capture_case(samples, sample_seconds),
         "httpx_capture_added_outside_request": httpx_capture_case(
             samples, sample_seconds, in_request=False

@@ -306,6 +306,12 @@ def table(result: dict[str, Any]) -> str:
         lines.append(
             f"| append_upstream_error, one event | {_fmt_range(_us(micro['append_upstream_error']), 2)} |"
         )
+        unseen = micro.get("append_upstream_error_unseen_texts")
+        if unseen:
+            lines.append(
+                "| append_upstream_error, one event, message and detail not seen before (no "
+                f"cached result) | {_fmt_range(_us(unseen), 2)} |"
+            )
         capture = micro["httpx_capture_added"]
         lines.append(
             "| httpx successful attempt, added by the capture transport (bare "
