@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -80,34 +78,23 @@ def test_long_texts_are_not_kept() -> None:
     assert not any(sanitizer._caches)
 
 
-KINDS = {"name": LABEL_TEXT, "message": MESSAGE_TEXT, "detail": DETAIL_TEXT, "url": URL_TEXT}
-METHODS = {"name": "label", "message": "message", "detail": "detail", "url": "url"}
+METHODS = {LABEL_TEXT: "label", MESSAGE_TEXT: "message", DETAIL_TEXT: "detail", URL_TEXT: "url"}
 
 
 @settings(max_examples=200, deadline=None)
-@given(values=st.fixed_dictionaries({name: texts for name in KINDS}), warm=st.booleans())
-def test_clean_fields_cleans_each_kind_as_its_method_does(
-    values: dict[str, str], warm: bool
-) -> None:
-    sanitizer = Sanitizer()
-    if warm:
-        sanitizer.clean_fields(dict(values), KINDS)
-    given_values: dict[str, Any] = dict(values, attempt=3, other="kept as it is")
-    sanitizer.clean_fields(given_values, KINDS)
-    reference = Sanitizer()
-    for name, method in METHODS.items():
-        assert given_values[name] == getattr(reference, method)(values[name])
-    assert given_values["attempt"] == 3
-    assert given_values["other"] == "kept as it is"
+@given(text=texts)
+def test_clean_cleans_each_kind_as_its_method_does(text: str) -> None:
+    sanitizer, reference = Sanitizer(), Sanitizer()
+    for kind, method in METHODS.items():
+        assert sanitizer.clean(kind, text) == getattr(reference, method)(text)
+        cached = sanitizer.cached_results()[kind]
+        if len(text) <= sanitize_module._CACHED_CHARS:
+            assert cached[text] == getattr(reference, method)(text)
+        else:
+            assert text not in cached
 
 
-def test_clean_fields_leaves_empty_values_alone() -> None:
-    values: dict[str, Any] = {"name": "", "message": None, "detail": "", "url": ""}
-    Sanitizer().clean_fields(values, KINDS)
-    assert values == {"name": "", "message": None, "detail": "", "url": ""}
-
-
-def test_clean_fields_calls_a_subclass_s_own_methods_every_time() -> None:
+def test_a_subclass_has_no_cached_results_so_its_methods_see_every_text() -> None:
     seen: list[str] = []
 
     class Counting(Sanitizer):
@@ -117,10 +104,32 @@ def test_clean_fields_calls_a_subclass_s_own_methods_every_time() -> None:
 
     sanitizer = Counting()
     for _ in range(2):
-        values: dict[str, Any] = {"message": "token=abc123 failed"}
-        sanitizer.clean_fields(values, KINDS)
-        assert values == {"message": f"<token={REDACTED} failed>"}
+        assert not any(sanitizer.cached_results())
+        assert sanitizer.clean(MESSAGE_TEXT, "token=abc123 failed") == f"<token={REDACTED} failed>"
     assert seen == ["token=abc123 failed"] * 2
+
+
+def test_an_appended_event_is_cleaned_by_a_subclass_every_time() -> None:
+    from upstream_ops import Collector, append_upstream_error
+    from upstream_ops.collector import _activate, _deactivate
+    from upstream_ops.sanitize import get_default_sanitizer, set_default_sanitizer
+
+    class Shouting(Sanitizer):
+        def label(self, text: str | bytes | None, max_bytes: int = 512) -> str:
+            return super().label(text, max_bytes).upper()
+
+    before = get_default_sanitizer()
+    set_default_sanitizer(Shouting())
+    token = _activate(Collector("r"))
+    try:
+        for _ in range(2):
+            event = append_upstream_error(platform="openai", message="token=abc failed", attempt=1)
+            assert event is not None
+            assert event.platform == "OPENAI"
+            assert event.message == f"token={REDACTED} failed"
+    finally:
+        _deactivate(token)
+        set_default_sanitizer(before)
 
 
 def test_the_collector_cleans_every_text_field_of_an_event() -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 from itertools import compress
-from typing import Any, Final, NamedTuple
+from typing import Final, NamedTuple
 from urllib.parse import unquote_plus
 
 from upstream_ops.defaults import (
@@ -309,7 +309,7 @@ _BARE = re.compile(r"[^\s&;,\"'<>(){}]++")
 _SCHEME = re.compile("(?i:" + "|".join(map(re.escape, AUTH_SCHEMES)) + r")[ \t]++(?=\S)")
 _SEGMENT = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
 _NOT_SECRET, _SECRET, _SECRET_TO_LINE_END = 0, 1, 2
-#: The kinds of text of ``Sanitizer.clean_fields``: what ``label``, ``message``, ``detail``, ``url`` clean.
+#: The kinds of text of ``Sanitizer.clean``: what ``label``, ``message``, ``detail`` and ``url`` clean.
 LABEL_TEXT: Final = 0
 MESSAGE_TEXT: Final = 1
 DETAIL_TEXT: Final = 2
@@ -414,24 +414,20 @@ class Sanitizer:
             _remember(self._caches[URL_TEXT], url, cleaned)
         return cleaned
 
-    def clean_fields(self, values: dict[str, Any], kinds: Mapping[str, int]) -> None:
-        """Clean, in place, each non-empty value of ``values`` whose name ``kinds`` maps to a kind
-        of text (``LABEL_TEXT``, ``MESSAGE_TEXT``, ``DETAIL_TEXT``, ``URL_TEXT``), with that kind's
-        default limit: what calling ``label``, ``message``, ``detail`` or ``url`` on each does, in one
-        call for the dozen fields of an event (a cached result costs a lookup, not two calls)."""
-        # A subclass's own label/message/... must see every value: only the base class reads its
-        # caches here.
-        caches = self._caches if type(self) is Sanitizer else ({}, {}, {}, {})
-        for name, value in values.items():
-            kind = kinds.get(name)
-            if kind is None or not value:
-                continue
-            if type(value) is str and len(value) <= _CACHED_CHARS:
-                cleaned = caches[kind].get(value)
-                if cleaned is not None:
-                    values[name] = cleaned
-                    continue
-            values[name] = getattr(self, _CLEANER_NAMES[kind])(value)
+    def clean(self, kind: int, text: str) -> str:
+        """``text`` cleaned as the kind of text ``kind`` (``LABEL_TEXT``, ``MESSAGE_TEXT``,
+        ``DETAIL_TEXT``, ``URL_TEXT``) with its default limit: ``label``, ``message``, ``detail``
+        or ``url``."""
+        cleaned: str = getattr(self, _CLEANER_NAMES[kind])(text)
+        return cleaned
+
+    def cached_results(self) -> tuple[Mapping[str, str], ...]:
+        """The results kept for short texts, by kind of text (index ``LABEL_TEXT`` ... ``URL_TEXT``).
+
+        For a caller that cleans many fields at once (an event's dozen): a text found here needs
+        no call. Empty for a subclass, whose own methods must see every text.
+        """
+        return self._caches if type(self) is Sanitizer else _NO_CACHED_RESULTS
 
     def _url(self, url: str | None, max_bytes: int) -> str:
         try:
@@ -595,8 +591,9 @@ class Sanitizer:
         return "&".join(parameters)
 
 
-#: The method ``Sanitizer.clean_fields`` calls for a value of each kind of text.
+#: The method ``Sanitizer.clean`` calls for each kind of text.
 _CLEANER_NAMES: Final = ("label", "message", "detail", "url")
+_NO_CACHED_RESULTS: Final[tuple[Mapping[str, str], ...]] = ({}, {}, {}, {})
 
 
 def _remember(cache: dict[str, str], text: str, cleaned: str) -> None:
