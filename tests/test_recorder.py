@@ -104,3 +104,50 @@ def test_a_record_takes_the_ids_of_the_span_current_at_finish_when_none_is_given
         assert (record.trace_id, record.span_id) == (f"{0xAB:032x}", f"{0xCD:016x}")
     finally:
         recorder.dispatcher.close()
+
+
+def test_every_field_of_a_built_record_comes_from_its_source() -> None:
+    # _build passes the fields positionally (cheaper): a field out of order must show here.
+    from opentelemetry.trace import SpanContext, TraceFlags
+
+    from upstream_ops.collector import Collector
+    from upstream_ops.events import UpstreamErrorEvent
+    from upstream_ops.record import RECORD_FIELDS
+    from upstream_ops.recorder import Recorder, RequestFacts
+    from upstream_ops.sinks import MemorySink
+
+    recorder = Recorder(sink=MemorySink(), service="svc", max_events=1)
+    collector = Collector("req-1", max_events=1)
+    for status in (502, 503):
+        collector.append(UpstreamErrorEvent(upstream_status_code=status, message=f"m{status}"))
+    collector.set_summary(504, "summary message", "summary detail")
+    context = SpanContext(0xAB, 0xCD, is_remote=False, trace_flags=TraceFlags(1))
+    facts = RequestFacts(
+        "post", "/p", "/r/{id}", 200, 1234, 5.6789, error=KeyError("k"), span_context=context
+    )
+    try:
+        record = recorder._build(collector, facts)
+    finally:
+        recorder.dispatcher.close()
+    expected = {
+        "request_id": "req-1",
+        "service": "svc",
+        "method": "POST",
+        "path": "/p",
+        "route": "/r/{id}",
+        "status_code": 200,
+        "duration_ms": 5.679,
+        "started_at_ms": 1234,
+        "upstream_status_code": 504,
+        "upstream_error_message": "summary message",
+        "upstream_error_detail": "summary detail",
+        "upstream_errors": collector.events,
+        "dropped_events": 1,
+        "error": "KeyError",
+        "recovered": True,
+        "trace_id": f"{0xAB:032x}",
+        "span_id": f"{0xCD:016x}",
+    }
+    assert set(expected) | {"id"} == set(RECORD_FIELDS)
+    assert {name: getattr(record, name) for name in expected} == expected
+    assert len(record.id) == 32 and int(record.id, 16)
