@@ -183,3 +183,61 @@ def test_next_attempt_counts_from_one(collector: Collector) -> None:
 def test_max_events_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_events"):
         Collector(max_events=0)
+
+
+def test_a_collector_without_an_id_makes_one_at_the_first_read_and_keeps_it() -> None:
+    import re
+
+    collector = Collector(None)
+    first = collector.request_id
+    assert re.fullmatch(r"[0-9a-f]{32}", first)
+    assert collector.request_id == first
+    assert Collector(None).request_id != first
+    assert Collector().request_id == ""  # an empty id given stays empty
+    collector.request_id = "set-later"
+    assert collector.request_id == "set-later"
+
+
+def test_threads_reading_a_new_id_first_all_see_the_same_one() -> None:
+    for _ in range(50):
+        collector = Collector(None)
+        barrier = threading.Barrier(4)
+
+        def read(
+            _: int, collector: Collector = collector, barrier: threading.Barrier = barrier
+        ) -> str:
+            barrier.wait()
+            return collector.request_id
+
+        with ThreadPoolExecutor(4) as pool:
+            seen = set(pool.map(read, range(4)))
+        assert seen == {collector.request_id}
+
+
+def test_a_healthy_request_makes_no_request_id() -> None:
+    import asyncio
+
+    from upstream_ops import UpstreamOpsMiddleware
+    from upstream_ops.sinks import MemorySink
+
+    seen: list[Collector] = []
+
+    async def app(scope: dict, receive: object, send: object) -> None:  # type: ignore[type-arg]
+        seen.append(scope["state"]["upstream_ops"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b"ok"})  # type: ignore[operator]
+
+    async def send(message: object) -> None:
+        pass
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b""}
+
+    middleware = UpstreamOpsMiddleware(app, sink=MemorySink())
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": []}
+    try:
+        asyncio.run(middleware(scope, receive, send))
+    finally:
+        middleware.dispatcher.close()
+    assert seen[0]._request_id is None  # nobody asked, so none was made
+    assert len(seen[0].request_id) == 32

@@ -28,7 +28,6 @@ from upstream_ops.recorder import (
     RecordFilter,
     RecordHook,
     RequestFacts,
-    new_request_id,
     now_ms,
 )
 from upstream_ops.sinks.base import Sink
@@ -113,16 +112,14 @@ class UpstreamOpsMiddleware:
         # everything a record needs is worked out in ``_finish`` only for a request that gets one.
         started = time.perf_counter()
         recorder = self.recorder
-        request_id = None
+        request_id = None  # then the collector makes one if it is ever read
         name = self._incoming_header_name
         if name is not None:
             for key, value in scope.get("headers", ()):
                 # ASGI servers lower-case header names (Starlette's ``Headers`` relies on it too).
                 if key == name:
-                    request_id = recorder.request_id_for(_decode(value))
+                    request_id = recorder.valid_request_id(_decode(value))
                     break
-        if request_id is None:
-            request_id = new_request_id()
         collector = Collector(request_id, recorder.max_events)
         state = scope.get("state")
         if state is None:
@@ -130,7 +127,7 @@ class UpstreamOpsMiddleware:
         elif isinstance(state, dict):
             state["upstream_ops"] = collector
         telemetry = self.telemetry.start(collector, _describe, scope)
-        recording = _HTTPRequestRecording(self, scope, request_id, telemetry, receive, send)
+        recording = _HTTPRequestRecording(self, scope, collector, telemetry, receive, send)
         otel_token = telemetry.activate() if telemetry is not None else None
         token = _current.set(collector)
         error: BaseException | None = None
@@ -219,14 +216,14 @@ class _HTTPRequestRecording:
         self,
         middleware: UpstreamOpsMiddleware,
         scope: Scope,
-        request_id: str,
+        collector: Collector,
         telemetry: RequestTelemetry | None,
         receive: Receive,
         send: Send,
     ) -> None:
         name = middleware._header_name
         # The response header, ready to append (None: the option is off).
-        self._header = None if name is None else (name, request_id.encode("latin-1"))
+        self._header = None if name is None else (name, collector.request_id.encode("latin-1"))
         self._telemetry = telemetry
         self._receive = receive
         self._send = send

@@ -21,7 +21,7 @@ from opentelemetry import trace
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import SpanContext
 
-from upstream_ops.collector import Collector
+from upstream_ops.collector import Collector, new_request_id
 from upstream_ops.defaults import (
     DEFAULT_SINK_URL,
     MAX_EVENTS_PER_REQUEST,
@@ -169,9 +169,15 @@ class Recorder:
 
     def request_id_for(self, incoming: str | None) -> str:
         """The incoming id when it is 1..128 chars of ``[A-Za-z0-9._:-]``, else a new one."""
+        return self.valid_request_id(incoming) or new_request_id()
+
+    @staticmethod
+    def valid_request_id(incoming: str | None) -> str | None:
+        """The incoming id when it is 1..128 chars of ``[A-Za-z0-9._:-]``, else ``None`` (for a
+        ``Collector``, which then makes one when its id is first read)."""
         if incoming and _REQUEST_ID_RE.fullmatch(incoming):
             return incoming
-        return new_request_id()
+        return None
 
     def finish(self, collector: Collector, facts: RequestFacts) -> RequestRecord | None:
         """Build the record, apply the rule and the hook, enqueue. Never raises into the app."""
@@ -265,27 +271,11 @@ def new_record_id() -> str:
     return f"{ms << 80 | counter << 64 | tail & _TAIL_BITS | _UUID7_SET:032x}"
 
 
-def new_request_id() -> str:
-    """32 random lower-case hex digits (128 bits from ``os.urandom``): a request's id when none came.
-
-    The shape of a uuid4 hex without its fixed version bits, because making those costs more than
-    the rest of a healthy request's bookkeeping; ids come from a pool made from one ``os.urandom`` per
-    256, emptied in a forked child so that two processes never hand out the same ids.
-    """
-    while True:
-        try:
-            return _request_id_pool.pop()
-        except IndexError:
-            # hex() with a space every 16 bytes, split in C: half the cost of slicing in Python.
-            _request_id_pool.extend(os.urandom(16 * _ID_POOL_SIZE).hex(" ", 16).split(" "))
-
-
 def _new_random_64s(count: int) -> list[int]:
     return list(struct.unpack(f"<{count}Q", os.urandom(8 * count)))
 
 
 _ID_POOL_SIZE: Final = 256
-_request_id_pool: list[str] = []
 # RFC 9562 version 7: the version nibble (7) above the counter, the variant bits (10) above the tail.
 _UUID7_SET: Final = (7 << 76) | (0b10 << 62)
 _TAIL_BITS: Final = (1 << 62) - 1
@@ -301,7 +291,6 @@ def _record_ids_after_fork() -> None:
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_request_id_pool.clear)
     os.register_at_fork(after_in_child=_record_ids_after_fork)
 
 
