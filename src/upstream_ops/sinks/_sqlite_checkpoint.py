@@ -6,7 +6,8 @@ one in the committing connection each time the WAL has grown by 1,000 pages
 (``wal_autocheckpoint``): in the benchmark a fifth of the wall time of a write, mostly waiting for
 ``fsync``. The sink's connections turn that off, and ``WalCheckpointer`` runs a ``PASSIVE``
 checkpoint (which waits for no reader or writer, and holds up none) on a connection and a daemon
-thread of its own, each time ``every`` more records were committed.
+thread of its own, each time about ``every`` more pages were committed (an estimate the writer
+makes: SQLite's own count is in a hook Python's ``sqlite3`` does not offer).
 
 The WAL starts over from its beginning when a write transaction begins after a checkpoint has
 copied all of it; under a steady stream of writes that may not happen by itself. So the WAL is
@@ -57,7 +58,7 @@ class WalCheckpointer:
         self._idle_s = idle_s
         #: Guards the fields below it; the thread waits on it for work.
         self._wake = threading.Condition(threading.Lock())
-        self._records = 0  # committed since the last checkpoint was asked for
+        self._pages = 0  # committed (as estimated) since the last checkpoint was asked for
         self._due = False
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -69,16 +70,16 @@ class WalCheckpointer:
 
     # --- the write path ---------------------------------------------------------------------------
 
-    def wrote(self, records: int, connection: Callable[[], sqlite3.Connection]) -> None:
-        """Count ``records`` just committed by ``connection()``; checkpoint now if the WAL is over
+    def wrote(self, pages: int, connection: Callable[[], sqlite3.Connection]) -> None:
+        """Count ``pages`` just committed by ``connection()``; checkpoint now if the WAL is over
         its limit, and wake the thread when a checkpoint is due."""
         if self._over_limit:
             self._checkpoint_here(connection)
         with self._wake:
-            self._records += records
-            if self._records < self.every:
+            self._pages += pages
+            if self._pages < self.every:
                 return
-            self._records = 0
+            self._pages = 0
             self._due = True
             if self._thread is not None and self._thread.is_alive():
                 self._wake.notify()
@@ -106,7 +107,7 @@ class WalCheckpointer:
                 thread.join()
         with self._wake:
             self._thread = self._idled = None
-            self._stopping, self._due, self._records = False, False, 0
+            self._stopping, self._due, self._pages = False, False, 0
 
     # --- the thread -------------------------------------------------------------------------------
 

@@ -74,9 +74,13 @@ _PAGE_SIZE: Final = 8192
 #: The page cache of each connection, in KiB.
 _CACHE_KIB: Final = 32 * 1024
 
-#: Records committed between two checkpoints of the WAL, which a thread of their own runs (see
-#: ``WalCheckpointer``): 4 batches, about as often as SQLite's own (every 1,000 pages) would.
+#: Pages committed between two checkpoints of the WAL, which a thread of their own runs (see
+#: ``WalCheckpointer``): about as often as SQLite's own (every 1,000 pages) would ...
 _CHECKPOINT_EVERY: Final = 1024
+#: ... as estimated from what was written: a page for each of the seven b-trees a commit inserts
+#: into (or deletes from), and one more per record (the bench's batches of 256 write 130 to 200,
+#: more as the file grows: the request ids' index takes them at random places).
+_PAGES_PER_COMMIT: Final = 7
 #: The WAL's pages beyond which the writer checkpoints itself (32 MiB with 8 KiB pages) ...
 _WAL_LIMIT_FRAMES: Final = 4096
 #: ... and the size, in bytes, its file is cut back to when it starts over.
@@ -156,7 +160,7 @@ class SQLiteSink(_search.SearchMixin):
         if not records:
             return
         failures = self._retrying(lambda: self._insert(records))
-        self._checkpointer.wrote(len(records) - len(failures), self._connection)
+        self._checkpointer.wrote(_PAGES_PER_COMMIT + len(records), self._connection)
         if not failures:
             return
         for record, error in failures:
@@ -249,7 +253,7 @@ class SQLiteSink(_search.SearchMixin):
             except BaseException:
                 _rollback(connection)
                 raise
-            self._checkpointer.wrote(int(deleted), self._connection)
+            self._checkpointer.wrote(_PAGES_PER_COMMIT + int(deleted), self._connection)
             return int(deleted)
 
         return purge_in_batches(
