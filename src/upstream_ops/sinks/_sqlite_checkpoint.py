@@ -3,7 +3,7 @@
 In WAL mode a commit appends the pages it changed to the ``-wal`` file, and a checkpoint copies
 them into the database file and syncs it (with ``synchronous=NORMAL`` the only sync). SQLite runs
 one in the committing connection each time the WAL has grown by 1,000 pages
-(``wal_autocheckpoint``): in the benchmark a fifth of the wall time of a write, mostly waiting for
+(``wal_autocheckpoint``): in the benchmark up to a fifth of the wall time of a write, waiting for
 ``fsync``. The sink's connections turn that off, and ``WalCheckpointer`` runs a ``PASSIVE``
 checkpoint (which waits for no reader or writer, and holds up none) on a connection and a daemon
 thread of its own, each time about ``every`` more pages were committed (an estimate the writer
