@@ -38,6 +38,7 @@ from upstream_ops.sinks._query import (
     schema_ddl,
     validate_query,
 )
+from upstream_ops.sinks._sqlite_checkpoint import WalCheckpointer
 from upstream_ops.sinks._sqlite_rows import BatchRows
 from upstream_ops.sinks.base import RejectedRecords
 
@@ -73,6 +74,18 @@ _PAGE_SIZE: Final = 8192
 #: The page cache of each connection, in KiB.
 _CACHE_KIB: Final = 32 * 1024
 
+#: Pages committed between two checkpoints of the WAL, which a thread of their own runs (see
+#: ``WalCheckpointer``): about as often as SQLite's own (every 1,000 pages) would ...
+_CHECKPOINT_EVERY: Final = 1024
+#: ... as estimated from what was written: a page for each of the seven b-trees a commit inserts
+#: into (or deletes from), and one more per record (the bench's batches of 256 write 130 to 200,
+#: more as the file grows: the request ids' index takes them at random places).
+_PAGES_PER_COMMIT: Final = 7
+#: The WAL's pages beyond which the writer checkpoints itself (32 MiB with 8 KiB pages) ...
+_WAL_LIMIT_FRAMES: Final = 4096
+#: ... and the size, in bytes, its file is cut back to when it starts over.
+_WAL_SIZE_LIMIT: Final = 64 * 1024 * 1024
+
 #: How long one statement waits for another connection's lock (SQLite's busy handler) ...
 _BUSY_TIMEOUT_S: Final = 5.0
 #: ... and how often an operation that still found the database locked is tried in all.
@@ -99,7 +112,8 @@ class SQLiteSink(_search.SearchMixin):
     ``synchronous=NORMAL`` and a busy timeout, so readers never block the writer and several
     processes can write one file; an operation that still finds the database locked is retried.
     Connections are per thread (``sqlite3`` requires it); ``close()`` closes them all, and a later
-    call opens new ones. Call ``close()`` when no write or query is running.
+    call opens new ones. Call ``close()`` when no write or query is running. The WAL is
+    checkpointed by a daemon thread of the sink's (see ``WalCheckpointer``), not by the writes.
 
     Each batch is one transaction, one ``executemany`` for its records and one for their events.
     An id already stored is left out with its events (looked up first; and ``ON CONFLICT (id) DO
@@ -135,6 +149,7 @@ class SQLiteSink(_search.SearchMixin):
         self._pid = os.getpid()
         self._schema_ready = False
         self._rejected = RejectedRecords("SQLiteSink", logger)
+        self._checkpointer = self._new_checkpointer()
 
     def __repr__(self) -> str:
         return f"SQLiteSink({str(self.path)!r})"
@@ -145,6 +160,7 @@ class SQLiteSink(_search.SearchMixin):
         if not records:
             return
         failures = self._retrying(lambda: self._insert(records))
+        self._checkpointer.wrote(_PAGES_PER_COMMIT + len(records), self._connection)
         if not failures:
             return
         for record, error in failures:
@@ -155,9 +171,11 @@ class SQLiteSink(_search.SearchMixin):
             raise error
 
     def close(self) -> None:
-        """Close every connection this sink opened; a later write or query opens new ones."""
+        """Close every connection this sink opened, after its checkpoint thread has ended; a later
+        write or query opens new ones."""
         if os.getpid() != self._pid:
             self._after_fork()
+        self._checkpointer.close()
         with self._lock:
             self._generation += 1
             connections, self._connections = self._connections, []
@@ -235,6 +253,7 @@ class SQLiteSink(_search.SearchMixin):
             except BaseException:
                 _rollback(connection)
                 raise
+            self._checkpointer.wrote(_PAGES_PER_COMMIT + int(deleted), self._connection)
             return int(deleted)
 
         return purge_in_batches(
@@ -349,6 +368,9 @@ class SQLiteSink(_search.SearchMixin):
         )
         try:
             connection.execute("PRAGMA synchronous = NORMAL")
+            # The WAL is checkpointed by ``WalCheckpointer``, not by the connection that commits.
+            connection.execute("PRAGMA wal_autocheckpoint = 0")
+            connection.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
             # A batch inserts into seven b-trees, one (the request ids') at random places: a page
             # cache bigger than SQLite's default 2 MiB keeps them in memory.
             connection.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")
@@ -396,7 +418,16 @@ class SQLiteSink(_search.SearchMixin):
         self._connections = []
         self._local = threading.local()
         self._lock = threading.Lock()
+        self._checkpointer = self._new_checkpointer()  # the parent's thread is not in the child
         self._pid = os.getpid()
+
+    def _new_checkpointer(self) -> WalCheckpointer:
+        return WalCheckpointer(
+            self.path,
+            every=_CHECKPOINT_EVERY,
+            limit_frames=_WAL_LIMIT_FRAMES,
+            busy_timeout_s=_BUSY_TIMEOUT_S,
+        )
 
     def _retrying(self, operation: Callable[[], _T]) -> _T:
         """Run ``operation``, again after a short pause while the database stays locked."""
