@@ -99,10 +99,7 @@ class UpstreamOpsWSGIMiddleware:
         )
         #: Set by an integration whose framework instrumentation starts the server span inside the
         #: app (Flask's): the app, on which OpenTelemetry's instrumentation sets ``INSTRUMENTED_FLAG``.
-        #: While that is True the middleware adopts the app's span instead of starting one. (Read
-        #: with ``getattr`` on every request: giving the app the attribute when it has none would
-        #: make it a plain load, but a Flask app given a new attribute after its ``__init__`` costs
-        #: every request 5,000 instructions more in Flask's own attribute reads.)
+        #: While that is True the middleware adopts the app's span instead of starting one.
         self._instrumented_app: object | None = None
         #: Set by an integration that can tell the matched route template after the app ran
         #: (Flask's URL rule): the environ key of what it reads the route from, kept when the
