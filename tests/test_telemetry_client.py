@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.instrumentation.utils import is_http_instrumentation_enabled
 from opentelemetry.trace import SpanKind, StatusCode
@@ -144,6 +145,20 @@ def test_the_current_span_is_read_from_the_context_directly_and_agrees_with_the_
     with tracer.start_as_current_span("outer") as outer:
         assert _providers._CONTEXT_VAR.get().get(_providers._SPAN_KEY) is outer
         assert has_current_span()
+        assert _providers.get_context() is not _providers.EMPTY_CONTEXT
+
+
+def test_the_empty_context_is_told_apart_from_one_attached_without_a_span() -> None:
+    # The adapters skip OpenTelemetry while get_context() is the variable's empty default.
+    assert _providers.get_context() is _providers.EMPTY_CONTEXT
+    token = otel_context.attach(otel_context.set_value("other", 1))
+    try:
+        assert _providers.get_context() is not _providers.EMPTY_CONTEXT
+        assert not has_current_span()
+        assert trace.get_current_span() is trace.INVALID_SPAN
+    finally:
+        otel_context.detach(token)
+    assert _providers.get_context() is _providers.EMPTY_CONTEXT
 
 
 def test_a_global_tracer_provider_set_later_is_picked_up_and_then_not_looked_for() -> None:

@@ -235,3 +235,47 @@ def test_flask_streaming_with_context_keeps_working_with_instrumentation(otel: O
         assert httpx.get(f"{url}/ctx").text == "x"
     [record] = records_of(sink)
     assert [e.attempt for e in record.upstream_errors] == [1]
+
+
+# With neither provider of its own live, the middleware skips OpenTelemetry unless a span is current
+# or the app's instrumentation will start one: both are still noticed.
+
+
+def test_idle_middleware_still_enriches_a_span_current_around_it(otel: OTel) -> None:
+    sink = MemorySink()
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        fail(1)
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    middleware = UpstreamOpsWSGIMiddleware(app, sink=sink)  # global providers: unset here
+    assert not (middleware.telemetry.live.tracing or middleware.telemetry.live.metrics)
+    tracer = otel.tracer_provider.get_tracer("test")
+    with tracer.start_as_current_span("outer", kind=SpanKind.SERVER) as outer:
+        body = middleware({"REQUEST_METHOD": "GET", "PATH_INFO": "/x"}, lambda *a: None)
+        assert b"".join(body) == b"ok"
+        body.close()  # type: ignore[attr-defined]
+    [span] = spans_of(otel)
+    assert span.context.span_id == outer.get_span_context().span_id
+    assert events_of(span) == [1] and span.attributes["upstream.recovered"] is True
+    [record] = records_of(sink)
+    assert record.span_id == format(span.context.span_id, "016x")
+
+
+def test_idle_middleware_adopts_the_span_of_flask_instrumented_later(otel: OTel) -> None:
+    sink = MemorySink()
+    app = Flask(__name__)
+    UpstreamOps(app, sink=sink)  # no providers of its own, and the global ones unset
+    FlaskInstrumentor().instrument_app(app, tracer_provider=otel.tracer_provider)
+    add_views(app)
+    try:
+        with serve_wsgi(app) as url:
+            assert httpx.post(f"{url}/generate/2").json() == {"ok": True}
+    finally:
+        FlaskInstrumentor().uninstrument_app(app)
+    [span] = spans_of(otel)
+    assert span.instrumentation_scope.name == "opentelemetry.instrumentation.flask"
+    assert span.kind is SpanKind.SERVER and events_of(span) == [1, 2]
+    [record] = records_of(sink)
+    assert record.span_id == format(span.context.span_id, "016x")

@@ -11,7 +11,6 @@ record or a span, and the span is adopted when the response starts or when a vie
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from flask import Flask, got_request_exception, request
@@ -47,12 +46,10 @@ class UpstreamOps:
         # Its bound __call__ rather than the object: Flask calls wsgi_app for every request, and
         # CPython calls a bound method of a Python function for less than an object's __call__.
         app.wsgi_app = middleware.__call__  # type: ignore[method-assign]
-        # The flag FlaskInstrumentor sets on an app it instrumented (by instrument_app or
-        # instrument()); read by a C-level partial, as it is on every request. Without it the
-        # middleware starts the SERVER span and Flask's becomes an INTERNAL child.
-        middleware._app_starts_server_span = functools.partial(
-            getattr, app, "_is_instrumented_by_opentelemetry", False
-        )
+        # FlaskInstrumentor sets a flag on an app it instrumented (by instrument_app or
+        # instrument()), read on every request. Without it the middleware starts the SERVER span
+        # and Flask's becomes an INTERNAL child.
+        middleware._instrumented_app = app
         middleware._route_key = REQUEST_KEY
         middleware._route_of = lambda environ, current: _route_of(app, environ, current)
         got_request_exception.connect(_on_exception, app, weak=False)

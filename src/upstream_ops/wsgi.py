@@ -27,10 +27,12 @@ from upstream_ops.recorder import (
     RecordFilter,
     RecordHook,
     RequestFacts,
+    default_should_record,
     new_request_id,
     now_ms,
 )
 from upstream_ops.sinks.base import Sink
+from upstream_ops.telemetry._providers import EMPTY_CONTEXT, get_context, has_current_span
 from upstream_ops.telemetry._server import IncomingRequest, RequestTelemetry, ServerTelemetry
 
 __all__ = ["UpstreamOpsWSGIMiddleware"]
@@ -47,6 +49,8 @@ ENVIRON_ERROR = "upstream_ops.error"
 ENVIRON_TELEMETRY = "upstream_ops.telemetry"
 
 CLIENT_CLOSED_REQUEST = 499
+#: What OpenTelemetry's instrumentations (Flask's among them) set on an app they instrumented.
+INSTRUMENTED_FLAG = "_is_instrumented_by_opentelemetry"
 
 _perf_counter = time.perf_counter
 
@@ -94,8 +98,9 @@ class UpstreamOpsWSGIMiddleware:
             meter_provider=meter_provider,
         )
         #: Set by an integration whose framework instrumentation starts the server span inside the
-        #: app (Flask's): then the middleware adopts that span instead of starting one.
-        self._app_starts_server_span: Callable[[], object] | None = None
+        #: app (Flask's): the app, on which OpenTelemetry's instrumentation sets ``INSTRUMENTED_FLAG``.
+        #: While that is True the middleware adopts the app's span instead of starting one.
+        self._instrumented_app: object | None = None
         #: Set by an integration that can tell the matched route template after the app ran
         #: (Flask's URL rule): the environ key of what it reads the route from, kept when the
         #: response starts (the app's request may be gone by the end), and the function that reads
@@ -106,6 +111,10 @@ class UpstreamOpsWSGIMiddleware:
             "HTTP_" + request_id_header.upper().replace("-", "_") if request_id_header else None
         )
         self._echo_header = request_id_header if echo_request_id else None
+        self._live = self.telemetry.live
+        #: The default record rule, which refuses a healthy request's record: then a request with
+        #: no upstream trouble ends without asking the recorder.
+        self._default_rule = self.recorder.should_record is default_should_record
 
     @property
     def dispatcher(self) -> Dispatcher:
@@ -125,9 +134,22 @@ class UpstreamOpsWSGIMiddleware:
             self.recorder.max_events,
         )
         environ[ENVIRON_COLLECTOR] = collector
-        deferred = self._app_starts_server_span
-        telemetry = self.telemetry.start(
-            collector, _describe, environ, deferred is not None and deferred() is True
+        # ServerTelemetry.start's own first test, inline: with OpenTelemetry idle (no provider, no
+        # instrumented app, nothing attached to its context) no call is made.
+        live = self._live
+        if live.unset:
+            live.refresh()
+        instrumented = self._instrumented_app
+        by_app = (
+            instrumented is not None and getattr(instrumented, INSTRUMENTED_FLAG, False) is True
+        )
+        telemetry = (
+            self.telemetry.start(collector, _describe, environ, by_app)
+            if live.tracing
+            or live.metrics
+            or by_app
+            or (get_context() is not EMPTY_CONTEXT and has_current_span())
+            else None
         )
         recording = _new_recording()
         recording.middleware = self
@@ -291,11 +313,14 @@ class _WSGIRequestRecording:
                 error = None
         # A status line below "5" has a code below 500 (or none): healthy under the default rule
         # whether or not the body was sent in full (499), so its number is not needed.
+        # ``Recorder.finish_if_healthy`` without its call: a quiet collector (closed here either
+        # way) under the default rule gets no record.
         if (
             error is None
             and self.telemetry is None
             and self.status < "5"
-            and self.middleware.recorder.finish_if_healthy(self.collector, 0, None)
+            and self.middleware._default_rule
+            and self.collector.close()
         ):
             return
         self._finish_slow(error)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import importlib
+from collections.abc import Callable
 from typing import Any
 
 from opentelemetry import metrics, trace
@@ -51,13 +52,6 @@ def global_meter_provider_set() -> bool:
     return provider is not None and not isinstance(provider, _NOOP_METER_PROVIDERS)
 
 
-def providers_may_be_set() -> bool:
-    """False while neither global provider has been set: two module globals read, no call made."""
-    return not _READ_GLOBALS or not (
-        trace._TRACER_PROVIDER is None and _metrics_api._METER_PROVIDER is None
-    )
-
-
 class ProviderLiveness:
     """Whether spans and measurements would be recorded, for one pair of (optional) providers.
 
@@ -87,8 +81,13 @@ class ProviderLiveness:
         self.refresh()
 
     def refresh(self) -> None:
-        # The request path calls this on every request while ``unset``: two globals read.
-        if not providers_may_be_set():
+        # The request path calls this on every request while ``unset``: while neither global
+        # provider has been set, two module globals are read and nothing else is done.
+        if (
+            _READ_GLOBALS
+            and trace._TRACER_PROVIDER is None
+            and _metrics_api._METER_PROVIDER is None
+        ):
             return
         unset = False
         if self._tracer_global and not self.tracing:
@@ -113,13 +112,29 @@ def _context_var() -> Any:
 _CONTEXT_VAR = _context_var()
 
 
+def _no_context() -> None:
+    return None
+
+
+#: ``get_context() is EMPTY_CONTEXT`` (one C call) tells that nothing is attached to the API's
+#: context, so no span is current: the ContextVar's default, which it returns again once every
+#: attach was detached. Under another runtime context ``get_context`` returns ``None``, which is
+#: never ``EMPTY_CONTEXT``: ask :func:`has_current_span` then.
+get_context: Callable[[], object] = _CONTEXT_VAR.get if _CONTEXT_VAR is not None else _no_context
+EMPTY_CONTEXT: object = (
+    contextvars.Context().run(_CONTEXT_VAR.get) if _CONTEXT_VAR is not None else object()
+)
+
+
 def has_current_span() -> bool:
-    """Whether a span, recording or not, is current: one ContextVar and one dict lookup.
+    """Whether a span, recording or not, is current: one ContextVar read, and one dict lookup
+    when something is attached.
 
     ``trace.get_current_span()`` answers the same through four calls; with no instrumentation at
-    all (the common case this is asked for) the context is empty. Another runtime context (set by
-    ``OTEL_PYTHON_CONTEXT``) takes the public call.
+    all (the common case this is asked for) the context is the variable's empty default. Another
+    runtime context (set by ``OTEL_PYTHON_CONTEXT``) takes the public call.
     """
     if _CONTEXT_VAR is None:
         return trace.get_current_span() is not trace.INVALID_SPAN
-    return _CONTEXT_VAR.get().get(_SPAN_KEY) is not None
+    context = _CONTEXT_VAR.get()
+    return context is not EMPTY_CONTEXT and context.get(_SPAN_KEY) is not None

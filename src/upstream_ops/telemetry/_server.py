@@ -77,7 +77,7 @@ class IncomingRequest:
 class ServerTelemetry:
     """One middleware's tracer, errors counter and options; holds no per-request state."""
 
-    __slots__ = ("_errors", "_live", "_tracer", "create_server_span")
+    __slots__ = ("_errors", "_tracer", "create_server_span", "live")
 
     def __init__(
         self,
@@ -87,7 +87,9 @@ class ServerTelemetry:
         meter_provider: metrics.MeterProvider | None = None,
     ) -> None:
         self.create_server_span = create_server_span
-        self._live = ProviderLiveness(tracer_provider, meter_provider)
+        #: Whether spans and measurements would be recorded; a protocol adapter may read it to skip
+        #: :meth:`start` on a request that it would return ``None`` for (see ``wsgi.py``).
+        self.live = ProviderLiveness(tracer_provider, meter_provider)
         self._tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer(
             SCOPE_NAME, __version__, schema_url=SCHEMA_URL
         )
@@ -108,7 +110,7 @@ class ServerTelemetry:
         Returns ``None`` when there is nothing to record: no span, no metrics.
         """
         try:
-            live = self._live
+            live = self.live
             if live.unset:
                 live.refresh()
             if not (live.tracing or live.metrics or span_started_by_app or has_current_span()):
