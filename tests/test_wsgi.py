@@ -227,3 +227,27 @@ def test_flask_exception_propagated_before_a_response_has_its_route_matched_agai
     [record] = records_of(sink)
     assert (record.status_code, record.error, record.route) == (500, "RuntimeError", "/boom")
     assert current_collector() is None
+
+
+def test_a_healthy_request_makes_no_request_id_unless_it_is_read() -> None:
+    from upstream_ops.collector import Collector
+    from upstream_ops.wsgi import ENVIRON_COLLECTOR
+
+    seen: list[Collector] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        seen.append(environ[ENVIRON_COLLECTOR])
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    middleware = UpstreamOpsWSGIMiddleware(app, sink=MemorySink())
+    try:
+        for incoming in (None, "bad id!", "w-9"):
+            environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "wsgi.input": None}
+            if incoming is not None:
+                environ["HTTP_X_REQUEST_ID"] = incoming
+            assert b"".join(middleware(environ, lambda status, headers, exc=None: None)) == b"ok"
+    finally:
+        middleware.dispatcher.close()
+    assert [c._request_id for c in seen] == [None, None, "w-9"]  # nobody asked: none was made
+    assert re.fullmatch(r"[0-9a-f]{32}", seen[1].request_id)

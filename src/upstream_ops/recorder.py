@@ -167,10 +167,6 @@ class Recorder:
         self.before_flush = before_flush
         self.max_events = max_events
 
-    def request_id_for(self, incoming: str | None) -> str:
-        """The incoming id when it is 1..128 chars of ``[A-Za-z0-9._:-]``, else a new one."""
-        return self.valid_request_id(incoming) or new_request_id()
-
     @staticmethod
     def valid_request_id(incoming: str | None) -> str | None:
         """The incoming id when it is 1..128 chars of ``[A-Za-z0-9._:-]``, else ``None`` (for a

@@ -28,7 +28,6 @@ from upstream_ops.recorder import (
     RecordHook,
     RequestFacts,
     default_should_record,
-    new_request_id,
     now_ms,
 )
 from upstream_ops.sinks.base import Sink
@@ -127,10 +126,10 @@ class UpstreamOpsWSGIMiddleware:
         started = _perf_counter()
         key = self._environ_key
         incoming = None if key is None else environ.get(key)
-        collector = Collector(
-            new_request_id()
+        collector = Collector(  # with no valid incoming id, one is made if it is ever read
+            None
             if incoming is None
-            else self.recorder.request_id_for(incoming if isinstance(incoming, str) else None),
+            else self.recorder.valid_request_id(incoming if isinstance(incoming, str) else None),
             self.recorder.max_events,
         )
         environ[ENVIRON_COLLECTOR] = collector
