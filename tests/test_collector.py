@@ -196,6 +196,9 @@ def test_a_collector_without_an_id_makes_one_at_the_first_read_and_keeps_it() ->
     assert Collector().request_id == ""  # an empty id given stays empty
     collector.request_id = "set-later"
     assert collector.request_id == "set-later"
+    collector.request_id = None
+    assert re.fullmatch(r"[0-9a-f]{32}", collector.request_id)
+    assert collector.request_id not in (first, "set-later")
 
 
 def test_threads_reading_a_new_id_first_all_see_the_same_one() -> None:

@@ -168,8 +168,11 @@ class Collector:
         return request_id
 
     @request_id.setter
-    def request_id(self, value: str) -> None:
-        self._request_id = value
+    def request_id(self, value: str | None) -> None:
+        if value is None:
+            self.__dict__.pop("_request_id", None)  # a new one at the next read
+        else:
+            self._request_id = value
 
     @property
     def events(self) -> list[UpstreamErrorEvent]:
