@@ -382,41 +382,35 @@ class Sanitizer:
         """An error message, redacted, without control characters, cut to ``max_bytes`` bytes."""
         if type(text) is not str or len(text) > _CACHED_CHARS or max_bytes != MESSAGE_MAX_BYTES:
             return self._clean(text, max_bytes, _TEXT_CONTROLS)
-        cleaned = self._caches[MESSAGE_TEXT].get(text)
-        if cleaned is None:
-            cleaned = self._clean(text, max_bytes, _TEXT_CONTROLS)
-            _remember(self._caches[MESSAGE_TEXT], text, cleaned)
-        return cleaned
+        cache = self._caches[MESSAGE_TEXT]
+        return cache.get(text) or _remember(
+            cache, text, self._clean(text, max_bytes, _TEXT_CONTROLS)
+        )
 
     def detail(self, text: str | bytes | None, max_bytes: int = DETAIL_MAX_BYTES) -> str:
         """Like ``message``, with the larger limit meant for response bodies and tracebacks."""
         if type(text) is not str or len(text) > _CACHED_CHARS or max_bytes != DETAIL_MAX_BYTES:
             return self._clean(text, max_bytes, _TEXT_CONTROLS)
-        cleaned = self._caches[DETAIL_TEXT].get(text)
-        if cleaned is None:
-            cleaned = self._clean(text, max_bytes, _TEXT_CONTROLS)
-            _remember(self._caches[DETAIL_TEXT], text, cleaned)
-        return cleaned
+        cache = self._caches[DETAIL_TEXT]
+        return cache.get(text) or _remember(
+            cache, text, self._clean(text, max_bytes, _TEXT_CONTROLS)
+        )
 
     def label(self, text: str | bytes | None, max_bytes: int = LABEL_MAX_BYTES) -> str:
         """A short field (platform, model, request id ...): like a message, on one line."""
         if type(text) is not str or len(text) > _CACHED_CHARS or max_bytes != LABEL_MAX_BYTES:
             return self._clean(text, max_bytes, _LABEL_CONTROLS)
-        cleaned = self._caches[LABEL_TEXT].get(text)
-        if cleaned is None:
-            cleaned = self._clean(text, max_bytes, _LABEL_CONTROLS)
-            _remember(self._caches[LABEL_TEXT], text, cleaned)
-        return cleaned
+        cache = self._caches[LABEL_TEXT]
+        return cache.get(text) or _remember(
+            cache, text, self._clean(text, max_bytes, _LABEL_CONTROLS)
+        )
 
     def url(self, url: str | None, max_bytes: int = URL_MAX_BYTES) -> str:
         """A URL without userinfo, with the values of secret query and fragment parameters redacted."""
         if type(url) is not str or len(url) > _CACHED_CHARS or max_bytes != URL_MAX_BYTES:
             return self._url(url, max_bytes)
-        cleaned = self._caches[URL_TEXT].get(url)
-        if cleaned is None:
-            cleaned = self._url(url, max_bytes)
-            _remember(self._caches[URL_TEXT], url, cleaned)
-        return cleaned
+        cache = self._caches[URL_TEXT]
+        return cache.get(url) or _remember(cache, url, self._url(url, max_bytes))
 
     def clean(self, kind: int, text: str) -> str:
         """``text`` cleaned as the kind of text ``kind`` (``LABEL_TEXT``, ``MESSAGE_TEXT``,
@@ -600,10 +594,12 @@ _CLEANER_NAMES: Final = ("label", "message", "detail", "url")
 _NO_CACHED_RESULTS: Final[tuple[Mapping[str, str], ...]] = ({}, {}, {}, {})
 
 
-def _remember(cache: dict[str, str], text: str, cleaned: str) -> None:
+def _remember(cache: dict[str, str], text: str, cleaned: str) -> str:
+    """Keep ``cleaned`` as the result of ``text`` (a full cache is emptied first); return it."""
     if len(cache) >= _KEY_CACHE_SIZE:
         cache.clear()
     cache[text] = cleaned
+    return cleaned
 
 
 class _ReversedKeyModes(dict[str, int]):
