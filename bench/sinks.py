@@ -1,11 +1,13 @@
 """Sink throughput: records per second written in batches, each record carrying 3 upstream errors.
 
 The records are made the way the middleware makes them (the three benchmark events appended to a
-collector, so sanitized; a time-ordered record id from ``new_record_id`` and a random request id
-from ``new_request_id``, as ``Recorder`` makes them); ``sink.write`` gets batches of ``BATCH_SIZE``,
-as the dispatcher hands them over, from one thread. Measured: SQLite, JSONL, the durable spool's fsync'd
-appends (what absorbs the traffic while a database is away), and PostgreSQL when the build has its
-sink and a server answers at ``$UPSTREAM_OPS_BENCH_PG_DSN`` (else ``$UPSTREAM_OPS_TEST_PG_DSN``, else
+collector, so sanitized; a record id from ``new_record_id`` and a request id from ``new_request_id``,
+time-ordered UUIDv7s, as ``Recorder`` makes them when no ``X-Request-ID`` came in); ``sink.write``
+gets batches of ``BATCH_SIZE``, as the dispatcher hands them over, from one thread. SQLite is also
+measured with the request ids a client would send (random uuid4s), which land on random pages of
+the request-id index. Measured: SQLite, JSONL, the durable spool's fsync'd appends (what absorbs the
+traffic while a database is away), and PostgreSQL when the build has its sink and a server answers
+at ``$UPSTREAM_OPS_BENCH_PG_DSN`` (else ``$UPSTREAM_OPS_TEST_PG_DSN``, else
 ``postgresql://postgres@127.0.0.1:5432/test``), in a schema of its own that is dropped afterwards.
 """
 
@@ -27,7 +29,8 @@ PG_DSN_VARS = ("UPSTREAM_OPS_BENCH_PG_DSN", "UPSTREAM_OPS_TEST_PG_DSN")
 PG_DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
 
-def make_records(count: int) -> list[Any]:
+def make_records(count: int, *, client_request_ids: bool = False) -> list[Any]:
+    """``count`` records; ``client_request_ids``: random request ids, as incoming ``X-Request-ID``s."""
     from upstream_ops import Collector
     from upstream_ops.record import RequestRecord
     from upstream_ops.recorder import new_record_id, new_request_id
@@ -41,7 +44,7 @@ def make_records(count: int) -> list[Any]:
     return [
         RequestRecord(
             id=new_record_id(),
-            request_id=new_request_id(),
+            request_id=uuid.uuid4().hex if client_request_ids else new_request_id(),
             service="bench",
             method="POST",
             path="/v1/chat/completions",
@@ -65,9 +68,16 @@ def _event(fields: dict[str, Any]) -> Any:
 class _Measured:
     """What is timed (a sink's ``write``, the spool's ``append``) and how to clean up after it."""
 
-    def __init__(self, write: Callable[[Any], object], close: Callable[[], object]) -> None:
+    def __init__(
+        self,
+        write: Callable[[Any], object],
+        close: Callable[[], object],
+        *,
+        client_request_ids: bool = False,
+    ) -> None:
         self.write = write
         self.close = close
+        self.client_request_ids = client_request_ids
 
 
 def _targets(directory: Path) -> dict[str, Callable[[], _Measured] | str]:
@@ -75,15 +85,20 @@ def _targets(directory: Path) -> dict[str, Callable[[], _Measured] | str]:
     from upstream_ops.sinks import JsonlSink, SQLiteSink
     from upstream_ops.sinks.base import close_sink
 
-    def sink(make: Callable[[], Any]) -> Callable[[], _Measured]:
+    def sink(make: Callable[[], Any], client_request_ids: bool = False) -> Callable[[], _Measured]:
         def factory() -> _Measured:
             made = make()
-            return _Measured(made.write, lambda: close_sink(made))
+            return _Measured(
+                made.write, lambda: close_sink(made), client_request_ids=client_request_ids
+            )
 
         return factory
 
     targets: dict[str, Callable[[], _Measured] | str] = {
         "SQLite": sink(lambda: SQLiteSink(directory / "records.db")),
+        "SQLite, random request ids (incoming uuid4s)": sink(
+            lambda: SQLiteSink(directory / "client-ids.db"), client_request_ids=True
+        ),
         "JSONL": sink(lambda: JsonlSink(directory / "records.jsonl")),
     }
     try:
@@ -144,7 +159,9 @@ def run_sinks(records_per_sample: int, samples: int) -> dict[str, dict[str, Any]
                 target.write(make_records(BATCH_SIZE))  # schema, connection, first pages
                 rates = []
                 for _ in range(samples):
-                    records = make_records(records_per_sample)
+                    records = make_records(
+                        records_per_sample, client_request_ids=target.client_request_ids
+                    )
                     started = time.perf_counter()
                     for i in range(0, len(records), BATCH_SIZE):
                         target.write(records[i : i + BATCH_SIZE])

@@ -174,7 +174,8 @@ async def test_request_id_header_can_be_renamed_echoed_or_turned_off() -> None:
     async with client_for(gateway(sink3, request_id_header=None)) as client:
         response = await client.post("/generate/1", headers={"X-Request-ID": "given"})
     assert "x-request-id" not in response.headers
-    assert re.fullmatch(r"[0-9a-f]{32}", records_of(sink3)[0].request_id)  # no header is trusted
+    made = records_of(sink3)[0].request_id  # no header is trusted: a UUIDv7 made here
+    assert re.fullmatch(r"[0-9a-f]{12}7[0-9a-f]{3}[89ab][0-9a-f]{15}", made)
 
 
 async def test_an_echoed_request_id_does_not_replace_the_apps_own() -> None:

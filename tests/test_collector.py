@@ -201,6 +201,19 @@ def test_a_collector_without_an_id_makes_one_at_the_first_read_and_keeps_it() ->
     assert collector.request_id not in (first, "set-later")
 
 
+def test_a_request_id_made_here_is_a_time_ordered_uuid7() -> None:
+    import uuid
+
+    made = [Collector(None).request_id for _ in range(5_000)]
+    assert len(set(made)) == len(made)
+    in_ms = [int(request_id[:12], 16) for request_id in made]  # ordered by the ms, not within one
+    assert in_ms == sorted(in_ms)
+    for request_id in (made[0], made[-1]):
+        parsed = uuid.UUID(hex=request_id)
+        assert parsed.version == 7 and parsed.variant == uuid.RFC_4122
+        assert abs(int(request_id[:12], 16) - time.time_ns() // 1_000_000) < 60_000
+
+
 def test_threads_reading_a_new_id_first_all_see_the_same_one() -> None:
     for _ in range(50):
         collector = Collector(None)

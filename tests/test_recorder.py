@@ -1,5 +1,5 @@
-"""Record ids: ``new_record_id`` makes UUIDv7s, increasing within a process, unique across threads
-and forked processes; and the span ids a record is built with."""
+"""Ids: ``new_record_id`` makes UUIDv7s (as ``new_request_id`` does), increasing within a process,
+unique across threads and forked processes; and the span ids a record is built with."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from upstream_ops import recorder
+from upstream_ops import _ids
 from upstream_ops.recorder import new_record_id
 
 
@@ -81,7 +81,7 @@ def test_a_forked_child_draws_other_random_bits_than_its_parent() -> None:
     assert len(child) == 100
 
     def tails(ids: list[str]) -> set[int]:
-        return {int(i, 16) & recorder._TAIL_BITS for i in ids}
+        return {int(i, 16) & _ids._TAIL_BITS for i in ids}
 
     assert not tails(child) & tails(parent)
 
@@ -151,3 +151,28 @@ def test_every_field_of_a_built_record_comes_from_its_source() -> None:
     assert set(expected) | {"id"} == set(RECORD_FIELDS)
     assert {name: getattr(record, name) for name in expected} == expected
     assert len(record.id) == 32 and int(record.id, 16)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_makes_other_request_ids_than_its_parent() -> None:
+    from upstream_ops.collector import new_request_id
+
+    new_request_id()  # the pool holds random tails the child must not reuse
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        try:
+            os.write(write, "".join(new_request_id() for _ in range(100)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        text = pipe.read()
+    os.waitpid(pid, 0)
+    child = {text[i + 12 : i + 32] for i in range(0, len(text), 32)}
+    parent = {new_request_id()[12:] for _ in range(100)}
+    assert len(child) == len(parent) == 100
+    assert not child & parent
+    for made in (text[:32], new_request_id()):
+        parsed = uuid.UUID(hex=made)
+        assert parsed.version == 7 and parsed.variant == uuid.RFC_4122

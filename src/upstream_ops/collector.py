@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Final, ParamSpec, TypeVar
 
+from upstream_ops._ids import uuid7_hex
 from upstream_ops.defaults import MAX_EVENTS_PER_REQUEST
 from upstream_ops.events import (
     EVENT_FIELDS,
@@ -67,33 +68,17 @@ _current: contextvars.ContextVar[Collector | None] = contextvars.ContextVar(
 _lock = threading.Lock()
 
 
-_ID_POOL_SIZE: Final = 256
-_request_id_pool: list[str] = []
-
-
 def _after_fork() -> None:
     global _lock
     _lock = threading.Lock()
-    _request_id_pool.clear()  # a forked child must not hand out its parent's ids
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork)
 
-
-def new_request_id() -> str:
-    """32 random lower-case hex digits (128 bits from ``os.urandom``): a request's id when none came.
-
-    The shape of a uuid4 hex without its fixed version bits, because making those costs more than
-    the rest of a healthy request's bookkeeping; ids come from a pool made from one ``os.urandom`` per
-    256, emptied in a forked child so that two processes never hand out the same ids.
-    """
-    while True:
-        try:
-            return _request_id_pool.pop()
-        except IndexError:
-            # hex() with a space every 16 bytes, split in C: half the cost of slicing in Python.
-            _request_id_pool.extend(os.urandom(16 * _ID_POOL_SIZE).hex(" ", 16).split(" "))
+#: A request's id when none came: a UUIDv7 in hex (``_ids.uuid7_hex``), 32 lower-case hex digits
+#: like a uuid4 hex, time-ordered so that the stores' request-id indexes grow at their end.
+new_request_id: Final = uuid7_hex
 
 
 # How each text field of an event is cleaned: short fields are bounded and redacted like labels;

@@ -9,8 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import struct
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +19,7 @@ from opentelemetry import trace
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import SpanContext
 
+from upstream_ops._ids import ordered_uuid7_hex
 from upstream_ops.collector import Collector, new_request_id
 from upstream_ops.defaults import (
     DEFAULT_SINK_URL,
@@ -240,54 +239,9 @@ class Recorder:
         )
 
 
-def new_record_id() -> str:
-    """A new record id: a UUIDv7 (RFC 9562) as 32 lower-case hex digits, like a uuid4 hex.
-
-    Time-ordered so that a database's indexes on record ids grow at their end instead of dirtying a
-    random page per record: the first 48 bits are the Unix time in ms, then the version (7), a 12-bit
-    counter (method 1 of RFC 9562 section 6.2: random at each new ms, else one up), the variant and
-    62 random bits from a pool. Ids increase within a process, even if the clock steps back;
-    the random bits (the pool is emptied in a forked child) keep processes apart.
-    """
-    with _record_id_lock:
-        try:
-            tail = _record_id_pool.pop()
-        except IndexError:
-            _record_id_pool.extend(_new_random_64s(_ID_POOL_SIZE))
-            tail = _record_id_pool.pop()
-        ms = time.time_ns() // 1_000_000
-        last_ms, counter = _record_id_state
-        if ms > last_ms:
-            counter = tail >> 53  # 11 random bits: at least 2048 more ids in this ms
-        elif counter < 0xFFF:
-            ms, counter = last_ms, counter + 1
-        else:
-            ms, counter = last_ms + 1, 0  # 4096 ids in one ms: borrow the next one
-        _record_id_state[:] = (ms, counter)
-    return f"{ms << 80 | counter << 64 | tail & _TAIL_BITS | _UUID7_SET:032x}"
-
-
-def _new_random_64s(count: int) -> list[int]:
-    return list(struct.unpack(f"<{count}Q", os.urandom(8 * count)))
-
-
-_ID_POOL_SIZE: Final = 256
-# RFC 9562 version 7: the version nibble (7) above the counter, the variant bits (10) above the tail.
-_UUID7_SET: Final = (7 << 76) | (0b10 << 62)
-_TAIL_BITS: Final = (1 << 62) - 1
-_record_id_pool: list[int] = []
-_record_id_state: list[int] = [0, 0]  # the last id's ms and counter
-_record_id_lock = threading.Lock()
-
-
-def _record_ids_after_fork() -> None:
-    global _record_id_lock
-    _record_id_lock = threading.Lock()  # another thread may have held it at fork
-    _record_id_pool.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_record_ids_after_fork)
+#: A new record id: a UUIDv7 in hex (``_ids.ordered_uuid7_hex``), time-ordered so that the stores' indexes on
+#: record ids grow at their end instead of dirtying a random page per record.
+new_record_id: Final = ordered_uuid7_hex
 
 
 def _qualified_name(exc: BaseException) -> str:
