@@ -30,7 +30,7 @@ lint: $(VENV)/.dev-installed
 	$(BIN)/ruff format --check src tests examples bench
 
 typecheck: $(VENV)/.dev-installed
-	$(BIN)/mypy src
+	$(BIN)/mypy src bench
 
 unit: $(VENV)/.dev-installed
 	$(BIN)/pytest

@@ -14,6 +14,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from itertools import cycle
 from typing import Any
 
@@ -76,6 +77,10 @@ def error_text(size: int, *, secrets: bool, shape: str = "json") -> str:
     return "".join(pieces)[: max(size, sum(map(len, planted)))]
 
 
+def _sanitize_next(sanitize: Callable[[str], str], texts: Iterator[str]) -> str:
+    return sanitize(next(texts))
+
+
 def _time_calls(call: Callable[[], object], samples: int, sample_seconds: float) -> list[float]:
     """Microseconds per call: ``samples`` samples of a loop lasting about ``sample_seconds``."""
     started = time.perf_counter()
@@ -126,10 +131,10 @@ def sanitize_cases(samples: int, sample_seconds: float) -> dict[str, dict[str, A
                 # What is timed is the rules' work: a text short enough for the sanitizer to keep
                 # its result is timed in variants it has not seen lately (the last characters, all
                 # filler, numbered), so that no call is answered from that cache.
-                call: Callable[[], object] = lambda t=text: sanitize_message(t)  # noqa: E731
+                call: Callable[[], object] = partial(sanitize_message, text)
                 if len(text) <= _CACHED_TEXT_CHARS:
-                    variants = cycle([f"{text[:-7]} {i:06x}" for i in range(_UNSEEN_TEXTS)])
-                    call = lambda v=variants: sanitize_message(next(v))  # noqa: E731
+                    unseen = cycle([f"{text[:-7]} {i:06x}" for i in range(_UNSEEN_TEXTS)])
+                    call = partial(_sanitize_next, sanitize_message, unseen)
                 results[name] = _summary(
                     _time_calls(call, samples, sample_seconds),
                     input_chars=len(text),
@@ -148,10 +153,10 @@ def sanitize_linearity(samples: int, sample_seconds: float) -> dict[str, Any]:
     for size in sizes:
         text = error_text(size, secrets=True)
         default = statistics.median(
-            _time_calls(lambda t=text: sanitize_message(t), samples, sample_seconds)
+            _time_calls(partial(sanitize_message, text), samples, sample_seconds)
         )
         unbounded = statistics.median(
-            _time_calls(lambda t=text: whole.message(t, 1 << 20), samples, sample_seconds)
+            _time_calls(partial(whole.message, text, 1 << 20), samples, sample_seconds)
         )
         rows[str(size)] = {
             "sanitize_message_us": default,

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ class Variant:
     #: Modules that must be importable (bench extra, or a feature branch not merged yet).
     requires: tuple[str, ...] = ()
     #: Facts that must hold after a run: name -> check of (facts, requests served).
-    expect: dict[str, Callable[[dict[str, Any], int], bool]] = field(default_factory=dict)
+    expect: Mapping[str, Callable[[dict[str, Any], int], bool]] = field(default_factory=dict)
 
     @property
     def family(self) -> str:
