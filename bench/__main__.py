@@ -25,12 +25,13 @@ from bench.variants import VARIANTS
 
 PARTS = ("inprocess", "server", "micro", "sinks")
 
-#: Full and quick settings: about 8 and 2 minutes on 2 cores.
+#: Full and quick settings: about 17 and 3 minutes on 2 cores. Nine server rounds: with five, one
+#: round's drift (±10% of a bare app's rate on a shared machine) moved the medians' ratios by as much.
 SETTINGS = {
     "full": {
         "in_process_rounds": 15,
         "in_process_seconds": 0.25,
-        "server_rounds": 5,
+        "server_rounds": 9,
         "server_seconds": 4,
         "connections": 32,
         "micro_samples": 9,
