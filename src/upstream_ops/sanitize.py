@@ -17,9 +17,6 @@ Redaction runs before truncation, so a cut can never leave the start of a secret
 raises, and the work is linear in the input: every pattern starts with a literal the engine can jump to
 and never backtracks over a run (possessive or bounded repetition, lookbehinds for the context), and
 input beyond 64 times the limit (at most 1 MiB) is cut before the pattern pass.
-
-The rule tables and patterns are in ``_sanitize_rules``, the steps that make any value bounded,
-printable text in ``_sanitize_text``; everything public is imported from here.
 """
 
 from __future__ import annotations
@@ -30,6 +27,8 @@ from itertools import compress
 from typing import Final
 from urllib.parse import unquote_plus
 
+# The rule tables and patterns live in _sanitize_rules, the steps that make any value bounded,
+# printable text in _sanitize_text; every public name among them is imported from here.
 from upstream_ops._sanitize_rules import (
     _BLOCK_SUBSTITUTIONS,
     _KEY_MAX_CHARS,
