@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from upstream_ops._sanitize_rules import _ALSO_REQUIRED, _REQUIRED_LITERAL, _VALUE
 from upstream_ops.defaults import (
     DETAIL_MAX_BYTES,
     LABEL_MAX_BYTES,
@@ -19,9 +20,6 @@ from upstream_ops.defaults import (
     URL_MAX_BYTES,
 )
 from upstream_ops.sanitize import (
-    _ALSO_REQUIRED,
-    _REQUIRED_LITERAL,
-    _VALUE,
     BLOCK_RULES,
     REDACTED,
     SECRET_HEADERS,

@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from upstream_ops import sanitize as sanitize_module
+from upstream_ops._sanitize_text import _TEXT_CONTROLS
 from upstream_ops.collector import _TEXT_KINDS
 from upstream_ops.defaults import DETAIL_MAX_BYTES, MESSAGE_MAX_BYTES
 from upstream_ops.sanitize import (
@@ -37,8 +38,8 @@ def test_cached_messages_and_details_are_what_the_rules_give(text: str) -> None:
     assert sanitizer.message(text) == first_message  # now from the cache
     assert sanitizer.detail(text) == first_detail
     fresh = Sanitizer()
-    assert first_message == fresh._clean(text, MESSAGE_MAX_BYTES, sanitize_module._TEXT_CONTROLS)
-    assert first_detail == fresh._clean(text, DETAIL_MAX_BYTES, sanitize_module._TEXT_CONTROLS)
+    assert first_message == fresh._clean(text, MESSAGE_MAX_BYTES, _TEXT_CONTROLS)
+    assert first_detail == fresh._clean(text, DETAIL_MAX_BYTES, _TEXT_CONTROLS)
 
 
 def test_a_cached_secret_stays_redacted() -> None:
