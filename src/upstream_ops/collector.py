@@ -203,11 +203,12 @@ class Collector:
             return None
         with _lock:
             events = self._events
-            if not isinstance(events, deque):
-                events = self._events = deque(maxlen=self._max_events)
-            if len(events) == events.maxlen:
-                self.dropped_events += 1
-            events.append(stored)
+            if isinstance(events, deque):
+                if len(events) == self._max_events:  # its maxlen, read from self: cheaper
+                    self.dropped_events += 1
+                events.append(stored)
+            else:  # the first event; positional: deque(maxlen=n) parses a keyword, at 1,800 more
+                self._events = deque((stored,), self._max_events)
         for listener in self.listeners:
             try:
                 listener(stored)
