@@ -177,8 +177,11 @@ class Collector:
     @property
     def events(self) -> list[UpstreamErrorEvent]:
         """A copy of the events kept so far, oldest first."""
-        with _lock:
+        _lock.acquire()  # not ``with``, as in _store
+        try:
             return list(self._events)
+        finally:
+            _lock.release()
 
     def has_events(self) -> bool:
         """Whether an event is kept; cheaper than ``events`` (no copy), for the end of every request."""
@@ -201,7 +204,9 @@ class Collector:
             return None
         if not stored.upstream_status_code and not stored.message and not stored.detail:
             return None
-        with _lock:
+        # Not ``with _lock``: its __enter__ and __exit__ calls cost twice acquire() and release().
+        _lock.acquire()
+        try:
             events = self._events
             if isinstance(events, deque):
                 if len(events) == self._max_events:  # its maxlen, read from self: cheaper
@@ -209,6 +214,8 @@ class Collector:
                 events.append(stored)
             else:  # the first event; positional: deque(maxlen=n) parses a keyword, at 1,800 more
                 self._events = deque((stored,), self._max_events)
+        finally:
+            _lock.release()
         for listener in self.listeners:
             try:
                 listener(stored)
