@@ -28,7 +28,8 @@ from upstream_ops.events import (
     coerce_field,
     field_values,
 )
-from upstream_ops.labels import NO_LABELS, current_labels
+from upstream_ops.labels import NO_LABELS
+from upstream_ops.labels import _current as _labels_var
 from upstream_ops.sanitize import (
     DETAIL_TEXT,
     LABEL_TEXT,
@@ -65,6 +66,9 @@ _current: contextvars.ContextVar[Collector | None] = contextvars.ContextVar(
 # counted, which is rare next to the requests that make a collector and never take it. A forked child
 # gets a fresh one: a thread of the parent may have held it at the fork.
 _lock = threading.Lock()
+# labels.current_labels() without its Python call, for every event. Bound here: a method called on
+# an imported name compiles to an attribute load that makes a bound method at every call.
+_current_labels: Final = _labels_var.get
 
 
 _ID_POOL_SIZE: Final = 256
@@ -341,7 +345,7 @@ def append_upstream_error(
             stored = _event_from_fields(given)
         else:
             stored = _clean_event(copy.copy(event))
-        labels = current_labels()
+        labels = _current_labels()
         if labels is not NO_LABELS:
             labels.fill(stored, sanitize_label)
         return collector._store(stored)
