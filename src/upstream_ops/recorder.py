@@ -186,6 +186,15 @@ class Recorder:
         try:
             if self.finish_if_healthy(collector, facts.status_code, facts.error):
                 return None
+        except Exception:
+            logger.exception("upstream_ops: could not record the request")
+            return None
+        return self._record(collector, facts)
+
+    def _record(self, collector: Collector, facts: RequestFacts) -> RequestRecord | None:
+        """:meth:`finish` after :meth:`finish_if_healthy` said no: for the adapters, which ask it
+        themselves before they describe the request (asked again, it costs 1,100 instructions)."""
+        try:
             record = self._build(collector, facts)
             if not self.should_record(record):
                 return None
