@@ -175,3 +175,38 @@ def test_a_forked_child_makes_other_request_ids_than_its_parent() -> None:
     for made in (text[:32], new_request_id()):
         parsed = uuid.UUID(hex=made)
         assert parsed.version == 7 and parsed.variant == uuid.RFC_4122
+
+
+def test_a_records_method_path_and_route_are_sanitized_whether_kept_or_not() -> None:
+    # _build looks the three texts up in the sanitizer's kept results before it calls it.
+    from upstream_ops.collector import Collector
+    from upstream_ops.recorder import Recorder, RequestFacts
+    from upstream_ops.sanitize import (
+        REDACTED,
+        Sanitizer,
+        get_default_sanitizer,
+        set_default_sanitizer,
+    )
+    from upstream_ops.sinks import MemorySink
+
+    class Marking(Sanitizer):
+        def label(self, text: str | bytes | None, max_bytes: int = 512) -> str:
+            return "L:" + super().label(text, max_bytes)
+
+        def message(self, text: str | bytes | None, max_bytes: int = 1024) -> str:
+            return "M:" + super().message(text, max_bytes)
+
+    recorder = Recorder(sink=MemorySink())
+    facts = RequestFacts("get\n", "/x?token=abc123", "/r/{id}\tz", 502, 1, 1.0)
+    before = get_default_sanitizer()
+    try:
+        for sanitizer, label, message in ((before, "", ""), (Marking(), "L:", "M:")):
+            set_default_sanitizer(sanitizer)
+            for _ in range(2):  # the second time from the kept results (none for a subclass)
+                record = recorder._build(Collector("r"), facts)
+                assert record.method == f"{label}GET".upper()
+                assert record.path == f"{message}/x?token={REDACTED}"
+                assert record.route == f"{label}/r/{{id}} z"
+    finally:
+        set_default_sanitizer(before)
+        recorder.dispatcher.close()

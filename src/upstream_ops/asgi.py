@@ -144,9 +144,11 @@ class UpstreamOpsMiddleware:
             if recording.response_complete and error is None and telemetry is None:
                 # Healthy unless the collector says otherwise: no record to describe.
                 if not recorder.finish_if_healthy(collector, recording.status_code, None):
-                    self._finish(scope, collector, recording, started, None, None, None)
+                    self._finish(scope, collector, recording, started, None, None, None, True)
             else:
-                self._finish(scope, collector, recording, started, error, telemetry, otel_token)
+                self._finish(
+                    scope, collector, recording, started, error, telemetry, otel_token, False
+                )
 
     def _finish(
         self,
@@ -157,8 +159,12 @@ class UpstreamOpsMiddleware:
         error: BaseException | None,
         telemetry: RequestTelemetry | None,
         otel_token: object | None,
+        known_unhealthy: bool,
     ) -> None:
-        """The request is over: end its telemetry, and describe it to the recorder if it needs a record."""
+        """The request is over: end its telemetry, and describe it to the recorder if it needs a record.
+
+        ``known_unhealthy``: the caller has had ``Recorder.finish_if_healthy`` say no already.
+        """
         recorder = self.recorder
         now = time.perf_counter()
         ended = recording.response_ended_at or now
@@ -171,10 +177,10 @@ class UpstreamOpsMiddleware:
             telemetry.end(status_code=status_code, route=route, error=app_error)
             telemetry.deactivate(otel_token)
             span_context = telemetry.span_context
-        if recorder.finish_if_healthy(collector, status_code, app_error):
+        if not known_unhealthy and recorder.finish_if_healthy(collector, status_code, app_error):
             return
         duration_ms = (ended - started) * 1000.0
-        recorder.finish(
+        recorder._record(  # finish_if_healthy has said no
             collector,
             RequestFacts(  # positional (cheaper than keywords for a class), in field order
                 scope.get("method", ""),  # method

@@ -29,7 +29,8 @@ from upstream_ops.events import (
     coerce_field,
     field_values,
 )
-from upstream_ops.labels import NO_LABELS, current_labels
+from upstream_ops.labels import NO_LABELS
+from upstream_ops.labels import _current as _labels_var
 from upstream_ops.sanitize import (
     DETAIL_TEXT,
     LABEL_TEXT,
@@ -66,6 +67,9 @@ _current: contextvars.ContextVar[Collector | None] = contextvars.ContextVar(
 # counted, which is rare next to the requests that make a collector and never take it. A forked child
 # gets a fresh one: a thread of the parent may have held it at the fork.
 _lock = threading.Lock()
+# labels.current_labels() without its Python call, for every event. Bound here: a method called on
+# an imported name compiles to an attribute load that makes a bound method at every call.
+_current_labels: Final = _labels_var.get
 
 
 def _after_fork() -> None:
@@ -162,8 +166,11 @@ class Collector:
     @property
     def events(self) -> list[UpstreamErrorEvent]:
         """A copy of the events kept so far, oldest first."""
-        with _lock:
+        _lock.acquire()  # not ``with``, as in _store
+        try:
             return list(self._events)
+        finally:
+            _lock.release()
 
     def has_events(self) -> bool:
         """Whether an event is kept; cheaper than ``events`` (no copy), for the end of every request."""
@@ -186,13 +193,18 @@ class Collector:
             return None
         if not stored.upstream_status_code and not stored.message and not stored.detail:
             return None
-        with _lock:
+        # Not ``with _lock``: its __enter__ and __exit__ calls cost twice acquire() and release().
+        _lock.acquire()
+        try:
             events = self._events
-            if not isinstance(events, deque):
-                events = self._events = deque(maxlen=self._max_events)
-            if len(events) == events.maxlen:
-                self.dropped_events += 1
-            events.append(stored)
+            if isinstance(events, deque):
+                if len(events) == self._max_events:  # its maxlen, read from self: cheaper
+                    self.dropped_events += 1
+                events.append(stored)
+            else:  # the first event; positional: deque(maxlen=n) parses a keyword, at 1,800 more
+                self._events = deque((stored,), self._max_events)
+        finally:
+            _lock.release()
         for listener in self.listeners:
             try:
                 listener(stored)
@@ -318,7 +330,7 @@ def append_upstream_error(
             stored = _event_from_fields(given)
         else:
             stored = _clean_event(copy.copy(event))
-        labels = current_labels()
+        labels = _current_labels()
         if labels is not NO_LABELS:
             labels.fill(stored, sanitize_label)
         return collector._store(stored)

@@ -32,7 +32,13 @@ from upstream_ops.defaults import (
 from upstream_ops.dispatcher import Dispatcher
 from upstream_ops.events import UpstreamErrorEvent
 from upstream_ops.record import RequestRecord
-from upstream_ops.sanitize import sanitize_label, sanitize_message
+from upstream_ops.sanitize import (
+    LABEL_TEXT,
+    MESSAGE_TEXT,
+    get_default_sanitizer,
+    sanitize_label,
+    sanitize_message,
+)
 from upstream_ops.sinks.base import Sink
 from upstream_ops.telemetry._providers import has_current_span
 
@@ -179,6 +185,15 @@ class Recorder:
         try:
             if self.finish_if_healthy(collector, facts.status_code, facts.error):
                 return None
+        except Exception:
+            logger.exception("upstream_ops: could not record the request")
+            return None
+        return self._record(collector, facts)
+
+    def _record(self, collector: Collector, facts: RequestFacts) -> RequestRecord | None:
+        """:meth:`finish` after :meth:`finish_if_healthy` said no: for the adapters, which ask it
+        themselves before they describe the request (asked again, it costs 1,100 instructions)."""
+        try:
             record = self._build(collector, facts)
             if not self.should_record(record):
                 return None
@@ -214,16 +229,21 @@ class Recorder:
             trace_id = format(span_context.trace_id, "032x")
             span_id = format(span_context.span_id, "016x")
         error = facts.error
+        route = facts.route
+        # The method, path and route are mostly texts the sanitizer has kept the results of: looked
+        # up here, 3,000 instructions less than the two calls each of sanitize_label/_message.
+        kept = get_default_sanitizer().cached_results()
+        labels = kept[LABEL_TEXT]
         # Positional, in field order: a class called with keywords gets them as a dict, which costs
         # CPython 3.11 about 9,000 instructions more for these 18 fields.
         return RequestRecord(
             new_record_id(),  # id
             collector.request_id,  # request_id
             self.service,  # service
-            sanitize_label(facts.method).upper(),  # method
-            sanitize_message(facts.path),  # path
+            (labels.get(facts.method) or sanitize_label(facts.method)).upper(),  # method
+            kept[MESSAGE_TEXT].get(facts.path) or sanitize_message(facts.path),  # path
             # A route is a template the app repeats on every request: a label (one line, cached).
-            sanitize_label(facts.route) if facts.route else None,  # route
+            (labels.get(route) or sanitize_label(route)) if route else None,  # route
             facts.status_code,  # status_code
             round(facts.duration_ms, 3),  # duration_ms
             facts.started_at_ms,  # started_at_ms

@@ -344,7 +344,7 @@ class _WSGIRequestRecording:
             route = self._route()
         environ = self.environ
         now = _perf_counter()
-        recorder.finish(
+        recorder._record(  # finish_if_healthy has said no
             self.collector,
             RequestFacts(
                 method=str(environ.get("REQUEST_METHOD", "")),
