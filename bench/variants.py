@@ -147,7 +147,8 @@ def _init_sentry() -> None:
     import sentry_sdk
     from sentry_sdk.transport import Transport
 
-    class DiscardingTransport(Transport):
+    # Transport is Any where sentry-sdk is not installed (it is only in the bench extra).
+    class DiscardingTransport(Transport):  # type: ignore[misc, unused-ignore]
         def capture_envelope(self, envelope: Any) -> None:
             pass
 
