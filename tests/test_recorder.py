@@ -7,6 +7,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 import pytest
 
@@ -61,21 +62,26 @@ def test_threads_never_get_the_same_id() -> None:
     assert all(ids == sorted(ids) for ids in found)
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_forked_child_draws_other_random_bits_than_its_parent() -> None:
-    new_record_id()  # the pool holds random bits the child must not reuse
+def _ids_made_in_a_forked_child(make: Callable[[], str], count: int = 100) -> list[str]:
+    """``count`` ids made by ``make`` in a child forked after ``make`` filled its pool here."""
+    make()  # the pool holds random bits the child must not reuse
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover (the child)
         try:
-            os.write(write, "".join(new_record_id() for _ in range(100)).encode())
+            os.write(write, "".join(make() for _ in range(count)).encode())
         finally:
             os._exit(0)
     os.close(write)
     with os.fdopen(read) as pipe:
         text = pipe.read()
     os.waitpid(pid, 0)
-    child = [text[i : i + 32] for i in range(0, len(text), 32)]
+    return [text[i : i + 32] for i in range(0, len(text), 32)]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_draws_other_random_bits_than_its_parent() -> None:
+    child = _ids_made_in_a_forked_child(new_record_id)
     parent = [new_record_id() for _ in range(100)]
     assert len(child) == 100
 
@@ -156,24 +162,13 @@ def test_every_field_of_a_built_record_comes_from_its_source() -> None:
 def test_a_forked_child_makes_other_request_ids_than_its_parent() -> None:
     from upstream_ops.collector import new_request_id
 
-    new_request_id()  # the pool holds random tails the child must not reuse
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover (the child)
-        try:
-            os.write(write, "".join(new_request_id() for _ in range(100)).encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read) as pipe:
-        text = pipe.read()
-    os.waitpid(pid, 0)
-    child = {text[i + 12 : i + 32] for i in range(0, len(text), 32)}
+    made = _ids_made_in_a_forked_child(new_request_id)
+    child = {request_id[12:] for request_id in made}  # the tails, after the ms
     parent = {new_request_id()[12:] for _ in range(100)}
     assert len(child) == len(parent) == 100
     assert not child & parent
-    for made in (text[:32], new_request_id()):
-        parsed = uuid.UUID(hex=made)
+    for request_id in (made[0], new_request_id()):
+        parsed = uuid.UUID(hex=request_id)
         assert parsed.version == 7 and parsed.variant == uuid.RFC_4122
 
 
