@@ -35,11 +35,11 @@ def uuid7_hex() -> str:
     if ms != last_ms:
         prefix = f"{ms:012x}"
         _last = (ms, prefix)  # one store: another thread reads the old pair or the new one
-    try:
-        return prefix + _tails.pop()
-    except IndexError:
-        _tails.extend(_TAILS.new())
-        return prefix + _tails.pop()
+    while True:  # another thread may empty a refilled pool before this one pops
+        try:
+            return prefix + _tails.pop()
+        except IndexError:
+            _tails.extend(_TAILS.new())
 
 
 def ordered_uuid7_hex() -> str:
