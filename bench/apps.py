@@ -99,6 +99,31 @@ def starlette_app(probe: Probe = always) -> Any:
     return Starlette(routes=[Route("/items/{item_id:int}", item)])
 
 
+def plain_wsgi_app(probe: Probe = always) -> Any:
+    """The endpoint as a bare WSGI callable, no framework: what the middleware costs by itself, without
+    a framework's own work around it (``wsgi_plain`` family, in-process only)."""
+    prefix = PATH.rsplit("/", 1)[0] + "/"
+    headers = [("Content-Type", "application/json")]
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        path = environ.get("PATH_INFO", "")
+        item = path[len(prefix) :]
+        if (
+            environ.get("REQUEST_METHOD") != "GET"
+            or not path.startswith(prefix)
+            or not item.isdigit()
+        ):
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found"]
+        if not probe():
+            start_response("500 Internal Server Error", [("Content-Type", "text/plain")])
+            return [PROBE_FAILED_BODY]
+        start_response(f"{EXPECTED_STATUS} OK", headers)
+        return [b'{"id":%d,"ok":true}' % int(item)]
+
+    return app
+
+
 def flask_app(probe: Probe = always) -> Any:
     from flask import Flask, Response
 

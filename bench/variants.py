@@ -253,6 +253,22 @@ def _wsgi_ours_otel() -> Built:
     return Built(built.app, built.facts, _closer(built.close, provider.shutdown))
 
 
+# --- WSGI without a framework ---------------------------------------------------------------------
+
+
+def _wsgi_plain_bare() -> Built:
+    return Built(apps.plain_wsgi_app())
+
+
+def _wsgi_plain_ours() -> Built:
+    from upstream_ops import UpstreamOpsWSGIMiddleware
+
+    middleware = UpstreamOpsWSGIMiddleware(
+        apps.plain_wsgi_app(_collector_probe()), sink=_sqlite_sink()
+    )
+    return Built(middleware, _dispatcher_facts(middleware), _closer(middleware.dispatcher.close))
+
+
 _OTEL_ASGI = ("opentelemetry.instrumentation.asgi",)
 _OTEL_WSGI = ("opentelemetry.instrumentation.wsgi",)
 _SENTRY = ("sentry_sdk",)
@@ -329,6 +345,18 @@ VARIANTS: tuple[Variant, ...] = (
         "+ upstream-ops with its own OpenTelemetry server span, SDK",
         _wsgi_ours_otel,
         requires=_OWN_SPAN,
+        expect=_NOT_RECORDED,
+    ),
+    # The middleware around a WSGI callable with no framework: the same instructions as in Flask
+    # (about 20,000 a request), at the rate they run without Flask's working set around them.
+    Variant(
+        "wsgi_plain.bare", "a plain WSGI callable, bare", _wsgi_plain_bare, modes=(IN_PROCESS,)
+    ),
+    Variant(
+        "wsgi_plain.ours",
+        "+ upstream-ops, no upstream error",
+        _wsgi_plain_ours,
+        modes=(IN_PROCESS,),
         expect=_NOT_RECORDED,
     ),
 )

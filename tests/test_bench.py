@@ -24,7 +24,7 @@ def test_each_family_starts_with_its_bare_app_and_names_are_unique() -> None:
     names = [variant.name for variant in VARIANTS]
     assert len(names) == len(set(names))
     for variant in VARIANTS:
-        assert variant.family in ("asgi", "wsgi")
+        assert variant.family in ("asgi", "wsgi", "wsgi_plain")
         assert bare_of(variant.family).name == f"{variant.family}.bare"
         assert set(variant.modes) <= {IN_PROCESS, SERVER}
     for family in ("asgi", "wsgi"):
@@ -34,9 +34,21 @@ def test_each_family_starts_with_its_bare_app_and_names_are_unique() -> None:
             f"{family}.otel",
             f"{family}.sentry",
         } <= set(BY_NAME)
+    # The framework-free pair runs in-process only (it shows the middleware's own cost).
+    assert {BY_NAME["wsgi_plain.bare"].modes, BY_NAME["wsgi_plain.ours"].modes} == {(IN_PROCESS,)}
 
 
-@pytest.mark.parametrize("name", ["asgi.bare", "asgi.ours", "asgi.ours_errors_memory", "wsgi.ours"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "asgi.bare",
+        "asgi.ours",
+        "asgi.ours_errors_memory",
+        "wsgi.ours",
+        "wsgi_plain.bare",
+        "wsgi_plain.ours",
+    ],
+)
 def test_working_variants_pass_every_response_check(name: str) -> None:
     variant = BY_NAME[name]
     built = build(name)
@@ -60,6 +72,8 @@ def test_a_variant_without_its_instrumentation_fails_its_checks() -> None:
     assert result.bad == 20 and result.first_bad is not None and "probe failed" in result.first_bad
     wsgi = WSGIDriver(apps.flask_app(apps.upstream_errors_probe())).run(20)
     assert wsgi.bad == 20
+    plain = WSGIDriver(apps.plain_wsgi_app(lambda: current_collector() is not None)).run(20)
+    assert plain.bad == 20 and plain.first_bad is not None and "probe failed" in plain.first_bad
 
 
 def test_a_wrong_body_or_status_is_counted_bad() -> None:
