@@ -133,6 +133,41 @@ def test_batches_of_many_rows_of_each_shape_store_the_rows_of_the_shared_mapping
     assert _tables(tmp_path / "fast.db") == _reference(tmp_path / "plain.db", records)
 
 
+def test_a_batch_is_a_few_statements_and_stores_what_one_row_a_statement_stores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The sqlite3 module lets go of the interpreter lock around each step: with one step a row, a
+    # writer competing with busy app threads waited a switch interval for every row.
+    monkeypatch.setattr("upstream_ops.sinks.sqlite.time.time_ns", lambda: 7_000_000)
+    events = _events()
+    records = [full_record(f"r{i:03}", events=events[:3]) for i in range(300)]  # 256 + 2x16 + 3x4
+    sink = SQLiteSink(tmp_path / "fast.db")
+    sink.migrate()
+    steps: list[str] = []
+    sink._connection().set_trace_callback(steps.append)
+    sink.write(records)
+    sink.close()
+    inserts = [sql for sql in steps if sql.startswith("INSERT")]
+    # One shape of record and three of event, 300 rows each: 256 + 16 + 16 + 4 + 4 + 4 rows a
+    # statement (one row a step would be 1,200 steps).
+    assert len(inserts) == 4 * 6
+    assert _tables(tmp_path / "fast.db") == _reference(tmp_path / "plain.db", records)
+
+
+def test_many_row_statements_keep_under_sqlites_parameter_limit(tmp_path: Path) -> None:
+    connection = sqlite3.connect(tmp_path / "limit.db")
+    connection.execute("CREATE TABLE t (a, b, c)")
+    connection.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 10)  # 3 rows of 3 at most
+    rows = [(i, f"?{i}", None) for i in range(11)]
+    _sqlite_rows.insert_rows(
+        connection, "INSERT INTO t (a, b, c) VALUES (?1, ?2, NULLIF(?3, 0))", rows
+    )
+    assert connection.execute("SELECT * FROM t ORDER BY a").fetchall() == rows
+    assert _sqlite_rows._multi_row_sql(
+        "INSERT INTO t (a) VALUES (?) ON CONFLICT (a) DO NOTHING", 2, 1
+    ) == ("INSERT INTO t (a) VALUES (?), (?) ON CONFLICT (a) DO NOTHING")
+
+
 def test_shapes_beyond_the_cache_still_store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
+from itertools import chain
 from operator import attrgetter, itemgetter, truth
 from typing import Any, Final
 
@@ -30,7 +32,7 @@ from upstream_ops.sinks._query import (
     event_json,
 )
 
-__all__ = ["BatchRows", "insert_events_sql"]
+__all__ = ["BatchRows", "insert_events_sql", "insert_rows"]
 
 Row = tuple[Any, ...]
 Picker = Callable[[Sequence[Any]], Row]
@@ -256,11 +258,8 @@ class BatchRows:
             self.records.pop(key, None)
 
     def statements(self) -> Iterator[tuple[str, list[Row]]]:
-        """Each statement with the values of every row it inserts (records' statements first).
-
-        One row a statement: ``INSERT ... VALUES (...), (...)`` needs a statement journal (it may
-        fail half-way), which spills to a temporary file: three times the writes to disk.
-        """
+        """Each one-row statement with the values of every row it inserts (records' first); see
+        ``insert_rows`` for how they are run."""
         by_sql: dict[str, list[Row]] = {}
         for rows in self.records.values():
             for sql, values in rows:
@@ -270,3 +269,59 @@ class BatchRows:
                 else:
                     same.append(values)
         return iter(by_sql.items())
+
+
+# --- running the statements -----------------------------------------------------------------------
+
+#: At most this many rows in one ``INSERT``; ``insert_rows`` also keeps under SQLite's limit on
+#: bound parameters.
+ROWS_PER_STATEMENT: Final = 256
+_NUMBERED_PARAMETER = re.compile(r"\?(\d+)")
+
+
+def insert_rows(connection: sqlite3.Connection, sql: str, rows: Sequence[Row]) -> None:
+    """Insert ``rows`` with the one-row statement ``sql``, many rows a statement.
+
+    ``executemany`` steps once a row, and the ``sqlite3`` module lets go of the interpreter lock
+    around every step: while the app's threads keep the lock busy, the writer waits a switch
+    interval (5 ms) to get it back after each row, and a batch of 256 records with 3 events each
+    took seconds. A statement of many rows is one step. (It keeps a statement journal, as it may
+    fail half-way; the sink's connections hold that in memory, ``PRAGMA temp_store = MEMORY``.)
+    The sizes of the statements are powers of four, so that a few texts serve every batch from the
+    statement cache.
+    """
+    if not rows:
+        return
+    width = len(rows[0])
+    limit = connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // max(width, 1)
+    size = min(ROWS_PER_STATEMENT, max(limit, 1))
+    done = 0
+    while done < len(rows):
+        left = len(rows) - done
+        while size > left:
+            size //= 4
+        size = max(size, 1)
+        if size == 1:
+            connection.executemany(sql, rows[done:])
+            return
+        chunk = rows[done : done + size]
+        connection.execute(_multi_row_sql(sql, size, width), list(chain.from_iterable(chunk)))
+        done += size
+
+
+@functools.lru_cache(maxsize=64)
+def _multi_row_sql(sql: str, rows: int, width: int) -> str:
+    """``sql`` (``INSERT ... VALUES (...)`` with an optional ``ON CONFLICT`` clause) for ``rows``
+    rows of ``width`` parameters each; numbered parameters (``?3``) are renumbered row by row."""
+    start = sql.index(" VALUES (") + len(" VALUES ")
+    conflict = sql.find(" ON CONFLICT ", start)
+    end = len(sql) if conflict < 0 else conflict
+    values = sql[start:end]
+    if not _NUMBERED_PARAMETER.search(values):  # anonymous "?": numbered in order of appearance
+        return sql[:start] + ", ".join([values] * rows) + sql[end:]
+
+    def shifted(offset: int) -> str:
+        return _NUMBERED_PARAMETER.sub(lambda m: f"?{int(m[1]) + offset}", values)
+
+    tuples = [shifted(row * width) for row in range(rows)]
+    return sql[:start] + ", ".join(tuples) + sql[end:]

@@ -39,7 +39,7 @@ from upstream_ops.sinks._query import (
     validate_query,
 )
 from upstream_ops.sinks._sqlite_checkpoint import WalCheckpointer
-from upstream_ops.sinks._sqlite_rows import BatchRows
+from upstream_ops.sinks._sqlite_rows import BatchRows, insert_rows
 from upstream_ops.sinks.base import RejectedRecords
 
 logger = logging.getLogger(__name__)
@@ -291,8 +291,8 @@ class SQLiteSink(_search.SearchMixin):
     ) -> None:
         """The common case: every record of the batch is storable; raises at the first that is not.
 
-        One ``executemany`` per shape of record and of event (see ``BatchRows``) instead of
-        statements per record: the ids already stored (a retried batch) are looked up first,
+        A few many-row statements per shape of record and of event (see ``BatchRows`` and
+        ``insert_rows``) instead of statements per record: the ids already stored (a retried batch) are looked up first,
         under the write lock, and left out with their events, as is every repeat of an id inside
         the batch (the first one wins).
         """
@@ -303,7 +303,7 @@ class SQLiteSink(_search.SearchMixin):
         if stored:
             batch.leave_out(stored)
         for sql, rows in batch.statements():
-            connection.executemany(sql, rows)
+            insert_rows(connection, sql, rows)
 
     @staticmethod
     def _stored_ids(connection: sqlite3.Connection, ids: list[str]) -> set[str]:
@@ -374,6 +374,8 @@ class SQLiteSink(_search.SearchMixin):
             # A batch inserts into seven b-trees, one (the request ids') at random places: a page
             # cache bigger than SQLite's default 2 MiB keeps them in memory.
             connection.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")
+            # A batch's many-row INSERTs keep a statement journal: in memory, not a temporary file.
+            connection.execute("PRAGMA temp_store = MEMORY")
             if not self._schema_ready:
                 self._ensure_schema(connection)
         except BaseException:
