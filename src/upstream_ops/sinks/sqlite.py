@@ -115,7 +115,8 @@ class SQLiteSink(_search.SearchMixin):
     call opens new ones. Call ``close()`` when no write or query is running. The WAL is
     checkpointed by a daemon thread of the sink's (see ``WalCheckpointer``), not by the writes.
 
-    Each batch is one transaction, one ``executemany`` for its records and one for their events.
+    Each batch is one transaction: its records, then their events, in a few many-row ``INSERT``
+    statements (``_sqlite_rows.insert_rows``).
     An id already stored is left out with its events (looked up first; and ``ON CONFLICT (id) DO
     NOTHING``, see ``insert_record_sql``), so a retried batch is harmless. A batch with a record the
     database rejects (see ``_RECORD_ERRORS``) is written again with a savepoint per record: that
