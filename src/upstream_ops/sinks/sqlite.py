@@ -293,9 +293,9 @@ class SQLiteSink(_search.SearchMixin):
         """The common case: every record of the batch is storable; raises at the first that is not.
 
         A few many-row statements per shape of record and of event (see ``BatchRows`` and
-        ``insert_rows``) instead of statements per record: the ids already stored (a retried batch) are looked up first,
-        under the write lock, and left out with their events, as is every repeat of an id inside
-        the batch (the first one wins).
+        ``insert_rows``) instead of statements per record: the ids already stored (a retried
+        batch) are looked up first, under the write lock, and left out with their events, as is
+        every repeat of an id inside the batch (the first one wins).
         """
         batch = BatchRows(created_at_ms)
         for record in records:
