@@ -94,6 +94,38 @@ def test_rotation_by_size(tmp_path: Path) -> None:
         assert file.stat().st_size <= 2 * size + 1
 
 
+def test_a_batch_is_one_write_call_per_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each write call lets go of the interpreter lock, which a writer behind busy app threads gets
+    # back only after a switch interval (5 ms): a line a call made a batch take a second.
+    calls: list[int] = []
+    sink = JsonlSink(tmp_path / "ops.jsonl", max_bytes=10_000_000)
+    opened = sink._open
+
+    class CountingFile:
+        def __init__(self, file: Any) -> None:
+            self.file = file
+
+        def write(self, data: bytes) -> int:
+            calls.append(len(data))
+            return int(self.file.write(data))
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.file, name)
+
+    monkeypatch.setattr(sink, "_open", lambda: CountingFile(opened()))
+    records = [bare_record(f"r{i:03}", i) for i in range(300)]
+    sink.write(records)
+    assert calls == [sum(map(line_bytes, records))]
+    sink.max_bytes = 100 * line_bytes(records[0])  # the next batch fills two files and starts one
+    calls.clear()
+    sink.write(records[:250])
+    sink.close()
+    assert len(calls) == 3 and sum(calls) == sum(map(line_bytes, records[:250]))
+    assert len(ids(tmp_path / "ops.jsonl")) + len(ids(tmp_path / "ops.jsonl.1")) <= 250
+
+
 def test_rotation_counts_what_the_file_held_before_reopening(tmp_path: Path) -> None:
     path = tmp_path / "ops.jsonl"
     records = [bare_record(f"rec-{i}", i) for i in range(3)]
