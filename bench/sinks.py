@@ -9,6 +9,8 @@ the request-id index. Measured: SQLite, JSONL, the durable spool's fsync'd appen
 traffic while a database is away), and PostgreSQL when the build has its sink and a server answers
 at ``$UPSTREAM_OPS_BENCH_PG_DSN`` (else ``$UPSTREAM_OPS_TEST_PG_DSN``, else
 ``postgresql://postgres@127.0.0.1:5432/test``), in a schema of its own that is dropped afterwards.
+SQLite, JSONL and PostgreSQL are also measured behind a busy app thread (``busy_app_rate``): records
+a second a dispatcher writes while the measuring thread runs pure Python.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +147,52 @@ def _postgres() -> Callable[[], _Measured] | str:
     return factory
 
 
+#: The sinks also measured behind a busy app thread, how many records are queued for it, and how
+#: long the thread stays busy at most.
+BUSY_APP_SINKS = ("SQLite", "JSONL", "PostgreSQL")
+BUSY_APP_RECORDS = 5_000
+BUSY_APP_SECONDS = 2.0
+
+
+class _WriteOnly:
+    """A sink made of a ``write`` (the dispatcher closes it; its owner closes the real one)."""
+
+    def __init__(self, write: Callable[[Any], object]) -> None:
+        self._write = write
+
+    def write(self, records: Sequence[Any], /) -> None:
+        self._write(records)
+
+
+def busy_app_rate(write: Callable[[Any], object], records: list[Any], seconds: float) -> float:
+    """Records a second a ``Dispatcher`` writes through ``write`` while this thread runs pure Python.
+
+    The sink's writer then gets the interpreter lock back only a switch interval (5 ms) after each
+    time it let go of it (a SQLite step, a write call), so a sink that lets go of it once a row
+    falls far behind an app that keeps the lock busy.
+    """
+    from upstream_ops.dispatcher import Dispatcher
+
+    dispatcher = Dispatcher(_WriteOnly(write))
+    try:
+        for record in records:
+            dispatcher.submit(record)
+        started = time.perf_counter()
+        next_look = started + 0.05
+        busy = 0
+        while (now := time.perf_counter()) - started < seconds:
+            for i in range(1_000):
+                busy += i
+            if now >= next_look:  # the stats take the dispatcher's lock: not too often
+                next_look = now + 0.05
+                if dispatcher.stats().written >= len(records):
+                    break
+        elapsed = time.perf_counter() - started
+        return dispatcher.stats().written / elapsed
+    finally:
+        dispatcher.close()
+
+
 def run_sinks(records_per_sample: int, samples: int) -> dict[str, dict[str, Any]]:
     from upstream_ops.defaults import BATCH_SIZE
 
@@ -166,9 +214,15 @@ def run_sinks(records_per_sample: int, samples: int) -> dict[str, dict[str, Any]
                     for i in range(0, len(records), BATCH_SIZE):
                         target.write(records[i : i + BATCH_SIZE])
                     rates.append(len(records) / (time.perf_counter() - started))
+                busy_rate = (
+                    busy_app_rate(target.write, make_records(BUSY_APP_RECORDS), BUSY_APP_SECONDS)
+                    if name in BUSY_APP_SINKS
+                    else None
+                )
             finally:
                 target.close()
             results[name] = {
+                "busy_app_records_per_s": busy_rate,
                 "median_records_per_s": statistics.median(rates),
                 "min_records_per_s": min(rates),
                 "max_records_per_s": max(rates),

@@ -149,6 +149,32 @@ def test_summaries_budgets_table_and_result_file(tmp_path: Path) -> None:
     assert json.loads(path.read_text()) == json.loads((tmp_path / "latest.json").read_text())
 
 
+def test_a_sink_behind_a_busy_app_thread_writes_every_queued_record(tmp_path: Path) -> None:
+    from bench.sinks import busy_app_rate, make_records
+    from upstream_ops.sinks import JsonlSink
+
+    sink = JsonlSink(tmp_path / "busy.jsonl")
+    records = make_records(600)
+    rate = busy_app_rate(sink.write, records, seconds=5.0)
+    sink.close()
+    lines = (tmp_path / "busy.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["id"] for line in lines) == sorted(r.id for r in records)
+    assert rate > 0
+    row = {"median_records_per_s": 9e3, "min_records_per_s": 8e3, "max_records_per_s": 1e4}
+    table = report.table(
+        {
+            "machine": report.machine(),
+            "settings": {"mode": "quick"},
+            "sinks": {
+                "JSONL": {**row, "busy_app_records_per_s": 4321.0},
+                "spool (fsync'd appends)": {**row, "busy_app_records_per_s": None},
+            },
+        }
+    )
+    assert "| JSONL | 9,000 (8,000-10,000) | 4,321 |" in table
+    assert "| spool (fsync'd appends) | 9,000 (8,000-10,000) |  |" in table
+
+
 def test_a_bad_response_fails_the_variant_and_its_budget() -> None:
     summary = report.summarize_in_process(_raw_in_process(bad=1))
     assert not summary["asgi.ours"]["ok"]
