@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench.sinks import BUSY_APP_RECORDS
 from bench.variants import BY_NAME, bare_of
 
 DOCS_BEGIN = "<!-- bench:begin (written by make bench; edit outside these markers) -->"
@@ -337,7 +338,8 @@ def table(result: dict[str, Any]) -> str:
     if sinks:
         lines += [
             "**Sinks** (records per second, 3 events each, batches of 256; median (min-max); and"
-            " through a dispatcher while the app's thread runs pure Python, 5,000 records queued)",
+            " through a dispatcher while the app's thread runs pure Python,"
+            f" {BUSY_APP_RECORDS:,} records queued)",
             "",
             "| sink | records/s | behind a busy app thread |",
             "| --- | ---: | ---: |",
