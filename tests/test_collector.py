@@ -159,6 +159,35 @@ def test_wrap_context_carries_the_collector_into_a_thread_pool(collector: Collec
     assert [e.message for e in get_upstream_errors()] == ["attempt 2", "attempt 3"]
 
 
+def test_an_event_object_is_cleaned_as_its_fields_would_be(collector: Collector) -> None:
+    fields = {
+        "platform": "  openai ",
+        "upstream_status_code": 401,
+        "kind": "http_error",
+        "message": f"  bad key {SECRET}  ",
+        "detail": f'{{"error": "invalid", "api_key": "{SECRET}"}}',
+        "upstream_url": f"https://user:pw@api.example.com/v1?key={SECRET}&max_tokens=5",
+        "method": "post",
+        "at_unix_ms": 1,
+    }
+    event = UpstreamErrorEvent(**fields)  # type: ignore[arg-type]
+    by_object = collector.append(event)
+    by_fields = append_upstream_error(**fields)
+    assert by_object is not None and by_object is not event
+    assert by_object == by_fields
+    assert event.message == fields["message"]  # the caller's object is not changed
+
+
+def test_the_capture_integrations_own_events_are_kept_without_a_copy(collector: Collector) -> None:
+    event = UpstreamErrorEvent(upstream_status_code=429, message=f"quota {SECRET}", at_unix_ms=1)
+    stored = collector._append_own(event)
+    assert stored is event
+    assert SECRET not in event.message and event.message.startswith("quota")
+    assert collector.events == [event]
+    collector.finish()
+    assert collector._append_own(UpstreamErrorEvent(upstream_status_code=500)) is None
+
+
 def test_finished_collector_ignores_late_appends(collector: Collector) -> None:
     collector.finish()
     assert append_upstream_error(upstream_status_code=500) is None

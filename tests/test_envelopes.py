@@ -590,3 +590,106 @@ def test_module_imports_no_http_client() -> None:
         if isinstance(node, ast.ImportFrom)
     }
     assert not imported & {"httpx", "httpcore", "requests", "urllib3"}
+
+
+# --- reading headers once, and telling binary from text ---------------------------------------------
+
+#: Header names that the envelopes and the classifier ask for, in several spellings.
+_ASKED = (
+    "content-type",
+    "retry-after",
+    "retry-after-ms",
+    "x-request-id",
+    "x-should-retry",
+    "x-amzn-errortype",
+    "x-bkapi-error-code",
+)
+_SPELLINGS = st.sampled_from(
+    [spelling for name in _ASKED for spelling in (name, name.upper(), name.title())]
+    + ["x-other", "X-Other"]
+)
+_VALUES = st.one_of(st.text(max_size=8), st.binary(max_size=8), st.none(), st.integers(-5, 5))
+
+
+def _lower_case_headers(headers: object) -> dict[str, str]:
+    from upstream_ops.envelopes import LowerCaseHeaders
+
+    return LowerCaseHeaders.of(headers)  # type: ignore[arg-type]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_SPELLINGS, _VALUES), max_size=6))
+def test_headers_read_once_answer_every_lookup_as_the_headers_do(
+    pairs: list[tuple[str, object]],
+) -> None:
+    from upstream_ops.envelopes import _header
+
+    plain = dict(pairs)
+    readable = _lower_case_headers(plain)
+    for name in _ASKED:
+        assert _header(readable, name) == _header(plain, name), name  # type: ignore[arg-type]
+    text_pairs = [
+        (k, v) for k, v in pairs if isinstance(v, str) and v.isascii() and v.isprintable()
+    ]
+    for mapping in (httpx.Headers(text_pairs), CaseInsensitiveDict(dict(text_pairs))):
+        readable = _lower_case_headers(mapping)
+        for name in _ASKED:
+            assert _header(readable, name) == _header(mapping, name), (type(mapping), name)
+
+
+def test_headers_read_once_join_a_repeated_httpx_header_as_httpx_does() -> None:
+    from upstream_ops.envelopes import _header
+
+    headers = httpx.Headers([("X-Request-Id", "a"), ("x-request-id", "b"), ("Retry-After", "2")])
+    readable = _lower_case_headers(headers)
+    assert readable == {"x-request-id": "a, b", "retry-after": "2"}
+    assert _header(readable, "x-request-id") == headers["x-request-id"] == "a, b"
+    assert _header(readable, "x-missing") == ""
+
+
+def test_headers_read_once_take_the_lower_case_spelling_first_as_a_lookup_does() -> None:
+    readable = _lower_case_headers({"Retry-After": "1", "retry-after": "2", b"X-Id": b"\xe9"})
+    assert readable == {"retry-after": "2", "b'x-id'": "\xe9"}
+    assert _lower_case_headers({"RETRY-AFTER": 3, "Retry-After": "4", "x": None}) == {
+        "retry-after": "3"
+    }
+
+
+def _looks_binary_by_definition(text: str) -> bool:
+    sample = text[:1024]
+    bad = sum(1 for ch in sample if ch == "\ufffd" or (ch < " " and ch not in "\t\n\r\f\v"))
+    return "\x00" in sample or bad * 10 > len(sample)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.text(
+        st.one_of(
+            st.characters(max_codepoint=0x7F),
+            st.sampled_from(["\ufffd", "\u00e9", "\u2028", "\x0b", "\x0c", "\x1f", "\x7f"]),
+        ),
+        max_size=1500,
+    )
+)
+def test_binary_text_is_told_by_its_definition(text: str) -> None:
+    from upstream_ops.envelopes import _looks_binary
+
+    assert _looks_binary(text) == _looks_binary_by_definition(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "binary"),
+    [
+        ("a" * 90 + "\x01" * 10, False),  # one in ten: still text
+        ("a" * 89 + "\x01" * 11, True),
+        ("a" * 89 + "\ufffd" * 11, True),  # not ASCII: counted the other way
+        ("\u00e9" * 89 + "\x01" * 10 + "\ufffd", True),
+        ("\t\n\r\x0b\x0c" * 20, False),  # whitespace controls are text
+        ("\x7f" * 50, False),  # DEL is not counted
+        ("a" * 1024 + "\x01" * 500, False),  # only the first 1,024 characters are looked at
+    ],
+)
+def test_binary_text_at_the_edges(text: str, binary: bool) -> None:
+    from upstream_ops.envelopes import _looks_binary
+
+    assert _looks_binary(text) is binary

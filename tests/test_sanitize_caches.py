@@ -111,7 +111,7 @@ def test_a_subclass_has_no_cached_results_so_its_methods_see_every_text() -> Non
 
 
 def test_an_appended_event_is_cleaned_by_a_subclass_every_time() -> None:
-    from upstream_ops import Collector, append_upstream_error
+    from upstream_ops import Collector, UpstreamErrorEvent, append_upstream_error, current_collector
     from upstream_ops.collector import _activate, _deactivate
     from upstream_ops.sanitize import get_default_sanitizer, set_default_sanitizer
 
@@ -128,6 +128,13 @@ def test_an_appended_event_is_cleaned_by_a_subclass_every_time() -> None:
             assert event is not None
             assert event.platform == "OPENAI"
             assert event.message == f"token={REDACTED} failed"
+            # An event object is cleaned by the subclass every time too.
+            stored = current_collector().append(  # type: ignore[union-attr]
+                UpstreamErrorEvent(platform="anthropic", message="token=abc failed")
+            )
+            assert stored is not None
+            assert stored.platform == "ANTHROPIC"
+            assert stored.message == f"token={REDACTED} failed"
     finally:
         _deactivate(token)
         set_default_sanitizer(before)

@@ -36,6 +36,7 @@ from upstream_ops.classify import (
 from upstream_ops.collector import Collector, _current
 from upstream_ops.defaults import CAPTURE_BODY_MAX_BYTES, CAPTURE_STATUSES, SSE_LINE_MAX_BYTES
 from upstream_ops.envelopes import (
+    LowerCaseHeaders,
     ProviderError,
     _decode,
     _header,
@@ -274,7 +275,7 @@ class Attempt:
             event = self._event(kind, exc, stream_data)
             token = _suppressed.set(True)  # a listener making HTTP calls must not record them here
             try:
-                self._collector.append(event)
+                self._collector._append_own(event)
             finally:
                 _suppressed.reset(token)
         except Exception:
@@ -286,6 +287,8 @@ class Attempt:
         options = self._options
         labels = options.labels.override(self._labels)
         headers = self._headers
+        if headers:
+            headers = _readable(headers)
         status = self.status
         event = UpstreamErrorEvent(
             kind=kind,
@@ -339,6 +342,15 @@ class Attempt:
             event.provider_error_code = provider.code
             event.origin = provider.origin
         return event
+
+
+def _readable(headers: Mapping[str, str]) -> Mapping[str, str]:
+    """``headers`` read once for the dozen lookups of an event (``LowerCaseHeaders``); as they are
+    when they cannot be read so."""
+    try:
+        return LowerCaseHeaders.of(headers)
+    except Exception:
+        return headers
 
 
 def _reason_phrase(status: int) -> str:

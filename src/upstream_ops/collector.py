@@ -18,6 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from operator import attrgetter
 from typing import Any, Final, ParamSpec, TypeVar
 
 from upstream_ops._ids import uuid7_hex
@@ -40,7 +41,6 @@ from upstream_ops.sanitize import (
     sanitize_detail,
     sanitize_label,
     sanitize_message,
-    sanitize_url,
 )
 
 __all__ = [
@@ -108,11 +108,9 @@ _TEXT_KINDS: Final[dict[str, int]] = {
 _FIELD_RULES: Final[dict[str, tuple[type, int | None]]] = {
     name: (expected, _TEXT_KINDS.get(name)) for name, expected in FIELD_TYPES.items()
 }
-# The same cleaning as module functions, for an event object cleaned field by field.
-_CLEANERS: Final[dict[str, Callable[[str], str]]] = {
-    name: (sanitize_label, sanitize_message, sanitize_detail, sanitize_url)[kind]
-    for name, kind in _TEXT_KINDS.items()
-}
+# An event object's text fields with their kinds, and their values read in one call.
+_TEXT_FIELD_KINDS: Final = tuple(_TEXT_KINDS.items())
+_text_values: Final = attrgetter(*_TEXT_KINDS)
 
 
 class Collector:
@@ -186,6 +184,13 @@ class Collector:
         if self._finished:
             return None
         return self._store(_clean_event(copy.copy(event)))
+
+    def _append_own(self, event: UpstreamErrorEvent) -> UpstreamErrorEvent | None:
+        """:meth:`append` for an event made for this call (the capture integrations' own), which
+        is cleaned and kept without a copy."""
+        if self._finished:
+            return None
+        return self._store(_clean_event(event))
 
     def _store(self, stored: UpstreamErrorEvent) -> UpstreamErrorEvent | None:
         """Keep ``stored``, an event made and cleaned for this call, unless it is empty."""
@@ -267,10 +272,15 @@ def _clean_event(clean: UpstreamErrorEvent) -> UpstreamErrorEvent:
     """``clean`` sanitized and trimmed in place, with its timestamp filled in."""
     if clean.at_unix_ms <= 0:
         clean.at_unix_ms = time.time_ns() // 1_000_000
-    for name, sanitize in _CLEANERS.items():
-        value = getattr(clean, name)
+    sanitizer = get_default_sanitizer()
+    cached = sanitizer.cached_results()  # a text cleaned before needs no call
+    for (name, kind), value in zip(_TEXT_FIELD_KINDS, _text_values(clean), strict=True):
         if value:
-            setattr(clean, name, sanitize(value))
+            cleaned = cached[kind].get(value) if type(value) is str else None
+            if cleaned is None:
+                cleaned = sanitizer.clean(kind, value)
+            if cleaned is not value:
+                setattr(clean, name, cleaned)
     if clean.method:
         clean.method = clean.method.upper()
     return clean

@@ -226,8 +226,19 @@ def _looks_binary(text: str) -> bool:
     sample = text[:1024]
     if "\x00" in sample:
         return True
-    bad = sum(1 for ch in sample if ch == "\ufffd" or (ch < " " and ch not in "\t\n\r\f\v"))
+    # Counted in C: a Python test per character cost 19 µs on a 1 KiB body, this 0.7 µs (ASCII) or
+    # 2.7 µs (other text).
+    if sample.isascii():
+        raw = sample.encode("ascii")
+        bad = len(raw) - len(raw.translate(None, _BINARY_BYTES))
+    else:
+        bad = len(_BINARY_CHAR_RE.findall(sample))
     return bad * 10 > len(sample)
+
+
+#: Undecodable (U+FFFD) and control characters other than the whitespace ones (tab, LF, VT, FF, CR).
+_BINARY_CHAR_RE: Final = re.compile("[\x00-\x08\x0e-\x1f\ufffd]")
+_BINARY_BYTES: Final = bytes([*range(0x00, 0x09), *range(0x0E, 0x20)])
 
 
 def _load_json(text: str) -> Any:
@@ -443,6 +454,8 @@ def _header(headers: Mapping[str, str] | None, name: str) -> str:
     """
     if not headers:
         return ""
+    if type(headers) is LowerCaseHeaders:
+        return headers.get(name, "")
     value: object = headers.get(name)
     if value is None:
         value = next((v for k, v in headers.items() if str(k).lower() == name), None)
@@ -451,6 +464,48 @@ def _header(headers: Mapping[str, str] | None, name: str) -> str:
     if isinstance(value, bytes):
         return value.decode("latin-1")
     return value if isinstance(value, str) else str(value)
+
+
+class LowerCaseHeaders(dict[str, str]):
+    """Headers read once into a dict by lower-cased name, each value as ``_header`` reads it.
+
+    A failed attempt's event reads a dozen headers, most of them absent; ``httpx.Headers`` decodes
+    and compares every header for each of those reads, and the fallback scan of ``_header`` reads
+    them all again for each absent one. From this dict each read is one lookup.
+    """
+
+    @classmethod
+    def of(cls, headers: Mapping[str, str]) -> LowerCaseHeaders:
+        """``headers`` read once; ``_header`` answers the same from it as from them."""
+        # httpx.Headers, and a dict of lower-case names, give their pairs as they are kept here:
+        # taken in one C call. (httpx.Headers joins a repeated name's values, as its get does.)
+        found = cls(headers.items())
+        try:
+            names = "".join(found)
+        except TypeError:  # a name that is not text: read each below
+            names = "A"
+        if names == names.lower() and set(map(type, found.values())) <= _STR_TYPE:
+            return found
+        # Else as _header reads a mapping: the value of the name spelt in lower case, unless it is
+        # None; then the first key of that name in any spelling.
+        first: dict[str, object] = {}
+        lower_spelt: dict[str, object] = {}
+        for key, value in headers.items():
+            name = str(key).lower()
+            first.setdefault(name, value)
+            if key == name and value is not None:
+                lower_spelt[name] = value
+        found = cls()
+        for name, given in first.items():
+            chosen = lower_spelt.get(name, given)
+            if isinstance(chosen, bytes):
+                found[name] = chosen.decode("latin-1")
+            elif chosen is not None:  # (None reads as "", as a missing header does)
+                found[name] = chosen if isinstance(chosen, str) else str(chosen)
+        return found
+
+
+_STR_TYPE: Final = frozenset({str})
 
 
 def _apply_headers(found: ProviderError | None, headers: Mapping[str, str]) -> ProviderError | None:
