@@ -272,10 +272,30 @@ def _paired_added(
     )
 
 
+#: A provider's rate-limit answer as it arrives: the status, a JSON error body and the headers an API
+#: behind a CDN sends with it (the failed attempt of ``httpx_capture_case(failed=True)``).
+FAILED_BODY = (
+    b'{"error": {"message": "Rate limit reached for requests", "type": "requests", '
+    b'"code": "rate_limit_exceeded"}}'
+)
+FAILED_HEADERS = {
+    "date": "Mon, 07 Dec 2026 07:00:00 GMT",
+    "content-type": "application/json",
+    "content-length": str(len(FAILED_BODY)),
+    "connection": "keep-alive",
+    "retry-after": "2",
+    "x-request-id": "req_8f14e45fceea167a",
+    "server": "cloudflare",
+    "cf-ray": "8f1a2b3c4d5e6f70-FRA",
+}
+
+
 def httpx_capture_case(
-    samples: int, sample_seconds: float, *, in_request: bool = True
+    samples: int, sample_seconds: float, *, in_request: bool = True, failed: bool = False
 ) -> dict[str, Any]:
-    """A 200 through the capture transport minus the same 200 through the bare transport.
+    """An attempt through the capture transport minus the same attempt through the bare transport:
+    a 200, or with ``failed`` a 429 with a JSON error body, which the capture reads, classifies and
+    records as an event.
 
     The response streams its body, as ``httpx.HTTPTransport``'s do: one built with ``content=`` is
     read when it is made, and the capture's part in reading the body would not be measured.
@@ -286,15 +306,18 @@ def httpx_capture_case(
     from upstream_ops.collector import _activate, _deactivate
     from upstream_ops.httpx import UpstreamOpsTransport
 
-    body = b'{"id":"chatcmpl-1","choices":[{"message":{"content":"ok"}}]}'
-    headers = {"content-type": "application/json", "content-length": str(len(body))}
+    if failed:
+        status, body, headers = 429, FAILED_BODY, FAILED_HEADERS
+    else:
+        status, body = 200, b'{"id":"chatcmpl-1","choices":[{"message":{"content":"ok"}}]}'
+        headers = {"content-type": "application/json", "content-length": str(len(body))}
 
     class Body(httpx.SyncByteStream):
         def __iter__(self) -> Iterator[bytes]:
             yield body
 
     def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, headers=headers, stream=Body())
+        return httpx.Response(status, headers=headers, stream=Body())
 
     bare = httpx.MockTransport(handler)
     captured = UpstreamOpsTransport(httpx.MockTransport(handler), platform="openai")
@@ -308,7 +331,7 @@ def httpx_capture_case(
 
         return one
 
-    collector = Collector("bench")
+    collector = Collector("bench")  # keeps the last 16 events: the failed attempts' stay bounded
     token = _activate(collector) if in_request else None
     try:
         result = _paired_added(attempt(captured), attempt(bare), samples, sample_seconds)
@@ -320,6 +343,10 @@ def httpx_capture_case(
             _deactivate(token)
     if in_request and not collector.next_attempt() > 1:
         raise AssertionError("the capture transport did not see the attempts")
+    if failed and in_request:
+        last = collector.events[-1]
+        if (last.upstream_status_code, last.provider_error_code) != (429, "rate_limit_exceeded"):
+            raise AssertionError(f"the failed attempt was not recorded as expected: {last}")
     return result
 
 
@@ -350,5 +377,6 @@ def run_micro(samples: int, sample_seconds: float) -> dict[str, Any]:
         "httpx_capture_added_outside_request": httpx_capture_case(
             samples, sample_seconds, in_request=False
         ),
+        "httpx_capture_failed_added": httpx_capture_case(samples, sample_seconds, failed=True),
         "telemetry_step_no_sdk": telemetry_step_case(samples, sample_seconds),
     }

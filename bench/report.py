@@ -318,6 +318,13 @@ def table(result: dict[str, Any]) -> str:
             "| httpx successful attempt, added by the capture transport (bare "
             f"{capture['bare_median_us']:.1f} µs) | {_fmt_range(_us(capture), 2)} |"
         )
+        failed = micro.get("httpx_capture_failed_added")
+        if failed:
+            lines.append(
+                "| httpx failed attempt (429, JSON error body, 8 headers), added by the capture "
+                f"transport, which records its event (bare {failed['bare_median_us']:.1f} µs) | "
+                f"{_fmt_range(_us(failed), 2)} |"
+            )
         step = micro.get("telemetry_step_no_sdk")
         if step:
             lines.append(

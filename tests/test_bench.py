@@ -183,11 +183,13 @@ def test_a_bad_response_fails_the_variant_and_its_budget() -> None:
     assert "**FAILED**: 1 bad responses" in report._checks(summary["asgi.ours"])
 
 
-@pytest.mark.parametrize("in_request", [True, False])
-def test_the_httpx_capture_micro_benchmark_runs_its_checks(in_request: bool) -> None:
+@pytest.mark.parametrize(
+    ("in_request", "failed"), [(True, False), (False, False), (True, True), (False, True)]
+)
+def test_the_httpx_capture_micro_benchmark_runs_its_checks(in_request: bool, failed: bool) -> None:
     from bench.micro import httpx_capture_case
 
-    result = httpx_capture_case(2, 0.002, in_request=in_request)
+    result = httpx_capture_case(2, 0.002, in_request=in_request, failed=failed)
     assert len(result["samples_us"]) == 2
     assert {"median_us", "min_us", "max_us", "bare_median_us", "capture_median_us"} <= set(result)
 
