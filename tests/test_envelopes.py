@@ -612,9 +612,9 @@ _VALUES = st.one_of(st.text(max_size=8), st.binary(max_size=8), st.none(), st.in
 
 
 def _lower_case_headers(headers: object) -> dict[str, str]:
-    from upstream_ops.envelopes import LowerCaseHeaders
+    from upstream_ops.envelopes import _LowerCaseHeaders
 
-    return LowerCaseHeaders.of(headers)  # type: ignore[arg-type]
+    return _LowerCaseHeaders.of(headers)  # type: ignore[arg-type]
 
 
 @settings(max_examples=300, deadline=None)

@@ -36,11 +36,11 @@ from upstream_ops.classify import (
 from upstream_ops.collector import Collector, _current
 from upstream_ops.defaults import CAPTURE_BODY_MAX_BYTES, CAPTURE_STATUSES, SSE_LINE_MAX_BYTES
 from upstream_ops.envelopes import (
-    LowerCaseHeaders,
     ProviderError,
     _decode,
     _header,
     _looks_binary,
+    _LowerCaseHeaders,
     parse_error_body,
 )
 from upstream_ops.events import HTTP_ERROR, REQUEST_ERROR, STREAM_ERROR, UpstreamErrorEvent
@@ -345,10 +345,10 @@ class Attempt:
 
 
 def _readable(headers: Mapping[str, str]) -> Mapping[str, str]:
-    """``headers`` read once for the dozen lookups of an event (``LowerCaseHeaders``); as they are
+    """``headers`` read once for the dozen lookups of an event (``_LowerCaseHeaders``); as they are
     when they cannot be read so."""
     try:
-        return LowerCaseHeaders.of(headers)
+        return _LowerCaseHeaders.of(headers)
     except Exception:
         return headers
 

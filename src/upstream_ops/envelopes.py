@@ -454,7 +454,7 @@ def _header(headers: Mapping[str, str] | None, name: str) -> str:
     """
     if not headers:
         return ""
-    if type(headers) is LowerCaseHeaders:
+    if type(headers) is _LowerCaseHeaders:
         return headers.get(name, "")
     value: object = headers.get(name)
     if value is None:
@@ -466,7 +466,7 @@ def _header(headers: Mapping[str, str] | None, name: str) -> str:
     return value if isinstance(value, str) else str(value)
 
 
-class LowerCaseHeaders(dict[str, str]):
+class _LowerCaseHeaders(dict[str, str]):
     """Headers read once into a dict by lower-cased name, each value as ``_header`` reads it.
 
     A failed attempt's event reads a dozen headers, most of them absent; ``httpx.Headers`` decodes
@@ -475,7 +475,7 @@ class LowerCaseHeaders(dict[str, str]):
     """
 
     @classmethod
-    def of(cls, headers: Mapping[str, str]) -> LowerCaseHeaders:
+    def of(cls, headers: Mapping[str, str]) -> _LowerCaseHeaders:
         """``headers`` read once; ``_header`` answers the same from it as from them."""
         # httpx.Headers, and a dict of lower-case names, give their pairs as they are kept here:
         # taken in one C call. (httpx.Headers joins a repeated name's values, as its get does.)
