@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from requests.structures import CaseInsensitiveDict
+from urllib3 import HTTPHeaderDict
 
 import upstream_ops.envelopes
 from upstream_ops.defaults import LABEL_MAX_BYTES, MESSAGE_MAX_BYTES
@@ -631,16 +632,25 @@ def test_headers_read_once_answer_every_lookup_as_the_headers_do(
     text_pairs = [
         (k, v) for k, v in pairs if isinstance(v, str) and v.isascii() and v.isprintable()
     ]
-    for mapping in (httpx.Headers(text_pairs), CaseInsensitiveDict(dict(text_pairs))):
+    repeated = HTTPHeaderDict()  # urllib3's: items() gives a repeated name once a value
+    for key, value in text_pairs:
+        repeated.add(key, value)
+    for mapping in (httpx.Headers(text_pairs), CaseInsensitiveDict(dict(text_pairs)), repeated):
         readable = _lower_case_headers(mapping)
         for name in _ASKED:
             assert _header(readable, name) == _header(mapping, name), (type(mapping), name)
 
 
-def test_headers_read_once_join_a_repeated_httpx_header_as_httpx_does() -> None:
+@pytest.mark.parametrize("kind", ["httpx", "urllib3"])
+def test_headers_read_once_join_a_repeated_header_as_a_lookup_does(kind: str) -> None:
     from upstream_ops.envelopes import _header
 
-    headers = httpx.Headers([("X-Request-Id", "a"), ("x-request-id", "b"), ("Retry-After", "2")])
+    pairs = [("X-Request-Id", "a"), ("x-request-id", "b"), ("Retry-After", "2")]
+    headers: httpx.Headers | HTTPHeaderDict = httpx.Headers(pairs)
+    if kind == "urllib3":
+        headers = HTTPHeaderDict()
+        for key, value in pairs:
+            headers.add(key, value)
     readable = _lower_case_headers(headers)
     assert readable == {"x-request-id": "a, b", "retry-after": "2"}
     assert _header(readable, "x-request-id") == headers["x-request-id"] == "a, b"

@@ -13,6 +13,7 @@ import contextlib
 import html
 import json
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final
@@ -477,31 +478,25 @@ class _LowerCaseHeaders(dict[str, str]):
     @classmethod
     def of(cls, headers: Mapping[str, str]) -> _LowerCaseHeaders:
         """``headers`` read once; ``_header`` answers the same from it as from them."""
-        # httpx.Headers, and a dict of lower-case names, give their pairs as they are kept here:
-        # taken in one C call. (httpx.Headers joins a repeated name's values, as its get does.)
-        found = cls(headers.items())
-        try:
-            names = "".join(found)
-        except TypeError:  # a name that is not text: read each below
-            names = "A"
-        if names == names.lower() and set(map(type, found.values())) <= _STR_TYPE:
-            return found
-        # Else as _header reads a mapping: the value of the name spelt in lower case, unless it is
-        # None; then the first key of that name in any spelling.
-        first: dict[str, object] = {}
-        lower_spelt: dict[str, object] = {}
-        for key, value in headers.items():
-            name = str(key).lower()
-            first.setdefault(name, value)
-            if key == name and value is not None:
-                lower_spelt[name] = value
+        httpx = sys.modules.get("httpx")
+        if type(headers) is dict or (httpx is not None and isinstance(headers, httpx.Headers)):
+            # Their pairs are what their lookups give (httpx.Headers lower-cases the names and
+            # joins a repeated name's values, as its get does): taken in one C call when the
+            # names are in lower case and the values text.
+            found = cls(headers.items())
+            try:
+                names = "".join(found)
+            except TypeError:  # a name that is not text
+                names = "A"
+            if names == names.lower() and set(map(type, found.values())) <= _STR_TYPE:
+                return found
+        # Any other mapping (requests' and urllib3's, whose items() may give a repeated name once
+        # a value): each name it holds looked up once, as _header looks it up.
         found = cls()
-        for name, given in first.items():
-            chosen = lower_spelt.get(name, given)
-            if isinstance(chosen, bytes):
-                found[name] = chosen.decode("latin-1")
-            elif chosen is not None:  # (None reads as "", as a missing header does)
-                found[name] = chosen if isinstance(chosen, str) else str(chosen)
+        for name in dict.fromkeys(str(key).lower() for key in headers):
+            value = _header(headers, name)
+            if value:
+                found[name] = value
         return found
 
 
