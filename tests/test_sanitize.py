@@ -1,4 +1,8 @@
-"""The sanitizer: every redaction rule, control characters, byte limits, and properties over random text."""
+"""The sanitizer: every redaction rule, control characters, byte limits, and properties over random text.
+
+Every test runs twice: with the C extension's key/value pass (``upstream_ops._speedups``, where it was
+built) and with the patterns alone, which is what an install without a C compiler runs.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from upstream_ops import sanitize as sanitize_module
 from upstream_ops._sanitize_rules import _ALSO_REQUIRED, _REQUIRED_LITERAL, _VALUE
 from upstream_ops.defaults import (
     DETAIL_MAX_BYTES,
@@ -35,6 +40,28 @@ from upstream_ops.sanitize import (
     sanitize_url,
     set_default_sanitizer,
 )
+
+
+@pytest.fixture(scope="module", autouse=True, params=["c-extension", "patterns-only"])
+def sanitizer_build(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The sanitizers of this module's tests, the default one included, built with or without the C
+    extension (module-scoped, so that hypothesis's tests share it)."""
+    if request.param == "c-extension":
+        if sanitize_module._KeyModes is None or sanitize_module._token_anchors is None:
+            pytest.skip("upstream_ops._speedups was not built (no C compiler at install)")
+        yield request.param
+        return
+    default = get_default_sanitizer()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sanitize_module, "_KeyModes", None)
+        patch.setattr(sanitize_module, "_token_anchors", None)
+        set_default_sanitizer(Sanitizer())
+        assert get_default_sanitizer()._key_table is None
+        try:
+            yield request.param
+        finally:
+            set_default_sanitizer(default)
+
 
 SK = "sk-proj-Xy7Qw2Er9Ty4Ui1Op6As3Df8Gh5Jk0Lz"
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"

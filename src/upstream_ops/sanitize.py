@@ -17,6 +17,10 @@ Redaction runs before truncation, so a cut can never leave the start of a secret
 raises, and the work is linear in the input: every pattern starts with a literal the engine can jump to
 and never backtracks over a run (possessive or bounded repetition, lookbehinds for the context), and
 input beyond 64 times the limit (at most 1 MiB) is cut before the pattern pass.
+
+Where a C compiler built ``upstream_ops._speedups``, it finds the keys of the ``key=value`` pairs and
+tells which token rules' literals are in the text; it gives what the patterns give, and without it they
+do all the work.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from upstream_ops._sanitize_rules import (
     TOKEN_RULES,
     WHOLE_VALUE_KEY_SEGMENTS,
     TokenRule,
+    _keep_prefix,
     _segments,
     _substitute_if_all_in,
     _value_span,
@@ -99,6 +104,26 @@ LABEL_TEXT: Final = 0
 MESSAGE_TEXT: Final = 1
 DETAIL_TEXT: Final = 2
 URL_TEXT: Final = 3
+# The key/value pass and the token rules' literals in C where a compiler built upstream_ops._speedups
+# (an optional extension, see setup.py); without it the patterns do all the work, with the same result.
+_KeyModes: type[KeyModes] | None
+_token_anchors: Callable[[str], int] | None
+try:
+    from upstream_ops._speedups import TOKEN_ANCHOR_RULES, KeyModes, token_anchors
+except ImportError:  # pragma: no cover - depends on the build
+    _KeyModes = _token_anchors = None
+else:
+    _KeyModes = KeyModes
+    # Its bits must name the rules in TOKEN_RULES' order; an extension built from other rules is
+    # not asked.
+    _token_anchors = (
+        token_anchors if tuple(rule.name for rule in TOKEN_RULES) == TOKEN_ANCHOR_RULES else None
+    )
+#: The token rules' substitutions with the bit ``token_anchors`` gives each.
+_TOKEN_BITS: Final = tuple(
+    (1 << i, substitute) for i, (_, _, substitute) in enumerate(_TOKEN_SUBSTITUTIONS)
+)
+
 _INNER_VALUE_CHECKS = 16  # values of keys inside a redacted value, read per text
 _KEY_CACHE_SIZE = 4096
 _CACHED_CHARS = 512  # texts up to this long are cached
@@ -134,6 +159,7 @@ class Sanitizer:
         self._keep_names = frozenset("".join(_segments(key)) for key in keep_keys)
         self._modes: dict[str, int] = {}
         self._reversed_modes = _ReversedKeyModes(self._key_mode)
+        self._key_table = None if _KeyModes is None else _KeyModes()
         # Texts repeat: the same platform, model, kind and endpoint on every event, and the same
         # "429 Too Many Requests" message and provider error body on every rate-limited call. The
         # results for texts up to _CACHED_CHARS long are kept, one bounded cache per kind of text
@@ -275,15 +301,29 @@ class Sanitizer:
                 text = _substitute_if_all_in(text, also_required, substitute)
         if "=" in text or ":" in text or "%" in text:
             text = self._redact_pairs(text)
-        for gate, also_required, substitute in _TOKEN_SUBSTITUTIONS:
-            if gate in text:
-                text = _substitute_if_all_in(text, also_required, substitute)
+        if _token_anchors is not None:
+            present = _token_anchors(text)
+            if present:
+                for bit, substitute in _TOKEN_BITS:
+                    if present & bit:
+                        text = substitute(_keep_prefix, text)
+        else:
+            for gate, also_required, substitute in _TOKEN_SUBSTITUTIONS:
+                if gate in text:
+                    text = _substitute_if_all_in(text, also_required, substitute)
         for pattern in self._extra_patterns:
             text = pattern.sub(REDACTED, text)
         return text
 
     def _redact_pairs(self, text: str) -> str:
         """Replace the values of secret keys; keys, and the values of other keys, stay."""
+        table = self._key_table
+        if table is not None:
+            return self._redact_values(text, table.secret_separators(text, self._reversed_modes))
+        return self._redact_values(text, self._secret_separators(text))
+
+    def _secret_separators(self, text: str) -> list[tuple[int, int]]:
+        """(where the value starts, key mode) of each separator whose key is secret, in text order."""
         size = len(text)
         reversed_text = text[::-1]
         mode_of = self._reversed_modes.__getitem__
@@ -299,9 +339,13 @@ class Sanitizer:
                     start += len("".join(parts[summed:i]))  # a memcpy: cheaper than len() each
                     summed = i
                     hits.append((size - start + shift, modes[i // 2]))
+        hits.sort()
+        return hits
+
+    def _redact_values(self, text: str, hits: list[tuple[int, int]]) -> str:
+        """``text`` with the value after each of ``hits`` (``_secret_separators``) redacted."""
         if not hits:
             return text
-        hits.sort()
         out: list[str] = []
         done = 0
         inner_checks = _INNER_VALUE_CHECKS

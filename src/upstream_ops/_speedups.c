@@ -1,0 +1,631 @@
+/* The sanitizer's key/value pass in C: an optional speed-up of upstream_ops.sanitize.
+
+   The pure-Python pass (Sanitizer._redact_pairs) finds every key/value separator by splitting the
+   reversed text with the patterns of _sanitize_rules._REVERSED_PAIRS, and looks up the mode of each
+   "separator and key" it splits off. In CPython 3.11 each regex match costs about 1,900 instructions
+   of set-up, and quoted JSON has a separator every thirty characters: that is most of the cost of
+   sanitizing it. This module reads the same keys with a loop over the text, and must agree with
+   those patterns exactly: tests/test_sanitize_speedups.py checks it against them on generated text.
+
+   A separator's key never contains a separator of its own kind, so each separator is read on its
+   own: from its left, backwards, as the reversed patterns read it.
+
+   Built when a C compiler is there (setup.py marks it optional); without it the Python pass runs. */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#define KEY_MAX_CHARS 128 /* _sanitize_rules._KEY_MAX_CHARS */
+#define QUOTE_BACKSLASHES 8
+
+typedef struct {
+    int kind;
+    const void *data;
+    Py_ssize_t size;
+} Text;
+
+static inline Py_UCS4
+at(const Text *t, Py_ssize_t i)
+{
+    return PyUnicode_READ(t->kind, t->data, i);
+}
+
+/* _KEY_CHARS: A-Za-z0-9_.%[]- */
+static inline int
+is_key_char(Py_UCS4 c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+           c == '_' || c == '.' || c == '%' || c == '[' || c == ']' || c == '-';
+}
+
+/* A character of a quoted key: [^"'\\\r\n:=] */
+static inline int
+is_quoted_char(Py_UCS4 c)
+{
+    return !(c == '"' || c == '\'' || c == '\\' || c == '\r' || c == '\n' || c == ':' || c == '=');
+}
+
+/* _ENCODED_STOP read backwards from i: "%3D", "%3d", "%3A", "%3a" or "%26" ends at i. */
+static inline int
+is_encoded_stop(const Text *t, Py_ssize_t i)
+{
+    if (i < 2 || at(t, i - 2) != '%') {
+        return 0;
+    }
+    Py_UCS4 c = at(t, i), before = at(t, i - 1);
+    if (c == 'D' || c == 'd' || c == 'A' || c == 'a') {
+        return before == '3';
+    }
+    return c == '6' && before == '2';
+}
+
+static inline int
+is_stop_start(Py_UCS4 c)
+{
+    return c == 'D' || c == 'd' || c == 'A' || c == 'a' || c == '6';
+}
+
+/* _ENCODED_QUOTED_KEY_CHAR */
+static inline int
+is_encoded_quoted_char(const Text *t, Py_ssize_t i)
+{
+    Py_UCS4 c = at(t, i);
+    if (is_stop_start(c)) {
+        return !is_encoded_stop(t, i);
+    }
+    return is_quoted_char(c);
+}
+
+/* _reversed_key(...) read from i leftwards; the index where the key starts, or -1 for none. */
+static Py_ssize_t
+read_key(const Text *t, Py_ssize_t i, int encoded)
+{
+    while (i >= 0 && (at(t, i) == ' ' || at(t, i) == '\t')) { /* [ \t]*+ */
+        i--;
+    }
+    if (i < 0) {
+        return -1;
+    }
+    Py_UCS4 c = at(t, i);
+    if (c == '"' || c == '\'') { /* "key", \"key\" or 'key' */
+        Py_ssize_t n;
+        i--;
+        if (c == '"') {
+            for (n = 0; n < QUOTE_BACKSLASHES && i >= 0 && at(t, i) == '\\'; n++) {
+                i--;
+            }
+        }
+        for (n = 0; n < KEY_MAX_CHARS && i >= 0; n++, i--) {
+            if (encoded ? !is_encoded_quoted_char(t, i) : !is_quoted_char(at(t, i))) {
+                break;
+            }
+        }
+        if (n == 0 || i < 0 || at(t, i) != c) {
+            return -1;
+        }
+        i--;
+        if (c == '"') {
+            for (n = 0; n < QUOTE_BACKSLASHES && i >= 0 && at(t, i) == '\\'; n++) {
+                i--;
+            }
+        }
+        return i + 1;
+    }
+    if (!encoded) { /* [KEY]{1,128}+(?![KEY]) */
+        Py_ssize_t n;
+        for (n = 0; n < KEY_MAX_CHARS && i >= 0 && is_key_char(at(t, i)); n++) {
+            i--;
+        }
+        if (n == 0 || (i >= 0 && is_key_char(at(t, i)))) {
+            return -1;
+        }
+        return i + 1;
+    }
+    /* _ENCODED_BARE_KEY: key characters back to an encoded separator or "&", unbounded */
+    if (!is_key_char(c) || is_encoded_stop(t, i)) {
+        return -1;
+    }
+    while (i >= 0 && is_key_char(at(t, i)) &&
+           !(is_stop_start(at(t, i)) && is_encoded_stop(t, i))) {
+        i--;
+    }
+    return i + 1;
+}
+
+/* The separator and key from start to end (inclusive), reversed: what the reversed pattern matched. */
+static PyObject *
+reversed_slice(const Text *t, Py_ssize_t start, Py_ssize_t end)
+{
+    Py_UCS4 max_char = 0;
+    for (Py_ssize_t i = start; i <= end; i++) {
+        Py_UCS4 c = at(t, i);
+        if (c > max_char) {
+            max_char = c;
+        }
+    }
+    Py_ssize_t length = end - start + 1;
+    PyObject *out = PyUnicode_New(length, max_char);
+    if (out == NULL) {
+        return NULL;
+    }
+    int kind = PyUnicode_KIND(out);
+    void *data = PyUnicode_DATA(out);
+    for (Py_ssize_t k = 0; k < length; k++) {
+        PyUnicode_WRITE(kind, data, k, at(t, end - k));
+    }
+    return out;
+}
+
+/* Each separator at i: where its value starts (the position after it), and where the reversed match
+   ends (its last character in the text). 0 when the character at i starts no separator. */
+static inline int
+separator_at(const Text *t, Py_ssize_t i, Py_ssize_t *value_start, Py_ssize_t *match_end,
+             int *encoded)
+{
+    Py_UCS4 c = at(t, i);
+    if (c == '=') {
+        *value_start = i + 1;
+        *match_end = i;
+        *encoded = 0;
+        return 1;
+    }
+    if (c == ':') { /* (?<!//:): not the colon of "https://" */
+        if (i + 2 < t->size && at(t, i + 1) == '/' && at(t, i + 2) == '/') {
+            return 0;
+        }
+        *value_start = i + 1;
+        *match_end = i;
+        *encoded = 0;
+        return 1;
+    }
+    if (c == '%' && i + 2 < t->size && at(t, i + 1) == '3') { /* %3D, %3A */
+        Py_UCS4 letter = at(t, i + 2);
+        if (letter == 'D' || letter == 'd' || letter == 'A' || letter == 'a') {
+            *value_start = i + 3;
+            *match_end = i + 1;
+            *encoded = 1;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static int
+load_text(PyObject *text, Text *t)
+{
+    if (!PyUnicode_Check(text)) {
+        PyErr_Format(PyExc_TypeError, "expected str, got %.200s", Py_TYPE(text)->tp_name);
+        return -1;
+    }
+    if (PyUnicode_READY(text) < 0) {
+        return -1;
+    }
+    t->kind = PyUnicode_KIND(text);
+    t->data = PyUnicode_DATA(text);
+    t->size = PyUnicode_GET_LENGTH(text);
+    return 0;
+}
+
+/* Characters a pass stops at: a table each, filled when the module loads. */
+static unsigned char separator_chars[256]; /* = : % */
+static unsigned char anchor_chars[256];    /* the first characters of the token anchors */
+/* The first two characters of the token anchors: anchor_pairs[anchor_chars[first]][second]. */
+static const char *const anchor_starts[] = {"Be", "Ba", "sk", "AK", "AS", "AI", "ya", "gh", "gi",
+                                            "hf", "xo", "xa", "ey"};
+static unsigned char anchor_pairs[9][256];
+
+/* The first index from i on whose character is in table, or t->size. Most text is one byte a
+   character, read here without PyUnicode_READ's test of the kind at every character. */
+static inline Py_ssize_t
+next_in(const Text *t, Py_ssize_t i, const unsigned char table[256])
+{
+    if (t->kind == PyUnicode_1BYTE_KIND) {
+        const Py_UCS1 *p = (const Py_UCS1 *)t->data;
+        while (i < t->size && !table[p[i]]) {
+            i++;
+        }
+        return i;
+    }
+    for (; i < t->size; i++) {
+        Py_UCS4 c = at(t, i);
+        if (c < 256 && table[c]) {
+            break;
+        }
+    }
+    return i;
+}
+
+PyDoc_STRVAR(pair_matches_doc,
+             "pair_matches(text, /)\n--\n\n"
+             "Every key/value separator with a key, in text order: (where its value starts, the "
+             "separator and key reversed), as the patterns of _REVERSED_PAIRS match them in the "
+             "reversed text.");
+
+static PyObject *
+pair_matches(PyObject *Py_UNUSED(module), PyObject *text)
+{
+    Text t;
+    if (load_text(text, &t) < 0) {
+        return NULL;
+    }
+    PyObject *out = PyList_New(0);
+    if (out == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = next_in(&t, 0, separator_chars); i < t.size;
+         i = next_in(&t, i + 1, separator_chars)) {
+        Py_ssize_t value_start, match_end;
+        int encoded;
+        if (!separator_at(&t, i, &value_start, &match_end, &encoded)) {
+            continue;
+        }
+        Py_ssize_t key_start = read_key(&t, i - 1, encoded);
+        if (key_start < 0) {
+            continue;
+        }
+        PyObject *item = Py_BuildValue("(nN)", value_start, reversed_slice(&t, key_start, match_end));
+        if (item == NULL || PyList_Append(out, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
+    return out;
+}
+
+/* --- Token anchors ----------------------------------------------------------------------------
+
+   Each token rule of _sanitize_rules.TOKEN_RULES is a pass of the regex engine over the whole text
+   (about 1 µs a 2 KiB), run when its gate character is there, which for "k", "A", "_" or "x" is
+   nearly always. Every match of a rule contains a literal of its own ("sk-", "AKIA", "eyJ" ...): one
+   pass here tells which of those literals the text holds, and only their rules run. The bits are in
+   the order of TOKEN_ANCHOR_RULES, which sanitize.py checks against TOKEN_RULES. */
+
+static const char *const token_anchor_rules[] = {
+    "bearer_or_basic_credential",          /* Bearer, Basic */
+    "openai_anthropic_stripe_key",         /* sk-, sk_ */
+    "aws_access_key_id_or_google_api_key", /* AKIA, ASIA, AIza */
+    "google_oauth_token",                  /* ya29. */
+    "github_or_huggingface_token",         /* gh[pousr]_, github_pat_, hf_ */
+    "slack_token",                         /* xox[abeoprs]-, xapp- */
+    "jwt",                                 /* eyJ */
+};
+#define TOKEN_ANCHOR_RULES (sizeof(token_anchor_rules) / sizeof(token_anchor_rules[0]))
+
+/* Whether the ASCII literal is at i. */
+static inline int
+literal_at(const Text *t, Py_ssize_t i, const char *literal)
+{
+    for (; *literal; literal++, i++) {
+        if (i >= t->size || at(t, i) != (Py_UCS4)(unsigned char)*literal) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static inline int
+one_of_at(const Text *t, Py_ssize_t i, const char *chars)
+{
+    if (i >= t->size) {
+        return 0;
+    }
+    Py_UCS4 c = at(t, i);
+    for (; *chars; chars++) {
+        if (c == (Py_UCS4)(unsigned char)*chars) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* The bit of the rule whose anchor starts at i, or 0. */
+static inline unsigned
+anchor_at(const Text *t, Py_ssize_t i)
+{
+    switch (at(t, i)) {
+    case 'B':
+        return (literal_at(t, i + 1, "earer") || literal_at(t, i + 1, "asic")) ? 1u << 0 : 0;
+    case 's':
+        return (literal_at(t, i + 1, "k-") || literal_at(t, i + 1, "k_")) ? 1u << 1 : 0;
+    case 'A':
+        return (literal_at(t, i + 1, "KIA") || literal_at(t, i + 1, "SIA") ||
+                literal_at(t, i + 1, "Iza"))
+                   ? 1u << 2
+                   : 0;
+    case 'y':
+        return literal_at(t, i + 1, "a29.") ? 1u << 3 : 0;
+    case 'g':
+        return ((literal_at(t, i + 1, "h") && one_of_at(t, i + 2, "pousr") &&
+                 literal_at(t, i + 3, "_")) ||
+                literal_at(t, i + 1, "ithub_pat_"))
+                   ? 1u << 4
+                   : 0;
+    case 'h':
+        return literal_at(t, i + 1, "f_") ? 1u << 4 : 0;
+    case 'x':
+        return ((literal_at(t, i + 1, "ox") && one_of_at(t, i + 3, "abeoprs") &&
+                 literal_at(t, i + 4, "-")) ||
+                literal_at(t, i + 1, "app-"))
+                   ? 1u << 5
+                   : 0;
+    case 'e':
+        return literal_at(t, i + 1, "yJ") ? 1u << 6 : 0;
+    default:
+        return 0;
+    }
+}
+
+PyDoc_STRVAR(token_anchors_doc,
+             "token_anchors(text, /)\n--\n\n"
+             "A bit for each rule of TOKEN_ANCHOR_RULES whose literal is in text (bit 0 the first): "
+             "a rule without its bit cannot match.");
+
+static PyObject *
+token_anchors(PyObject *Py_UNUSED(module), PyObject *text)
+{
+    Text t;
+    if (load_text(text, &t) < 0) {
+        return NULL;
+    }
+    const unsigned all = (1u << TOKEN_ANCHOR_RULES) - 1;
+    unsigned found = 0;
+    if (t.kind == PyUnicode_1BYTE_KIND) {
+        /* A character pair for each: far fewer stops than at every "e" or "s". A str's data
+           ends with a NUL, so p[i + 1] can be read at the last character. */
+        const Py_UCS1 *p = (const Py_UCS1 *)t.data;
+        for (Py_ssize_t i = 0; i < t.size && found != all; i++) {
+            if (anchor_pairs[anchor_chars[p[i]]][p[i + 1]]) {
+                found |= anchor_at(&t, i);
+            }
+        }
+    }
+    else {
+        for (Py_ssize_t i = next_in(&t, 0, anchor_chars); i < t.size && found != all;
+             i = next_in(&t, i + 1, anchor_chars)) {
+            found |= anchor_at(&t, i);
+        }
+    }
+    return PyLong_FromUnsignedLong(found);
+}
+
+/* --- KeyModes: the modes of the keys seen, kept by their characters ------------------------------
+
+   Looking a key up in the sanitizer's dict needs a str made for it (and hashed) at every separator,
+   about 90 ns each. A KeyModes keeps the mode of each key it has looked up in a direct-mapped table
+   (a slot a key, replaced on a collision, so its size is bounded) compared by characters, and asks the
+   dict only for a key it does not hold. A key's mode never changes for a sanitizer (its rules are
+   fixed in __init__), so a kept mode is never stale. */
+
+#define TABLE_SLOTS 1024 /* a power of two */
+
+typedef struct {
+    Py_hash_t hash;
+    PyObject *key;  /* the separator and key reversed; NULL for an empty slot */
+    PyObject *mode; /* what modes[key] gave */
+    int secret;     /* its truth */
+} Slot;
+
+typedef struct {
+    PyObject_HEAD
+    Slot slots[TABLE_SLOTS];
+} KeyModes;
+
+/* FNV-1a over the match, read from its end (the reversed key's first character) to its start. */
+static inline Py_hash_t
+match_hash(const Text *t, Py_ssize_t start, Py_ssize_t end)
+{
+    uint64_t h = 14695981039346656037ULL;
+    for (Py_ssize_t i = end; i >= start; i--) {
+        h = (h ^ at(t, i)) * 1099511628211ULL;
+    }
+    return (Py_hash_t)(h ^ (h >> 32));
+}
+
+static inline int
+slot_holds(const Slot *slot, Py_hash_t hash, const Text *t, Py_ssize_t start, Py_ssize_t end)
+{
+    if (slot->key == NULL || slot->hash != hash) {
+        return 0;
+    }
+    Py_ssize_t length = end - start + 1;
+    if (PyUnicode_GET_LENGTH(slot->key) != length) {
+        return 0;
+    }
+    int kind = PyUnicode_KIND(slot->key);
+    const void *data = PyUnicode_DATA(slot->key);
+    for (Py_ssize_t k = 0; k < length; k++) {
+        if (PyUnicode_READ(kind, data, k) != at(t, end - k)) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static void
+KeyModes_dealloc(KeyModes *self)
+{
+    for (Py_ssize_t i = 0; i < TABLE_SLOTS; i++) {
+        Py_CLEAR(self->slots[i].key);
+        Py_CLEAR(self->slots[i].mode);
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* The slot for the key from start to end, filled from modes[key] when it holds another key; NULL
+   with an exception set when the lookup failed. */
+static Slot *
+lookup(KeyModes *self, PyObject *modes, const Text *t, Py_ssize_t start, Py_ssize_t end)
+{
+    Py_hash_t hash = match_hash(t, start, end);
+    Slot *slot = &self->slots[(size_t)hash & (TABLE_SLOTS - 1)];
+    if (slot_holds(slot, hash, t, start, end)) {
+        return slot;
+    }
+    PyObject *key = reversed_slice(t, start, end);
+    if (key == NULL) {
+        return NULL;
+    }
+    PyObject *mode = PyObject_GetItem(modes, key); /* may run Python code (__missing__) */
+    if (mode == NULL) {
+        Py_DECREF(key);
+        return NULL;
+    }
+    int secret = PyObject_IsTrue(mode);
+    if (secret < 0) {
+        Py_DECREF(key);
+        Py_DECREF(mode);
+        return NULL;
+    }
+    PyObject *old_key = slot->key, *old_mode = slot->mode;
+    slot->hash = hash;
+    slot->key = key;
+    slot->mode = mode;
+    slot->secret = secret;
+    Py_XDECREF(old_key);
+    Py_XDECREF(old_mode);
+    return slot;
+}
+
+PyDoc_STRVAR(secret_separators_doc,
+             "secret_separators(text, modes, /)\n--\n\n"
+             "(where the value starts, mode) for each separator whose key's mode is true, in text "
+             "order. modes maps the separator and key reversed (as pair_matches gives it) to the "
+             "key's mode; it is asked once for each key this table does not hold.");
+
+static PyObject *
+KeyModes_secret_separators(KeyModes *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "secret_separators takes 2 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    Text t;
+    if (load_text(args[0], &t) < 0) {
+        return NULL;
+    }
+    PyObject *modes = args[1];
+    PyObject *out = PyList_New(0);
+    if (out == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = next_in(&t, 0, separator_chars); i < t.size;
+         i = next_in(&t, i + 1, separator_chars)) {
+        Py_ssize_t value_start, match_end;
+        int encoded;
+        if (!separator_at(&t, i, &value_start, &match_end, &encoded)) {
+            continue;
+        }
+        Py_ssize_t key_start = read_key(&t, i - 1, encoded);
+        if (key_start < 0) {
+            continue;
+        }
+        Slot *slot = lookup(self, modes, &t, key_start, match_end);
+        if (slot == NULL) {
+            goto error;
+        }
+        if (slot->secret) {
+            PyObject *item = Py_BuildValue("(nO)", value_start, slot->mode);
+            if (item == NULL) {
+                goto error;
+            }
+            int appended = PyList_Append(out, item);
+            Py_DECREF(item);
+            if (appended < 0) {
+                goto error;
+            }
+        }
+    }
+    return out;
+error:
+    Py_DECREF(out);
+    return NULL;
+}
+
+static PyMethodDef KeyModes_methods[] = {
+    {"secret_separators", (PyCFunction)(void (*)(void))KeyModes_secret_separators, METH_FASTCALL,
+     secret_separators_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject KeyModesType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "upstream_ops._speedups.KeyModes",
+    .tp_doc = PyDoc_STR("KeyModes()\n--\n\nThe key modes a sanitizer looked up, kept for "
+                        "secret_separators (at most 1,024 keys)."),
+    .tp_basicsize = sizeof(KeyModes),
+    .tp_itemsize = 0,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)KeyModes_dealloc,
+    .tp_methods = KeyModes_methods,
+};
+
+static PyMethodDef speedups_methods[] = {
+    {"pair_matches", (PyCFunction)pair_matches, METH_O, pair_matches_doc},
+    {"token_anchors", (PyCFunction)token_anchors, METH_O, token_anchors_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static int
+speedups_exec(PyObject *module)
+{
+    for (const char *c = "=:%"; *c; c++) {
+        separator_chars[(unsigned char)*c] = 1;
+    }
+    unsigned char firsts = 0;
+    for (size_t k = 0; k < sizeof(anchor_starts) / sizeof(anchor_starts[0]); k++) {
+        unsigned char first = (unsigned char)anchor_starts[k][0];
+        if (!anchor_chars[first]) {
+            anchor_chars[first] = ++firsts; /* 1 to 8; row 0 stays empty */
+        }
+        anchor_pairs[anchor_chars[first]][(unsigned char)anchor_starts[k][1]] = 1;
+    }
+    if (PyType_Ready(&KeyModesType) < 0) {
+        return -1;
+    }
+    PyObject *rules = PyTuple_New(TOKEN_ANCHOR_RULES);
+    if (rules == NULL) {
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < (Py_ssize_t)TOKEN_ANCHOR_RULES; i++) {
+        PyObject *name = PyUnicode_FromString(token_anchor_rules[i]);
+        if (name == NULL) {
+            Py_DECREF(rules);
+            return -1;
+        }
+        PyTuple_SET_ITEM(rules, i, name);
+    }
+    if (PyModule_AddObject(module, "TOKEN_ANCHOR_RULES", rules) < 0) {
+        Py_DECREF(rules);
+        return -1;
+    }
+    Py_INCREF(&KeyModesType);
+    if (PyModule_AddObject(module, "KeyModes", (PyObject *)&KeyModesType) < 0) {
+        Py_DECREF(&KeyModesType);
+        return -1;
+    }
+    return 0;
+}
+
+static PyModuleDef_Slot speedups_slots[] = {
+    {Py_mod_exec, speedups_exec},
+    {0, NULL},
+};
+
+static struct PyModuleDef speedups_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "upstream_ops._speedups",
+    .m_doc = "The sanitizer's key/value pass in C (optional; upstream_ops.sanitize falls back to "
+             "its patterns).",
+    .m_size = 0,
+    .m_methods = speedups_methods,
+    .m_slots = speedups_slots,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    return PyModuleDef_Init(&speedups_module);
+}

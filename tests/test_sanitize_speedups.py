@@ -1,0 +1,234 @@
+"""The optional C extension (``upstream_ops._speedups``) agrees with the patterns it stands in for.
+
+It replaces two steps of ``Sanitizer._redact``: finding the key of every key/value separator (the
+patterns of ``_REVERSED_PAIRS``, run over the reversed text) and telling which token rules' literals
+are in the text. Each is checked against its pattern on generated text, and the whole sanitizer with
+the extension against the sanitizer without it. In CI the extension must have been built.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bench.micro import PARAGRAPHS, SECRETS, error_text
+from upstream_ops import sanitize
+from upstream_ops._sanitize_rules import _REVERSED_PAIRS
+from upstream_ops.sanitize import REDACTED, TOKEN_RULES, Sanitizer
+
+try:
+    from upstream_ops import _speedups
+except ImportError:  # pragma: no cover - depends on the build
+    _speedups = None  # type: ignore[assignment]
+
+
+@pytest.fixture(autouse=True)
+def extension() -> None:
+    if _speedups is None:
+        reason = "upstream_ops._speedups was not built (no C compiler when it was installed)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; CI needs it", pytrace=False)
+        pytest.skip(reason)
+
+
+def reversed_pair_matches(text: str) -> list[tuple[int, str]]:
+    """What the patterns find: (where the value starts, the separator and key reversed)."""
+    size, reversed_text = len(text), text[::-1]
+    found = [
+        (size - match.start() + shift, match[1])
+        for _, pattern, shift in _REVERSED_PAIRS
+        for match in pattern.finditer(reversed_text)
+    ]
+    return sorted(found)
+
+
+def patterns_only() -> Sanitizer:
+    """A sanitizer built as it is without the extension."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sanitize, "_KeyModes", None)
+        sanitizer = Sanitizer()
+    assert sanitizer._key_table is None
+    return sanitizer
+
+
+def redact_patterns_only(sanitizer: Sanitizer, text: str) -> str:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sanitize, "_token_anchors", None)
+        return sanitizer._redact(text)
+
+
+# Text made of what the key patterns look at: separators, quotes, backslashes, the encoded separators
+# and their look-alikes, key characters, spaces and line ends, and characters of 1, 2 and 4 bytes.
+PIECES = [
+    *"=:%3DdAa62 \t\r\n\"'\\[]_.-/&>xyKé€😀",
+    "%3D", "%3d", "%3A", "%3a", "%26", "%3F", "://", '\\"', '\\\\"', "=>",
+    "password", "api_key", "Authorization", "client_secret", "token", "max_tokens", "user",
+]  # fmt: skip
+pieced = st.lists(st.sampled_from(PIECES), max_size=60).map("".join)
+# Runs around the 128-character key limit and the 8-backslash quote limit.
+LONG_PIECES = [
+    *("k" * 60, "K" * 68, "x" * 128, "\\" * 5, "%3D"),
+    *('"', "'", "=", ":", " ", "D", "3", "%"),
+]
+long_runs = st.lists(st.sampled_from(LONG_PIECES), max_size=14).map("".join)
+texts = st.one_of(pieced, long_runs, st.text(max_size=200))
+bench_texts = [
+    error_text(size, secrets=secrets, shape=shape)
+    for size in (200, 2048)
+    for secrets in (True, False)
+    for shape in PARAGRAPHS
+]
+many_examples = settings(
+    max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+@pytest.mark.parametrize("text", bench_texts)
+def test_pair_matches_of_the_bench_texts(text: str) -> None:
+    found = _speedups.pair_matches(text)
+    assert found == reversed_pair_matches(text)
+    if "{" in text or any(secret in text for secret in SECRETS):
+        assert found  # the JSON shape, and every planted secret, has keys
+
+
+@many_examples
+@given(text=texts)
+def test_pair_matches_agree_with_the_reversed_patterns(text: str) -> None:
+    assert _speedups.pair_matches(text) == reversed_pair_matches(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"password": "x"}', [(12, ':"drowssap"')]),
+        ("a=1 &b%3D2", [(2, "=a"), (9, "3%b")]),
+        ("https://h/x", []),  # the colon of "://" is no separator
+        ('\\"token\\":\\"x', [(10, ':"\\nekot"\\')]),
+        ("k" * 129 + "=v", []),  # a bare key longer than 128 characters is not read as one
+        ("k" * 128 + "=v", [(129, "=" + "k" * 128)]),
+        ("é€😀 key=v", [(8, "=yek")]),
+    ],
+)
+def test_pair_matches_examples(text: str, expected: list[tuple[int, str]]) -> None:
+    assert _speedups.pair_matches(text) == expected == reversed_pair_matches(text)
+
+
+@many_examples
+@given(text=texts)
+def test_secret_separators_agree_with_the_patterns(text: str) -> None:
+    sanitizer = Sanitizer(extra_secret_keys=["user"], keep_keys=["client_secret"])
+    expected = sanitizer._secret_separators(text)
+    table = _speedups.KeyModes()
+    assert table.secret_separators(text, sanitizer._reversed_modes) == expected
+    assert table.secret_separators(text, sanitizer._reversed_modes) == expected  # from its slots
+
+
+def test_more_keys_than_the_table_holds() -> None:
+    # 5,000 distinct keys: slots are replaced on collisions and the answers stay those of the dict.
+    sanitizer = Sanitizer()
+    text = " ".join(f"key{i}=v password{i}=v count{i}=1" for i in range(5000))
+    expected = sanitizer._secret_separators(text)
+    assert len(expected) == 10_000
+    table = _speedups.KeyModes()
+    for _ in range(2):
+        assert table.secret_separators(text, sanitizer._reversed_modes) == expected
+
+
+class FailingModes(dict[str, int]):
+    def __missing__(self, key: str) -> int:
+        raise LookupError(key)
+
+
+def test_a_failing_lookup_raises_and_the_sanitizer_falls_back() -> None:
+    with pytest.raises(LookupError):
+        _speedups.KeyModes().secret_separators("a=1", FailingModes())
+
+    class Failing(Sanitizer):
+        def _key_mode(self, name: object) -> int:
+            raise RuntimeError("broken rule")
+
+    assert Failing().message("token=abc") == REDACTED  # as without the extension
+    with pytest.raises(TypeError):
+        _speedups.pair_matches(b"a=1")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        _speedups.KeyModes().secret_separators("a=1")  # type: ignore[call-arg]
+
+
+def test_the_anchor_bits_name_the_token_rules_in_order() -> None:
+    assert tuple(rule.name for rule in TOKEN_RULES) == _speedups.TOKEN_ANCHOR_RULES
+    assert sanitize._token_anchors is _speedups.token_anchors
+
+
+TOKENS = [
+    "Bearer abcdefgh12345678",
+    "Basic dXNlcjpwYXNzd29yZA==",
+    "sk-proj-AbCdEfGhIjKlMnOpQrStUvWxYz0123",
+    "sk_live_AbCdEfGhIjKlMnOpQrStUvWx",
+    "AKIAABCDEFGHIJKLMNOP",
+    "ASIAABCDEFGHIJKLMNOP",
+    "AIzaSyA1234567890abcdefghijklmnopqrstu",
+    "ya29.AbCdEfGhIjKlMnOpQrStUv",
+    "ghp_AbCdEfGhIjKlMnOpQrStUvWx",
+    "github_pat_AbCdEfGhIjKlMnOpQrStUvWx",
+    "hf_AbCdEfGhIjKlMnOpQrStUvWx",
+    "xoxb-1234567890-abcdef",
+    "xapp-1-ABCDEFGHIJ",
+    "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.sig",
+]
+near_tokens = st.lists(
+    st.one_of(
+        st.sampled_from(TOKENS),
+        st.sampled_from([t[:n] for t in TOKENS for n in (2, 3, 4, 5)]),  # cut short
+        st.text(alphabet="BeasrkAKISzy29.ghpousrfxoabJt_-/ =:é€😀", max_size=12),
+    ),
+    max_size=8,
+).map(" ".join)
+
+
+@many_examples
+@given(text=st.one_of(near_tokens, st.text(max_size=100)))
+def test_a_rule_without_its_anchor_bit_cannot_match(text: str) -> None:
+    present = _speedups.token_anchors(text)
+    for bit, rule in enumerate(TOKEN_RULES):
+        if rule.pattern.search(text):
+            assert present >> bit & 1, rule.name
+
+
+def test_each_token_sets_its_rules_bit() -> None:
+    for token in TOKENS:
+        present = _speedups.token_anchors(f"x {token} y")
+        matching = [bit for bit, rule in enumerate(TOKEN_RULES) if rule.pattern.search(token)]
+        assert matching and all(present >> bit & 1 for bit in matching), token
+    assert _speedups.token_anchors("no tokens in this text: key=value") == 0
+
+
+secret_plants = st.lists(st.sampled_from([*SECRETS, *TOKENS]), max_size=4)
+
+
+@pytest.fixture(scope="module")
+def sanitizers() -> Iterator[tuple[Sanitizer, Sanitizer]]:
+    yield Sanitizer(), patterns_only()
+
+
+@settings(max_examples=800, deadline=None)
+@given(context=texts, plants=secret_plants)
+def test_the_sanitizer_gives_the_same_text_with_and_without_the_extension(
+    sanitizers: tuple[Sanitizer, Sanitizer], context: str, plants: list[str]
+) -> None:
+    with_extension, without = sanitizers
+    text = context.join(["", *plants, ""]) if plants else context
+    assert with_extension._redact(text) == redact_patterns_only(without, text)
+    assert with_extension.detail(text) == patterns_only().detail(text)
+
+
+@pytest.mark.parametrize("text", bench_texts)
+def test_bench_texts_are_redacted_alike(text: str) -> None:
+    assert Sanitizer()._redact(text) == redact_patterns_only(patterns_only(), text)
+
+
+def test_the_default_sanitizer_uses_the_extension() -> None:
+    assert isinstance(sanitize.get_default_sanitizer()._key_table, _speedups.KeyModes)
