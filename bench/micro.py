@@ -1,7 +1,8 @@
 """Micro-benchmarks of the request path's pieces, timed in this process.
 
 * ``sanitize_message`` on 200 B, 2 KiB and 64 KiB of upstream error text of two shapes (log
-  sentences; a quoted JSON error body and headers dict), with four secrets and without any; and the
+  sentences; a quoted JSON error body and headers dict), with four secrets and without any; the
+  2 KiB texts with secrets again without the C extension (``upstream_ops._speedups``); and the
   JSON shape from 2 KiB up to 1 MiB, to show the work grows linearly with the input.
 * one ``append_upstream_error`` inside a request (sanitizing the event's fields included);
 * one successful attempt (send, read the streamed body, close) through ``UpstreamOpsTransport``
@@ -14,11 +15,15 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from itertools import cycle
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.apps import UPSTREAM_ERRORS
+
+if TYPE_CHECKING:
+    from upstream_ops.sanitize import Sanitizer
 
 #: Distinct texts enough to miss the sanitizer's caches (4,096 results per kind) on every call ...
 _UNSEEN_TEXTS = 3 * 4096
@@ -140,7 +145,31 @@ def sanitize_cases(samples: int, sample_seconds: float) -> dict[str, dict[str, A
                     input_chars=len(text),
                     shape=shape,
                 )
+    # What an install without a C compiler gets: the same 2 KiB with secrets, the patterns alone.
+    with _patterns_only() as sanitizer:
+        for shape in PARAGRAPHS:
+            text = error_text(2048, secrets=True, shape=shape)
+            if sanitizer.message(text) != sanitize_message(text):
+                raise AssertionError(f"{shape}: the patterns alone give another text")
+            results[f"sanitize_message 2 KiB {shape} with secrets, patterns only"] = _summary(
+                _time_calls(partial(sanitizer.message, text), samples, sample_seconds),
+                input_chars=len(text),
+                shape=shape,
+            )
     return results
+
+
+@contextmanager
+def _patterns_only() -> Iterator[Sanitizer]:
+    """A sanitizer without the C extension's steps, as one installed without a C compiler runs."""
+    from upstream_ops import sanitize
+
+    saved = sanitize._KeyModes, sanitize._token_anchors
+    sanitize._KeyModes = sanitize._token_anchors = None
+    try:
+        yield sanitize.Sanitizer()
+    finally:
+        sanitize._KeyModes, sanitize._token_anchors = saved
 
 
 def sanitize_linearity(samples: int, sample_seconds: float) -> dict[str, Any]:

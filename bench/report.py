@@ -65,6 +65,13 @@ def _versions() -> dict[str, str]:
             out[name] = version(name)
         except PackageNotFoundError:
             out[name] = "not installed"
+    if out["upstream-ops"] != "not installed":
+        try:
+            import upstream_ops._speedups  # noqa: F401
+        except ImportError:
+            out["upstream-ops"] += " (without its C extension)"
+        else:
+            out["upstream-ops"] += " (with its C extension)"
     return out
 
 
