@@ -197,9 +197,11 @@ load_text(PyObject *text, Text *t)
         PyErr_Format(PyExc_TypeError, "expected str, got %.200s", Py_TYPE(text)->tp_name);
         return -1;
     }
-    if (PyUnicode_READY(text) < 0) {
+#if PY_VERSION_HEX < 0x030C0000
+    if (PyUnicode_READY(text) < 0) { /* a no-op from 3.12 on */
         return -1;
     }
+#endif
     t->kind = PyUnicode_KIND(text);
     t->data = PyUnicode_DATA(text);
     t->size = PyUnicode_GET_LENGTH(text);
@@ -372,10 +374,10 @@ token_anchors(PyObject *Py_UNUSED(module), PyObject *text)
     const unsigned all = (1u << TOKEN_ANCHOR_RULES) - 1;
     unsigned found = 0;
     if (t.kind == PyUnicode_1BYTE_KIND) {
-        /* A character pair for each: far fewer stops than at every "e" or "s". A str's data
-           ends with a NUL, so p[i + 1] can be read at the last character. */
+        /* A character pair for each: far fewer stops than at every "e" or "s". Every anchor has
+           three characters or more, so none starts at the last two. */
         const Py_UCS1 *p = (const Py_UCS1 *)t.data;
-        for (Py_ssize_t i = 0; i < t.size && found != all; i++) {
+        for (Py_ssize_t i = 0; i + 2 < t.size && found != all; i++) {
             if (anchor_pairs[anchor_chars[p[i]]][p[i + 1]]) {
                 found |= anchor_at(&t, i);
             }
