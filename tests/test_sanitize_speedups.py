@@ -9,6 +9,8 @@ the extension against the sanitizer without it. In CI the extension must have be
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -232,3 +234,31 @@ def test_bench_texts_are_redacted_alike(text: str) -> None:
 
 def test_the_default_sanitizer_uses_the_extension() -> None:
     assert isinstance(sanitize.get_default_sanitizer()._key_table, _speedups.KeyModes)
+
+
+def test_the_stub_matches_the_extension() -> None:
+    # mypy --strict checks callers against _speedups.pyi; stubtest checks the .pyi against the module.
+    completed = subprocess.run(
+        [sys.executable, "-m", "mypy.stubtest", "upstream_ops._speedups"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+
+
+def test_without_the_extension_the_patterns_do_the_work() -> None:
+    # What an install without a C compiler runs: the import fails, and the sanitizer still redacts.
+    program = """
+import sys
+sys.modules["upstream_ops._speedups"] = None  # import now raises ImportError
+from upstream_ops import sanitize
+assert sanitize._KeyModes is None and sanitize._token_anchors is None
+assert sanitize.get_default_sanitizer()._key_table is None
+print(sanitize.sanitize_message('{"password": "hunter2"} key sk-proj-AbCdEfGhIjKlMnOpQrStUvWx'))
+"""
+    completed = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert completed.stdout.strip() == '{"password": "[REDACTED]"} key sk-proj-[REDACTED]'

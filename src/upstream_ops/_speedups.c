@@ -491,7 +491,7 @@ lookup(KeyModes *self, PyObject *modes, const Text *t, Py_ssize_t start, Py_ssiz
 }
 
 PyDoc_STRVAR(secret_separators_doc,
-             "secret_separators(text, modes, /)\n--\n\n"
+             "secret_separators($self, text, modes, /)\n--\n\n"
              "(where the value starts, mode) for each separator whose key's mode is true, in text "
              "order. modes maps the separator and key reversed (as pair_matches gives it) to the "
              "key's mode; it is asked once for each key this table does not hold.");
