@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -252,6 +253,7 @@ def test_without_the_extension_the_patterns_do_the_work() -> None:
     # What an install without a C compiler runs: the import fails, and the sanitizer still redacts.
     program = """
 import sys
+import threading
 sys.modules["upstream_ops._speedups"] = None  # import now raises ImportError
 from upstream_ops import sanitize
 assert sanitize._KeyModes is None and sanitize._token_anchors is None
@@ -262,3 +264,34 @@ print(sanitize.sanitize_message('{"password": "hunter2"} key sk-proj-AbCdEfGhIjK
         [sys.executable, "-c", program], capture_output=True, text=True, check=True, timeout=60
     )
     assert completed.stdout.strip() == '{"password": "[REDACTED]"} key sk-proj-[REDACTED]'
+
+
+def test_one_table_shared_by_threads() -> None:
+    # The default sanitizer is shared by a server's threads; a lookup of a new key runs Python code
+    # (the dict's __missing__), during which another thread may fill or replace the same slot.
+    sanitizer = Sanitizer()
+    texts = [
+        " ".join(f"key{t}_{i}=v secret{i}=v token{t}x{i}: v n{i}=1" for i in range(300))
+        for t in range(8)
+    ]
+    expected = [patterns_only()._secret_separators(text) for text in texts]
+    table, modes = sanitizer._key_table, sanitizer._reversed_modes
+    assert table is not None
+    failures: list[int] = []
+
+    def work(index: int) -> None:
+        for _ in range(20):
+            if table.secret_separators(texts[index], modes) != expected[index]:
+                failures.append(index)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(texts))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert failures == []

@@ -528,7 +528,10 @@ KeyModes_secret_separators(KeyModes *self, PyObject *const *args, Py_ssize_t nar
             goto error;
         }
         if (slot->secret) {
-            PyObject *item = Py_BuildValue("(nO)", value_start, slot->mode);
+            /* Owned here: building the tuple may run a collection, whose finalizers may let
+               another thread replace this slot. */
+            PyObject *mode = Py_NewRef(slot->mode);
+            PyObject *item = Py_BuildValue("(nN)", value_start, mode);
             if (item == NULL) {
                 goto error;
             }
