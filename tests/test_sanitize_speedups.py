@@ -8,11 +8,14 @@ the extension against the sanitizer without it. In CI the extension must have be
 
 from __future__ import annotations
 
+import copy
 import os
+import pickle
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -295,3 +298,15 @@ def test_one_table_shared_by_threads() -> None:
     finally:
         sys.setswitchinterval(interval)
     assert failures == []
+
+
+@pytest.mark.parametrize(
+    "duplicate", [copy.copy, copy.deepcopy, lambda s: pickle.loads(pickle.dumps(s))]
+)
+def test_a_sanitizer_can_still_be_copied_and_pickled(duplicate: Any) -> None:
+    # As without the extension: its table of key modes is a cache, and a copy's starts empty.
+    sanitizer = Sanitizer(extra_secret_keys=["tenant"])
+    assert sanitizer.message("tenant=1 n=2") == "tenant=[REDACTED] n=2"
+    twin = duplicate(sanitizer)
+    assert isinstance(twin._key_table, _speedups.KeyModes)
+    assert twin.message("tenant=1 n=2 password=3") == "tenant=[REDACTED] n=2 password=[REDACTED]"

@@ -548,7 +548,16 @@ error:
     return NULL;
 }
 
+PyDoc_STRVAR(reduce_doc, "A copy, or an unpickled table, starts empty: it is only a cache.");
+
+static PyObject *
+KeyModes_reduce(PyObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return Py_BuildValue("(O())", (PyObject *)Py_TYPE(self));
+}
+
 static PyMethodDef KeyModes_methods[] = {
+    {"__reduce__", (PyCFunction)KeyModes_reduce, METH_NOARGS, reduce_doc},
     {"secret_separators", (PyCFunction)(void (*)(void))KeyModes_secret_separators, METH_FASTCALL,
      secret_separators_doc},
     {NULL, NULL, 0, NULL},
