@@ -237,6 +237,41 @@ next_in(const Text *t, Py_ssize_t i, const unsigned char table[256])
     return i;
 }
 
+/* A separator with a key: where its value starts, and where the reversed match starts and ends. */
+typedef struct {
+    Py_ssize_t value_start, key_start, match_end;
+} Pair;
+
+/* The index of the first separator with a key from i on (filling pair), or t->size. */
+static Py_ssize_t
+next_pair(const Text *t, Py_ssize_t i, Pair *pair)
+{
+    for (i = next_in(t, i, separator_chars); i < t->size; i = next_in(t, i + 1, separator_chars)) {
+        int encoded;
+        if (separator_at(t, i, &pair->value_start, &pair->match_end, &encoded)) {
+            pair->key_start = read_key(t, i - 1, encoded);
+            if (pair->key_start >= 0) {
+                return i;
+            }
+        }
+    }
+    return t->size;
+}
+
+/* Append (value_start, item) to out, taking the reference to item (which may be NULL after a
+   failure); -1 on failure. */
+static int
+append_pair(PyObject *out, Py_ssize_t value_start, PyObject *item)
+{
+    PyObject *pair = Py_BuildValue("(nN)", value_start, item);
+    if (pair == NULL) {
+        return -1;
+    }
+    int appended = PyList_Append(out, pair);
+    Py_DECREF(pair);
+    return appended;
+}
+
 PyDoc_STRVAR(pair_matches_doc,
              "pair_matches(text, /)\n--\n\n"
              "Every key/value separator with a key, in text order: (where its value starts, the "
@@ -254,24 +289,13 @@ pair_matches(PyObject *Py_UNUSED(module), PyObject *text)
     if (out == NULL) {
         return NULL;
     }
-    for (Py_ssize_t i = next_in(&t, 0, separator_chars); i < t.size;
-         i = next_in(&t, i + 1, separator_chars)) {
-        Py_ssize_t value_start, match_end;
-        int encoded;
-        if (!separator_at(&t, i, &value_start, &match_end, &encoded)) {
-            continue;
-        }
-        Py_ssize_t key_start = read_key(&t, i - 1, encoded);
-        if (key_start < 0) {
-            continue;
-        }
-        PyObject *item = Py_BuildValue("(nN)", value_start, reversed_slice(&t, key_start, match_end));
-        if (item == NULL || PyList_Append(out, item) < 0) {
-            Py_XDECREF(item);
+    Pair pair;
+    for (Py_ssize_t i = next_pair(&t, 0, &pair); i < t.size; i = next_pair(&t, i + 1, &pair)) {
+        PyObject *key = reversed_slice(&t, pair.key_start, pair.match_end);
+        if (append_pair(out, pair.value_start, key) < 0) {
             Py_DECREF(out);
             return NULL;
         }
-        Py_DECREF(item);
     }
     return out;
 }
@@ -512,34 +536,16 @@ KeyModes_secret_separators(KeyModes *self, PyObject *const *args, Py_ssize_t nar
     if (out == NULL) {
         return NULL;
     }
-    for (Py_ssize_t i = next_in(&t, 0, separator_chars); i < t.size;
-         i = next_in(&t, i + 1, separator_chars)) {
-        Py_ssize_t value_start, match_end;
-        int encoded;
-        if (!separator_at(&t, i, &value_start, &match_end, &encoded)) {
-            continue;
-        }
-        Py_ssize_t key_start = read_key(&t, i - 1, encoded);
-        if (key_start < 0) {
-            continue;
-        }
-        Slot *slot = lookup(self, modes, &t, key_start, match_end);
+    Pair pair;
+    for (Py_ssize_t i = next_pair(&t, 0, &pair); i < t.size; i = next_pair(&t, i + 1, &pair)) {
+        Slot *slot = lookup(self, modes, &t, pair.key_start, pair.match_end);
         if (slot == NULL) {
             goto error;
         }
-        if (slot->secret) {
-            /* Owned here: building the tuple may run a collection, whose finalizers may let
-               another thread replace this slot. */
-            PyObject *mode = Py_NewRef(slot->mode);
-            PyObject *item = Py_BuildValue("(nN)", value_start, mode);
-            if (item == NULL) {
-                goto error;
-            }
-            int appended = PyList_Append(out, item);
-            Py_DECREF(item);
-            if (appended < 0) {
-                goto error;
-            }
+        /* The mode is owned before the tuple is built: that may run a collection, whose
+           finalizers may let another thread replace this slot. */
+        if (slot->secret && append_pair(out, pair.value_start, Py_NewRef(slot->mode)) < 0) {
+            goto error;
         }
     }
     return out;
