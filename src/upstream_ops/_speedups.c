@@ -1,11 +1,11 @@
 /* Two steps of the sanitizer in C, an optional speed-up of upstream_ops.sanitize: the keys of the
    key/value pairs (pair_matches, KeyModes) and the token rules' literals (token_anchors, below).
 
-   The pure-Python pass (Sanitizer._secret_separators) finds every key/value separator by splitting
-   the reversed text with the patterns of _sanitize_rules._REVERSED_PAIRS, and looks up the mode of each
-   "separator and key" it splits off. In CPython 3.11 each regex match costs about 1,900 instructions
-   of set-up, and quoted JSON has a separator every thirty characters: that is most of the cost of
-   sanitizing it. This module reads the same keys with a loop over the text, and must agree with
+   The pure-Python pass (Sanitizer._secret_separators) finds every key/value separator by
+   splitting the reversed text with the patterns of _sanitize_rules._REVERSED_PAIRS, and looks up
+   the mode of each "separator and key" it splits off. In CPython 3.11 each regex match costs about
+   1,900 instructions of set-up, and quoted JSON has a separator every thirty characters: that is
+   most of the cost of sanitizing it. This module reads the same keys with a loop over the text, and must agree with
    those patterns exactly: tests/test_sanitize_speedups.py checks it against them on generated text.
 
    A separator's key never contains a separator of its own kind, so each separator is read on its
