@@ -5,13 +5,15 @@
    splitting the reversed text with the patterns of _sanitize_rules._REVERSED_PAIRS, and looks up
    the mode of each "separator and key" it splits off. In CPython 3.11 each regex match costs about
    1,900 instructions of set-up, and quoted JSON has a separator every thirty characters: that is
-   most of the cost of sanitizing it. This module reads the same keys with a loop over the text, and must agree with
-   those patterns exactly: tests/test_sanitize_speedups.py checks it against them on generated text.
+   most of the cost of sanitizing it. This module reads the same keys with a loop over the text,
+   and must agree with those patterns exactly: tests/test_sanitize_speedups.py checks it against
+   them on generated text.
 
    A separator's key never contains a separator of its own kind, so each separator is read on its
    own: from its left, backwards, as the reversed patterns read it.
 
-   Built when a C compiler is there (setup.py marks it optional); without it the Python pass runs. */
+   Built when a C compiler is there (setup.py marks it optional); without it the Python passes
+   run. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -133,7 +135,8 @@ read_key(const Text *t, Py_ssize_t i, int encoded)
     return i + 1;
 }
 
-/* The separator and key from start to end (inclusive), reversed: what the reversed pattern matched. */
+/* The separator and key from start to end (inclusive), reversed: what the reversed pattern
+   matched. */
 static PyObject *
 reversed_slice(const Text *t, Py_ssize_t start, Py_ssize_t end)
 {
@@ -305,9 +308,9 @@ pair_matches(PyObject *Py_UNUSED(module), PyObject *text)
 
    Each token rule of _sanitize_rules.TOKEN_RULES is a pass of the regex engine over the whole text
    (about 1 µs a 2 KiB), run when its gate character is there, which for "k", "A", "_" or "x" is
-   nearly always. Every match of a rule contains a literal of its own ("sk-", "AKIA", "eyJ" ...): one
-   pass here tells which of those literals the text holds, and only their rules run. The bits are in
-   the order of TOKEN_ANCHOR_RULES, which sanitize.py checks against TOKEN_RULES. */
+   nearly always. Every match of a rule contains a literal of its own ("sk-", "AKIA", "eyJ" ...):
+   one pass here tells which of those literals the text holds, and only their rules run. The bits
+   are in the order of TOKEN_ANCHOR_RULES, which sanitize.py checks against TOKEN_RULES. */
 
 static const char *const token_anchor_rules[] = {
     "bearer_or_basic_credential",          /* Bearer, Basic */
@@ -386,7 +389,8 @@ anchor_at(const Text *t, Py_ssize_t i)
 
 PyDoc_STRVAR(token_anchors_doc,
              "token_anchors(text, /)\n--\n\n"
-             "A bit for each rule of TOKEN_ANCHOR_RULES whose literal is in text (bit 0 the first): "
+             "A bit for each rule of TOKEN_ANCHOR_RULES whose literal is in text (bit 0 the "
+             "first): "
              "a rule without its bit cannot match.");
 
 static PyObject *
@@ -421,9 +425,9 @@ token_anchors(PyObject *Py_UNUSED(module), PyObject *text)
 
    Looking a key up in the sanitizer's dict needs a str made for it (and hashed) at every separator,
    about 90 ns each. A KeyModes keeps the mode of each key it has looked up in a direct-mapped table
-   (a slot a key, replaced on a collision, so its size is bounded) compared by characters, and asks the
-   dict only for a key it does not hold. A key's mode never changes for a sanitizer (its rules are
-   fixed in __init__), so a kept mode is never stale. */
+   (a slot a key, replaced on a collision, so its size is bounded) compared by characters, and
+   asks the dict only for a key it does not hold. A key's mode never changes for a sanitizer (its
+   rules are fixed in __init__), so a kept mode is never stale. */
 
 #define TABLE_SLOTS 1024 /* a power of two */
 
