@@ -17,6 +17,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <string.h>
 
 #define KEY_MAX_CHARS 128 /* _sanitize_rules._KEY_MAX_CHARS */
 #define QUOTE_BACKSLASHES 8
@@ -216,9 +217,9 @@ load_text(PyObject *text, Text *t)
 static unsigned char separator_chars[256]; /* = : % */
 static unsigned char anchor_chars[256];    /* the first characters of the token anchors */
 /* The first two characters of the token anchors: anchor_pairs[anchor_chars[first]][second]. */
-static const char *const anchor_starts[] = {"Be", "Ba", "sk", "AK", "AS", "AI", "ya", "gh", "gi",
-                                            "hf", "xo", "xa", "ey"};
 static unsigned char anchor_pairs[9][256];
+/* The anchors (below) with the same first character are together: where each group ends. */
+static size_t anchor_group_end[9];
 
 /* The first index from i on whose character is in table, or t->size. Most text is one byte a
    character, read here without PyUnicode_READ's test of the kind at every character. */
@@ -335,56 +336,41 @@ literal_at(const Text *t, Py_ssize_t i, const char *literal)
     return 1;
 }
 
-static inline int
-one_of_at(const Text *t, Py_ssize_t i, const char *chars)
-{
-    if (i >= t->size) {
-        return 0;
-    }
-    Py_UCS4 c = at(t, i);
-    for (; *chars; chars++) {
-        if (c == (Py_UCS4)(unsigned char)*chars) {
-            return 1;
-        }
-    }
-    return 0;
-}
+/* Every literal that a match of a token rule starts with or holds, with the rule's bit (its index
+   in token_anchor_rules), those with the same first character together. The anchor pass's tables
+   are made from it. */
+static const struct {
+    const char *literal;
+    unsigned rule;
+} anchors[] = {
+    {"Bearer", 0}, {"Basic", 0},
+    {"sk-", 1}, {"sk_", 1},
+    {"AKIA", 2}, {"ASIA", 2}, {"AIza", 2},
+    {"ya29.", 3},
+    {"ghp_", 4}, {"gho_", 4}, {"ghu_", 4}, {"ghs_", 4}, {"ghr_", 4}, {"github_pat_", 4},
+    {"hf_", 4},
+    {"xoxa-", 5}, {"xoxb-", 5}, {"xoxe-", 5}, {"xoxo-", 5}, {"xoxp-", 5}, {"xoxr-", 5},
+    {"xoxs-", 5}, {"xapp-", 5},
+    {"eyJ", 6},
+};
+#define ANCHORS (sizeof(anchors) / sizeof(anchors[0]))
 
-/* The bit of the rule whose anchor starts at i, or 0. */
+/* The bits of the rules whose literal starts at i. */
 static inline unsigned
 anchor_at(const Text *t, Py_ssize_t i)
 {
-    switch (at(t, i)) {
-    case 'B':
-        return (literal_at(t, i + 1, "earer") || literal_at(t, i + 1, "asic")) ? 1u << 0 : 0;
-    case 's':
-        return (literal_at(t, i + 1, "k-") || literal_at(t, i + 1, "k_")) ? 1u << 1 : 0;
-    case 'A':
-        return (literal_at(t, i + 1, "KIA") || literal_at(t, i + 1, "SIA") ||
-                literal_at(t, i + 1, "Iza"))
-                   ? 1u << 2
-                   : 0;
-    case 'y':
-        return literal_at(t, i + 1, "a29.") ? 1u << 3 : 0;
-    case 'g':
-        return ((literal_at(t, i + 1, "h") && one_of_at(t, i + 2, "pousr") &&
-                 literal_at(t, i + 3, "_")) ||
-                literal_at(t, i + 1, "ithub_pat_"))
-                   ? 1u << 4
-                   : 0;
-    case 'h':
-        return literal_at(t, i + 1, "f_") ? 1u << 4 : 0;
-    case 'x':
-        return ((literal_at(t, i + 1, "ox") && one_of_at(t, i + 3, "abeoprs") &&
-                 literal_at(t, i + 4, "-")) ||
-                literal_at(t, i + 1, "app-"))
-                   ? 1u << 5
-                   : 0;
-    case 'e':
-        return literal_at(t, i + 1, "yJ") ? 1u << 6 : 0;
-    default:
+    Py_UCS4 c = at(t, i);
+    unsigned group = c < 256 ? anchor_chars[c] : 0;
+    if (!group) {
         return 0;
     }
+    unsigned found = 0;
+    for (size_t k = anchor_group_end[group - 1]; k < anchor_group_end[group]; k++) {
+        if (literal_at(t, i, anchors[k].literal)) {
+            found |= 1u << anchors[k].rule;
+        }
+    }
+    return found;
 }
 
 PyDoc_STRVAR(token_anchors_doc,
@@ -599,13 +585,26 @@ speedups_exec(PyObject *module)
     for (const char *c = "=:%"; *c; c++) {
         separator_chars[(unsigned char)*c] = 1;
     }
+    /* Made anew, so that a second run (a reload) finds the same tables. */
+    memset(anchor_chars, 0, sizeof(anchor_chars));
+    memset(anchor_pairs, 0, sizeof(anchor_pairs));
     unsigned char firsts = 0;
-    for (size_t k = 0; k < sizeof(anchor_starts) / sizeof(anchor_starts[0]); k++) {
-        unsigned char first = (unsigned char)anchor_starts[k][0];
+    const unsigned char rows = (unsigned char)(sizeof(anchor_pairs) / sizeof(anchor_pairs[0]));
+    for (size_t k = 0; k < ANCHORS; k++) {
+        unsigned char first = (unsigned char)anchors[k].literal[0];
         if (!anchor_chars[first]) {
+            if (firsts + 1 >= rows) {
+                PyErr_SetString(PyExc_SystemError, "more anchor first characters than rows");
+                return -1;
+            }
             anchor_chars[first] = ++firsts; /* 1 to 8; row 0 stays empty */
         }
-        anchor_pairs[anchor_chars[first]][(unsigned char)anchor_starts[k][1]] = 1;
+        else if (anchor_chars[first] != firsts) {
+            PyErr_SetString(PyExc_SystemError, "the anchors are not grouped by first character");
+            return -1;
+        }
+        anchor_pairs[firsts][(unsigned char)anchors[k].literal[1]] = 1;
+        anchor_group_end[firsts] = k + 1;
     }
     if (PyType_Ready(&KeyModesType) < 0) {
         return -1;
