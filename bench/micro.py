@@ -15,15 +15,11 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from functools import partial
 from itertools import cycle
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bench.apps import UPSTREAM_ERRORS
-
-if TYPE_CHECKING:
-    from upstream_ops.sanitize import Sanitizer
 
 #: Distinct texts enough to miss the sanitizer's caches (4,096 results per kind) on every call ...
 _UNSEEN_TEXTS = 3 * 4096
@@ -115,7 +111,7 @@ def _summary(samples: list[float], **extra: Any) -> dict[str, Any]:
 
 
 def sanitize_cases(samples: int, sample_seconds: float) -> dict[str, dict[str, Any]]:
-    from upstream_ops.sanitize import sanitize_message
+    from upstream_ops.sanitize import Sanitizer, _patterns_only, sanitize_message
 
     results: dict[str, dict[str, Any]] = {}
     for shape in PARAGRAPHS:
@@ -146,30 +142,17 @@ def sanitize_cases(samples: int, sample_seconds: float) -> dict[str, dict[str, A
                     shape=shape,
                 )
     # What an install without a C compiler gets: the same 2 KiB with secrets, the patterns alone.
-    with _patterns_only() as sanitizer:
-        for shape in PARAGRAPHS:
-            text = error_text(2048, secrets=True, shape=shape)
-            if sanitizer.message(text) != sanitize_message(text):
-                raise AssertionError(f"{shape}: the patterns alone give another text")
-            results[f"sanitize_message 2 KiB {shape} with secrets, patterns only"] = _summary(
-                _time_calls(partial(sanitizer.message, text), samples, sample_seconds),
-                input_chars=len(text),
-                shape=shape,
-            )
+    sanitizer = _patterns_only(Sanitizer())
+    for shape in PARAGRAPHS:
+        text = error_text(2048, secrets=True, shape=shape)
+        if sanitizer.message(text) != sanitize_message(text):
+            raise AssertionError(f"{shape}: the patterns alone give another text")
+        results[f"sanitize_message 2 KiB {shape} with secrets, patterns only"] = _summary(
+            _time_calls(partial(sanitizer.message, text), samples, sample_seconds),
+            input_chars=len(text),
+            shape=shape,
+        )
     return results
-
-
-@contextmanager
-def _patterns_only() -> Iterator[Sanitizer]:
-    """A sanitizer without the C extension's steps, as one installed without a C compiler runs."""
-    from upstream_ops import sanitize
-
-    saved = sanitize._KeyModes, sanitize._token_anchors
-    sanitize._KeyModes = sanitize._token_anchors = None
-    try:
-        yield sanitize.Sanitizer()
-    finally:
-        sanitize._KeyModes, sanitize._token_anchors = saved
 
 
 def sanitize_linearity(samples: int, sample_seconds: float) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from bench.micro import PARAGRAPHS, SECRETS, error_text
 from upstream_ops import sanitize
 from upstream_ops._sanitize_rules import _REVERSED_PAIRS
-from upstream_ops.sanitize import REDACTED, TOKEN_RULES, Sanitizer
+from upstream_ops.sanitize import REDACTED, TOKEN_RULES, Sanitizer, _patterns_only
 
 try:
     from upstream_ops import _speedups
@@ -53,18 +53,8 @@ def reversed_pair_matches(text: str) -> list[tuple[int, str]]:
 
 
 def patterns_only() -> Sanitizer:
-    """A sanitizer built as it is without the extension."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sanitize, "_KeyModes", None)
-        sanitizer = Sanitizer()
-    assert sanitizer._key_table is None
-    return sanitizer
-
-
-def redact_patterns_only(sanitizer: Sanitizer, text: str) -> str:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sanitize, "_token_anchors", None)
-        return sanitizer._redact(text)
+    """A sanitizer that runs as it does without the extension."""
+    return _patterns_only(Sanitizer())
 
 
 # Text made of what the key patterns look at: separators, quotes, backslashes, the encoded separators
@@ -227,13 +217,13 @@ def test_the_sanitizer_gives_the_same_text_with_and_without_the_extension(
 ) -> None:
     with_extension, without = sanitizers
     text = context.join(["", *plants, ""]) if plants else context
-    assert with_extension._redact(text) == redact_patterns_only(without, text)
+    assert with_extension._redact(text) == without._redact(text)
     assert with_extension.detail(text) == patterns_only().detail(text)
 
 
 @pytest.mark.parametrize("text", bench_texts)
 def test_bench_texts_are_redacted_alike(text: str) -> None:
-    assert Sanitizer()._redact(text) == redact_patterns_only(patterns_only(), text)
+    assert Sanitizer()._redact(text) == patterns_only()._redact(text)
 
 
 def test_the_default_sanitizer_uses_the_extension() -> None:

@@ -159,7 +159,9 @@ class Sanitizer:
         self._keep_names = frozenset("".join(_segments(key)) for key in keep_keys)
         self._modes: dict[str, int] = {}
         self._reversed_modes = _ReversedKeyModes(self._key_mode)
+        # The C extension's steps, where it was built (see ``_patterns_only``).
         self._key_table = None if _KeyModes is None else _KeyModes()
+        self._token_anchors = _token_anchors
         # Texts repeat: the same platform, model, kind and endpoint on every event, and the same
         # "429 Too Many Requests" message and provider error body on every rate-limited call. The
         # results for texts up to _CACHED_CHARS long are kept, one bounded cache per kind of text
@@ -301,8 +303,9 @@ class Sanitizer:
                 text = _substitute_if_all_in(text, also_required, substitute)
         if "=" in text or ":" in text or "%" in text:
             text = self._redact_pairs(text)
-        if _token_anchors is not None:
-            present = _token_anchors(text)
+        token_anchors = self._token_anchors
+        if token_anchors is not None:
+            present = token_anchors(text)
             if present:
                 for bit, substitute in _TOKEN_BITS:
                     if present & bit:
@@ -429,6 +432,14 @@ class _ReversedKeyModes(dict[str, int]):
             self.clear()
         self[separator_and_key] = mode
         return mode
+
+
+def _patterns_only(sanitizer: Sanitizer) -> Sanitizer:
+    """``sanitizer``, from now on without the C extension's steps: what an install without a C
+    compiler runs, for the tests and the bench to compare with."""
+    sanitizer._key_table = None
+    sanitizer._token_anchors = None
+    return sanitizer
 
 
 def _fallback(max_bytes: object) -> str:
