@@ -16,9 +16,23 @@ from upstream_ops import (
     set_upstream_error,
     wrap_context,
 )
+from upstream_ops import collector as collector_module
 from upstream_ops.collector import Collector, _activate, _deactivate
 
 SECRET = "sk-proj-abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+@pytest.fixture(scope="module", autouse=True, params=["c-extension", "python"])
+def fields_pass(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test here runs with the C pass over an event's fields and with the Python loop alone."""
+    if request.param == "c-extension":
+        if collector_module._clean_fields is None:
+            pytest.skip("upstream_ops._speedups was not built (no C compiler at install)")
+        yield request.param
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(collector_module, "_clean_fields", None)
+        yield request.param
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,19 @@ from upstream_ops.sinks._query import (
     insert_record_sql,
     record_rows,
 )
+
+
+@pytest.fixture(scope="module", autouse=True, params=["c-extension", "python"])
+def event_keys(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test here runs with the C event key and with the writer's Python passes alone."""
+    if request.param == "c-extension":
+        if _sqlite_rows._event_key is None:
+            pytest.skip("upstream_ops._speedups was not built (no C compiler at install)")
+        yield request.param
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_sqlite_rows, "_event_key", None)
+        yield request.param
 
 
 def _tables(db: Path) -> dict[str, list[tuple[Any, ...]]]:
@@ -173,12 +187,14 @@ def test_shapes_beyond_the_cache_still_store(
 ) -> None:
     monkeypatch.setattr(_sqlite_rows, "_RECORD_SHAPES", {})
     monkeypatch.setattr(_sqlite_rows, "_EVENT_SHAPES", {})
+    monkeypatch.setattr(_sqlite_rows, "_SHAPES_BY_KEY", {})
     monkeypatch.setattr(_sqlite_rows, "_SHAPES_MAX", 0)
     records = [full_record("x"), full_record("y", route=None, error=None)]
     sink = SQLiteSink(tmp_path / "fast.db")
     sink.write(records)
     sink.close()
     assert _sqlite_rows._RECORD_SHAPES == _sqlite_rows._EVENT_SHAPES == {}
+    assert _sqlite_rows._SHAPES_BY_KEY == {}
     assert [r.id for r in SQLiteSink(tmp_path / "fast.db").query_records(0, 2**62)] == ["y", "x"]
 
 

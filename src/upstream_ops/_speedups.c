@@ -1,5 +1,7 @@
-/* Two steps of the sanitizer in C, an optional speed-up of upstream_ops.sanitize: the keys of the
-   key/value pairs (pair_matches, KeyModes) and the token rules' literals (token_anchors, below).
+/* Optional speed-ups in C: two steps of the sanitizer (upstream_ops.sanitize), the keys of the
+   key/value pairs (pair_matches, KeyModes) and the token rules' literals (token_anchors, below),
+   the collector's pass over an event's fields (clean_fields) and the key of an event's row in the
+   SQLite sink (event_key).
 
    The pure-Python pass (Sanitizer._secret_separators) finds every key/value separator by
    splitting the reversed text with the patterns of _sanitize_rules._REVERSED_PAIRS, and looks up
@@ -573,7 +575,180 @@ static PyTypeObject KeyModesType = {
     .tp_methods = KeyModes_methods,
 };
 
+/* --- An event's fields: the first pass of collector._event_from_fields ------------------------
+
+   append_upstream_error(**fields) checks each field's type and cleans each text, most texts being
+   ones the sanitizer has cleaned before (its kept results). That loop was most of the cost of an
+   append. clean_fields runs it for every field it can finish and leaves the rest (a value to
+   coerce, a text not cleaned before, a name that is no field) to the Python loop. */
+
+
+/* One field of clean_fields: 1 when it is finished (its type is the rule's, and a text either is
+   empty or has its cleaned text in the cache of its kind, now stored in fields), 0 when Python
+   must look at it, -1 on an error. */
+static int
+clean_field(PyObject *fields, PyObject *rules, PyObject *cached, PyObject *name, PyObject *value)
+{
+    PyObject *rule = PyDict_GetItemWithError(rules, name);
+    if (rule == NULL) {
+        return PyErr_Occurred() ? -1 : 0; /* no such field: Python says so */
+    }
+    if (!PyTuple_CheckExact(rule) || PyTuple_GET_SIZE(rule) != 2) {
+        return 0;
+    }
+    PyObject *expected = PyTuple_GET_ITEM(rule, 0), *kind = PyTuple_GET_ITEM(rule, 1);
+    if ((PyObject *)Py_TYPE(value) != expected) {
+        return 0; /* coerced (or refused) by Python */
+    }
+    if (kind == Py_None) {
+        return 1;
+    }
+    if (!PyUnicode_CheckExact(value) || !PyLong_CheckExact(kind)) {
+        return 0;
+    }
+    if (PyUnicode_GET_LENGTH(value) == 0) {
+        return 1; /* an empty text is kept as it is */
+    }
+    Py_ssize_t k = PyLong_AsSsize_t(kind);
+    if (k < 0 || k >= PyTuple_GET_SIZE(cached)) {
+        PyErr_Clear();
+        return 0;
+    }
+    PyObject *cache = PyTuple_GET_ITEM(cached, k);
+    if (!PyDict_CheckExact(cache)) {
+        return 0;
+    }
+    PyObject *cleaned = PyDict_GetItemWithError(cache, value);
+    if (cleaned == NULL) {
+        return PyErr_Occurred() ? -1 : 0; /* not cleaned before: the sanitizer runs */
+    }
+    if (cleaned == value) {
+        return 1;
+    }
+    Py_INCREF(cleaned);
+    /* The key is there already: its value is replaced, and the dict keeps its layout (as the C
+       API allows while PyDict_Next walks it). */
+    int stored = PyDict_SetItem(fields, name, cleaned);
+    Py_DECREF(cleaned);
+    return stored < 0 ? -1 : 1;
+}
+
+PyDoc_STRVAR(clean_fields_doc,
+             "clean_fields(fields, rules, cached, /)\n--\n\n"
+             "Check and clean an event's fields in their order, stopping at the first one it "
+             "cannot finish; returns how many it finished.\n\n"
+             "fields: the event's fields by name; rules: each field's (type, kind of text or "
+             "None); cached: the sanitizer's kept results, one dict per kind of text. A field is "
+             "finished when its value has exactly its type and, for a non-empty text, its cleaned "
+             "text is kept in cached[kind] (stored into fields).");
+
+static PyObject *
+clean_fields(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "clean_fields expected 3 arguments, got %zd", nargs);
+        return NULL;
+    }
+    PyObject *fields = args[0], *rules = args[1], *cached = args[2];
+    if (!PyDict_Check(fields) || !PyDict_Check(rules) || !PyTuple_Check(cached)) {
+        PyErr_SetString(PyExc_TypeError, "clean_fields expects a dict, a dict and a tuple");
+        return NULL;
+    }
+    Py_ssize_t position = 0, done = 0;
+    PyObject *name, *value;
+    while (PyDict_Next(fields, &position, &name, &value)) {
+        Py_INCREF(name); /* a comparison in a lookup may run Python code */
+        Py_INCREF(value);
+        int finished = clean_field(fields, rules, cached, name, value);
+        Py_DECREF(name);
+        Py_DECREF(value);
+        if (finished < 0) {
+            return NULL;
+        }
+        if (!finished) {
+            break;
+        }
+        done++;
+    }
+    return PyLong_FromSsize_t(done);
+}
+
+/* --- An event's row in the SQLite sink: sinks._sqlite_rows._event_row ---------------------------
+
+   The writer picks each event's statement by which of its 22 fields are set, once it knows that
+   each holds its declared type: two passes over the values and a dict lookup keyed by a tuple in
+   Python. event_key is both passes in one call, and an int key. tests/test_speedups_events.py
+   checks this function and clean_fields against the Python code they stand in for. */
+
+
+PyDoc_STRVAR(event_key_doc,
+             "event_key(values, types, optional, /)\n--\n\n"
+             "The key of an event's statement: bit i set when values[i] is true, for every field "
+             "but values[optional], which adds 1 << len(values) when it is True and 2 << "
+             "len(values) when it is False (None adds nothing). -1 when a value is not exactly of "
+             "its type in types (values[optional]: True, False or None).");
+
+static PyObject *
+event_key(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "event_key expected 3 arguments, got %zd", nargs);
+        return NULL;
+    }
+    PyObject *values = args[0], *types = args[1];
+    if (!PyTuple_Check(values) || !PyTuple_Check(types) || !PyLong_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "event_key expects a tuple, a tuple and an int");
+        return NULL;
+    }
+    Py_ssize_t count = PyTuple_GET_SIZE(values);
+    Py_ssize_t optional = PyLong_AsSsize_t(args[2]);
+    if (optional == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (count != PyTuple_GET_SIZE(types) || count > 60) {
+        PyErr_SetString(PyExc_ValueError, "event_key takes up to 60 values, one type each");
+        return NULL;
+    }
+    unsigned long long key = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *value = PyTuple_GET_ITEM(values, i);
+        if (i == optional) {
+            if (value == Py_True) {
+                key |= 1ULL << count;
+            }
+            else if (value == Py_False) {
+                key |= 2ULL << count;
+            }
+            else if (value != Py_None) {
+                return PyLong_FromLong(-1);
+            }
+            continue;
+        }
+        if ((PyObject *)Py_TYPE(value) != PyTuple_GET_ITEM(types, i)) {
+            return PyLong_FromLong(-1);
+        }
+        int truth;
+        if (PyUnicode_CheckExact(value)) {
+            truth = PyUnicode_GET_LENGTH(value) != 0;
+        }
+        else if (PyLong_CheckExact(value) || PyFloat_CheckExact(value)) {
+            truth = PyObject_IsTrue(value); /* a builtin's own test: runs no Python code */
+        }
+        else {
+            return PyLong_FromLong(-1); /* only str, int and float fields are keyed here */
+        }
+        if (truth) {
+            key |= 1ULL << i;
+        }
+    }
+    return PyLong_FromUnsignedLongLong(key);
+}
+
 static PyMethodDef speedups_methods[] = {
+    {"clean_fields", (PyCFunction)(void (*)(void))clean_fields, METH_FASTCALL, clean_fields_doc},
+    {"event_key", (PyCFunction)(void (*)(void))event_key, METH_FASTCALL, event_key_doc},
     {"pair_matches", (PyCFunction)pair_matches, METH_O, pair_matches_doc},
     {"token_anchors", (PyCFunction)token_anchors, METH_O, token_anchors_doc},
     {NULL, NULL, 0, NULL},
@@ -641,8 +816,8 @@ static PyModuleDef_Slot speedups_slots[] = {
 static struct PyModuleDef speedups_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "upstream_ops._speedups",
-    .m_doc = "The sanitizer's key/value pass in C (optional; upstream_ops.sanitize falls back to "
-             "its patterns).",
+    .m_doc = "Optional speed-ups in C: the sanitizer's key/value pass, the collector's field pass "
+             "and the SQLite sink's event key (each caller falls back to Python without them).",
     .m_size = 0,
     .m_methods = speedups_methods,
     .m_slots = speedups_slots,

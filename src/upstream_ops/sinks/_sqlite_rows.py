@@ -136,12 +136,38 @@ def _event_shape(values: Sequence[Any]) -> _EventShape:
     return shape
 
 
+# Where a compiler built upstream_ops._speedups, one call tells what the two passes above tell (the
+# plain types, and which fields are set): an int, -1 for types that are not plain, that keys the
+# same shapes.
+_event_key: Callable[[tuple[Any, ...], tuple[type, ...], int], int] | None
+try:
+    from upstream_ops._speedups import event_key as _event_key
+except ImportError:  # pragma: no cover - depends on the build
+    _event_key = None
+_SHAPES_BY_KEY: dict[int, _EventShape] = {}
+
+
+def _plain_event_shape(values: tuple[Any, ...]) -> _EventShape | None:
+    """The shape of an event whose ``values`` have plain types; ``None`` for other types."""
+    if _event_key is None:
+        return _event_shape(values) if tuple(map(type, values)) in _PLAIN_TYPES else None
+    key = _event_key(values, _TYPES, _RETRYABLE)
+    shape = _SHAPES_BY_KEY.get(key)
+    if shape is None:
+        if key < 0:
+            return None
+        shape = _event_shape(values)
+        if len(_SHAPES_BY_KEY) < _SHAPES_MAX:
+            _SHAPES_BY_KEY[key] = shape
+    return shape
+
+
 def _event_row(head: Row, event: UpstreamErrorEvent, json_in_sqlite: bool) -> tuple[str, Row]:
     """The statement and the values of one event's row (``head``: record id, seq, request id and
     the write time)."""
     values = field_values(event)
-    if json_in_sqlite and tuple(map(type, values)) in _PLAIN_TYPES:
-        shape = _event_shape(values)
+    shape = _plain_event_shape(values) if json_in_sqlite else None
+    if shape is not None:
         if shape.float_at is None:
             return shape.sql, (*head, *shape.pick(values))
         number = float.__repr__(values[shape.float_at])

@@ -1,0 +1,288 @@
+"""The C extension's event helpers agree with the Python code they stand in for.
+
+``clean_fields`` is the first pass of ``collector._event_from_fields`` (each field's type checked,
+each text's cleaned result taken from the sanitizer's kept results); ``event_key`` tells what the
+SQLite sink's writer works out for each event's row (plain types, which fields are set). Each is
+checked against the Python path on generated input; ``tests/test_collector.py`` and
+``tests/test_sinks_sqlite_rows.py`` run with and without them. In CI the extension must be built.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from operator import truth
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.sink_records import full_event
+from upstream_ops import collector as collector_module
+from upstream_ops.events import EVENT_FIELDS, FIELD_TYPES, UpstreamErrorEvent, field_values
+from upstream_ops.sanitize import MESSAGE_TEXT, Sanitizer, get_default_sanitizer
+from upstream_ops.sinks import _sqlite_rows
+
+try:
+    from upstream_ops import _speedups
+except ImportError:  # pragma: no cover - depends on the build
+    _speedups = None  # type: ignore[assignment]
+
+SECRET = "sk-proj-abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+@pytest.fixture(autouse=True)
+def extension() -> None:
+    if _speedups is None:
+        reason = "upstream_ops._speedups was not built (no C compiler when it was installed)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; CI needs it", pytrace=False)
+        pytest.skip(reason)
+
+
+# --- clean_fields -----------------------------------------------------------------------------------
+
+
+def event_from_fields(fields: dict[str, Any], *, with_c: bool) -> UpstreamErrorEvent | str:
+    """``_event_from_fields`` on a copy of ``fields``, with or without the C pass; an error as text."""
+    with pytest.MonkeyPatch.context() as patch:
+        if not with_c:
+            patch.setattr(collector_module, "_clean_fields", None)
+        try:
+            return collector_module._event_from_fields(dict(fields))
+        except (TypeError, ValueError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+
+
+# Texts the sanitizer has kept results for (cleaned as every kind of text first) and texts it has not.
+SEEN = ["openai", "POST", f"Bearer {SECRET}", "upstream returned 429", "https://u:p@h/x?key=v"]
+
+
+@pytest.fixture(autouse=True)
+def seen_texts_kept() -> None:
+    sanitizer = get_default_sanitizer()
+    for kind in range(len(sanitizer.cached_results())):
+        for text in SEEN:
+            sanitizer.clean(kind, text)
+
+
+text_values = st.one_of(
+    st.sampled_from(["", *SEEN]),
+    st.text(max_size=30),
+    st.text(max_size=10).map(lambda t: f"password={t}"),
+)
+# Values of each declared type and of the others, including what coerce_field accepts or refuses.
+any_values = st.one_of(
+    text_values,
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True),
+    st.sampled_from([None, True, False, b"bytes", "42", 3.0, [1]]),
+)
+
+
+def field_values_for(name: str) -> st.SearchStrategy[Any]:
+    expected = FIELD_TYPES[name]
+    typed: st.SearchStrategy[Any]
+    if expected is str:
+        typed = text_values
+    elif expected is int:
+        typed = st.integers(min_value=-(2**62), max_value=2**62)
+    elif expected is float:
+        typed = st.floats(allow_nan=False)
+    else:
+        typed = st.sampled_from([None, True, False])
+    return st.one_of(typed, typed, any_values)
+
+
+field_dicts = st.lists(
+    st.sampled_from(EVENT_FIELDS), unique=True, max_size=len(EVENT_FIELDS)
+).flatmap(lambda names: st.fixed_dictionaries({name: field_values_for(name) for name in names}))
+
+
+@settings(max_examples=400, deadline=None)
+@given(field_dicts, st.sampled_from([None, "bogus", "Platform"]))
+def test_an_event_from_fields_is_the_same_with_and_without_the_c_pass(
+    fields: dict[str, Any], unknown: str | None
+) -> None:
+    if unknown is not None:
+        fields[unknown] = "x"
+    with_c = event_from_fields(fields, with_c=True)
+    without = event_from_fields(fields, with_c=False)
+    if isinstance(with_c, UpstreamErrorEvent) and isinstance(without, UpstreamErrorEvent):
+        given_at = fields.get("at_unix_ms")
+        if not (isinstance(given_at, int) and given_at > 0):
+            without.at_unix_ms = with_c.at_unix_ms  # filled in from the clock, a ms apart
+        assert _same(field_values(with_c), field_values(without))
+    else:
+        assert with_c == without
+
+
+def _same(left: tuple[Any, ...], right: tuple[Any, ...]) -> bool:
+    """Equal, a NaN being equal to a NaN."""
+    return all(
+        a == b
+        or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+        for a, b in zip(left, right, strict=True)
+    )
+
+
+def test_it_finishes_the_fields_it_can_and_stops_at_the_first_it_cannot() -> None:
+    cached = get_default_sanitizer().cached_results()
+    secret = f"Bearer {SECRET}"
+    fields: dict[str, Any] = {
+        "platform": "openai",
+        "message": secret,
+        "attempt": 2,
+        "detail": "",
+        "upstream_status_code": "429",  # to coerce: Python's
+        "model": secret,
+    }
+    done = _speedups.clean_fields(fields, collector_module._FIELD_RULES, cached)
+    assert done == 4
+    assert fields["message"] == cached[MESSAGE_TEXT][secret] != secret
+    assert SECRET not in fields["message"]
+    assert fields["upstream_status_code"] == "429"
+    assert fields["model"] == secret  # after the stop: untouched
+
+
+def test_a_text_not_cleaned_before_an_unknown_name_or_an_odd_type_is_left_to_python() -> None:
+    rules, cached = collector_module._FIELD_RULES, get_default_sanitizer().cached_results()
+    never_seen = f"never seen {os.urandom(8).hex()} {SECRET}"
+
+    class Text(str):
+        pass
+
+    for fields in (
+        {"message": never_seen},
+        {"no_such_field": "x"},
+        {"platform": Text("openai")},
+        {"attempt": True},
+        {"retryable": 1},
+    ):
+        before = dict(fields)
+        assert _speedups.clean_fields(fields, rules, cached) == 0
+        assert fields == before
+    # A sanitizer subclass keeps no results for callers: every text is its own methods' to clean.
+    subclass_results = type("Custom", (Sanitizer,), {})().cached_results()
+    assert _speedups.clean_fields({"platform": "openai"}, rules, subclass_results) == 0
+    assert _speedups.clean_fields({"attempt": 1, "platform": ""}, rules, subclass_results) == 2
+
+
+def test_clean_fields_refuses_arguments_of_other_types() -> None:
+    rules, cached = collector_module._FIELD_RULES, get_default_sanitizer().cached_results()
+    with pytest.raises(TypeError, match="3 arguments"):
+        _speedups.clean_fields({}, rules)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="a dict, a dict and a tuple"):
+        _speedups.clean_fields([], rules, cached)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="a dict, a dict and a tuple"):
+        _speedups.clean_fields({}, rules, list(cached))  # type: ignore[arg-type]
+
+
+def test_a_name_whose_comparison_changes_the_dict_does_not_break_the_pass() -> None:
+    """Python code run by a lookup (a str subclass's ``__eq__``) may change the dict being walked."""
+    fields: dict[str, Any] = {}
+
+    class Name(str):
+        def __hash__(self) -> int:
+            return hash(str(self))
+
+        def __eq__(self, other: object) -> bool:
+            fields.clear()
+            return str(self) == other
+
+    fields.update({"platform": "openai", Name("attempt"): 1, "model": "m"})
+    rules, cached = collector_module._FIELD_RULES, get_default_sanitizer().cached_results()
+    done = _speedups.clean_fields(fields, rules, cached)
+    assert 0 <= done <= 3
+
+
+def test_append_upstream_error_uses_the_c_pass() -> None:
+    assert collector_module._clean_fields is _speedups.clean_fields
+
+
+# --- event_key --------------------------------------------------------------------------------------
+
+
+def python_key(values: tuple[Any, ...]) -> tuple[tuple[bool, ...], object] | None:
+    """What the writer's Python passes tell: ``None`` for types that are not plain."""
+    if tuple(map(type, values)) not in _sqlite_rows._PLAIN_TYPES:
+        return None
+    return tuple(map(truth, values)), values[_sqlite_rows._RETRYABLE]
+
+
+def decoded(key: int) -> tuple[tuple[bool, ...], object] | None:
+    """``event_key``'s int as the Python key."""
+    if key < 0:
+        return None
+    count, optional = len(EVENT_FIELDS), _sqlite_rows._RETRYABLE
+    retryable = {0: None, 1: True, 2: False}[key >> count]
+    is_set = tuple(bool(retryable) if i == optional else bool(key >> i & 1) for i in range(count))
+    return is_set, retryable
+
+
+def event_key(values: tuple[Any, ...]) -> int:
+    return _speedups.event_key(values, _sqlite_rows._TYPES, _sqlite_rows._RETRYABLE)
+
+
+class Int(int):
+    pass
+
+
+odd_values = st.sampled_from([None, True, False, Int(3), "", "x", 0, 1, 0.0, -0.0, math.nan, b"b"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.builds(
+        full_event,
+        platform=st.sampled_from(["", "openai"]),
+        account_id=st.sampled_from([0, 7, -(2**80)]),
+        message=st.text(max_size=5),
+        duration_ms=st.sampled_from([0.0, -0.0, 12.5, math.inf, math.nan]),
+        retryable=st.sampled_from([None, False, True]),
+        retry_after_ms=st.sampled_from([0, 1200]),
+        origin=st.sampled_from(["", "upstream"]),
+    ),
+    st.dictionaries(st.integers(0, len(EVENT_FIELDS) - 1), odd_values, max_size=3),
+)
+def test_event_key_tells_what_the_python_passes_tell(
+    event: UpstreamErrorEvent, replaced: dict[int, Any]
+) -> None:
+    values = list(field_values(event))
+    for index, value in replaced.items():
+        values[index] = value
+    key = event_key(tuple(values))
+    assert decoded(key) == python_key(tuple(values))
+
+
+def test_events_of_one_shape_get_one_key_and_events_of_two_shapes_two() -> None:
+    keys = {
+        event_key(field_values(event))
+        for event in (
+            full_event(),
+            full_event(message="other", attempt=9, duration_ms=1.0),
+            full_event(retryable=True),
+            full_event(retryable=None),
+            full_event(detail=""),
+            UpstreamErrorEvent(),
+        )
+    }
+    assert len(keys) == 5
+
+
+def test_event_key_refuses_arguments_it_cannot_key() -> None:
+    types, optional = _sqlite_rows._TYPES, _sqlite_rows._RETRYABLE
+    with pytest.raises(TypeError, match="3 arguments"):
+        _speedups.event_key((), types)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="a tuple, a tuple and an int"):
+        _speedups.event_key([], types, optional)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="one type each"):
+        _speedups.event_key((1,), types, optional)
+    with pytest.raises(ValueError, match="up to 60"):
+        _speedups.event_key((0,) * 61, (int,) * 61, -1)
+    assert _speedups.event_key(([],), (list,), -1) == -1  # only str, int and float are keyed
+
+
+def test_the_writer_uses_event_key() -> None:
+    assert _sqlite_rows._event_key is _speedups.event_key
