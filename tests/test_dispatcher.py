@@ -159,28 +159,74 @@ def test_submit_never_blocks_on_a_slow_sink() -> None:
     d.close()
 
 
-def test_records_waiting_behind_a_slow_sink_are_packed_and_written_unchanged() -> None:
-    sink = BlockingSink()
-    d = Dispatcher(sink, batch_size=4, batch_interval=0.01)
-    records = [
+def _event_records(start: int, count: int) -> list[RequestRecord]:
+    return [
         RequestRecord(
             id=f"id-{i}",
             request_id=f"req-{i}",
             upstream_errors=[UpstreamErrorEvent(upstream_status_code=504, attempt=i)],
         )
-        for i in range(100)
+        for i in range(start, start + count)
     ]
+
+
+class TimedSink(MemorySink):
+    """Takes ``seconds`` a record to write, and blocks while ``release`` is not set."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.release = threading.Event()
+        self.release.set()
+
+    def write(self, records: Sequence[RequestRecord], /) -> None:
+        self.release.wait(10)
+        time.sleep(self.seconds * len(records))
+        super().write(records)
+
+
+def _fill_behind(d: Dispatcher, sink: TimedSink, start: int, count: int) -> list[RequestRecord]:
+    """Submit ``count`` records while the sink is blocked; returns them."""
+    sink.release.clear()
+    records = _event_records(start, count)
     for record in records:
         assert d.submit(record)
+    return records
+
+
+def test_records_waiting_behind_a_slow_sink_are_packed_and_written_unchanged() -> None:
+    sink = TimedSink(0.1)  # 100 ms a record: 5 records queued wait _PACK_WAIT_S
+    d = Dispatcher(sink, batch_size=4, batch_interval=0.01)
+    assert d.submit(make_record(-1)) and d.flush(timeout=10)  # the sink's speed is known
+    records = _fill_behind(d, sink, 0, 100)
     queued = list(d._queue)
     # Behind two full batches, records wait as flat tuples the garbage collector does not track.
-    assert sum(type(item) is tuple for item in queued) >= len(queued) - 8
     assert len(queued) >= 80
+    assert sum(type(item) is tuple for item in queued) >= len(queued) - 8
     gc.collect()
     assert not any(gc.is_tracked(item) for item in queued if type(item) is tuple)
+    sink.seconds = 0.0
     sink.release.set()
     assert d.flush(timeout=10)
-    assert sink.records == records
+    assert sink.records[1:] == records
+    d.close()
+
+
+def test_records_a_fast_sink_will_take_soon_are_not_packed() -> None:
+    """Packing costs the request about 2 µs; a burst in front of a fast sink is not worth it."""
+    sink = TimedSink(0.0)
+    d = Dispatcher(sink, batch_size=4, batch_interval=0.01)
+    # Before the sink's first write its speed is unknown: records behind two batches are packed.
+    first = _fill_behind(d, sink, 0, 40)
+    assert any(type(item) is tuple for item in d._queue)
+    sink.release.set()
+    assert d.flush(timeout=10)
+    burst = _fill_behind(d, sink, 40, 100)
+    assert len(d._queue) >= 80
+    assert not any(type(item) is tuple for item in d._queue)
+    sink.release.set()
+    assert d.flush(timeout=10)
+    assert sink.records == first + burst
     d.close()
 
 

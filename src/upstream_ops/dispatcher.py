@@ -48,8 +48,12 @@ __all__ = ["Dispatcher", "DispatcherStats", "flush"]
 
 logger = logging.getLogger("upstream_ops")
 
-#: Records submitted behind this many full batches are packed while they wait (see pack_record).
+#: Records submitted behind this many full batches are packed while they wait (see pack_record),
+#: if the sink's last write says they will wait _PACK_WAIT_S or longer. Packing costs a record about
+#: 2 µs on the request path and 3 µs more on the dispatcher's; records the sink takes within half a
+#: second (a burst in front of a fast sink) are gone before they slow the garbage collector down.
 _PACK_AT_BATCHES = 2
+_PACK_WAIT_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,10 +158,14 @@ class Dispatcher(_DispatcherThreads):
             self._start()
         self._metrics.queued(1)  # before the worker can take it: the gauge never goes below zero
         item: RequestRecord | PackedRecord = record
-        if self._pack_at <= len(self._queue) < self.queue_size:
-            # It will wait behind a slow sink long enough to reach the collector's oldest
-            # generation; packed, it does not lengthen every full collection (see pack_record).
-            item = pack_record(record) or record
+        waiting = len(self._queue)
+        if self._pack_at <= waiting < self.queue_size:
+            # Behind a slow sink it waits long enough to reach the collector's oldest generation;
+            # packed, it does not lengthen every full collection (see pack_record). How long, the
+            # sink's last write tells (before the first one: assume long).
+            per_record = self._write_s_per_record
+            if not per_record or waiting * per_record >= _PACK_WAIT_S:
+                item = pack_record(record) or record
         with self._lock:
             queued = len(self._queue)
             if queued < self.queue_size:
