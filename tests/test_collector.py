@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from tests.speedups import with_and_without
 from upstream_ops import (
     UpstreamErrorEvent,
     append_upstream_error,
@@ -21,18 +22,8 @@ from upstream_ops.collector import Collector, _activate, _deactivate
 
 SECRET = "sk-proj-abcdefghijklmnopqrstuvwxyz0123456789"
 
-
-@pytest.fixture(scope="module", autouse=True, params=["c-extension", "python"])
-def fields_pass(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Every test here runs with the C pass over an event's fields and with the Python loop alone."""
-    if request.param == "c-extension":
-        if collector_module._clean_fields is None:
-            pytest.skip("upstream_ops._speedups was not built (no C compiler at install)")
-        yield request.param
-        return
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(collector_module, "_clean_fields", None)
-        yield request.param
+# Every test here runs with the C pass over an event's fields and with the Python loop alone.
+fields_pass = with_and_without(collector_module, "_clean_fields")
 
 
 @pytest.fixture

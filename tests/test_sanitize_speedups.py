@@ -9,7 +9,6 @@ the extension against the sanitizer without it. In CI the extension must have be
 from __future__ import annotations
 
 import copy
-import os
 import pickle
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.micro import PARAGRAPHS, SECRETS, error_text
+from tests.speedups import require_extension
 from upstream_ops import sanitize
 from upstream_ops._sanitize_rules import _REVERSED_PAIRS
 from upstream_ops.sanitize import REDACTED, TOKEN_RULES, Sanitizer, _patterns_only
@@ -34,11 +34,7 @@ except ImportError:  # pragma: no cover - depends on the build
 
 @pytest.fixture(autouse=True)
 def extension() -> None:
-    if _speedups is None:
-        reason = "upstream_ops._speedups was not built (no C compiler when it was installed)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}; CI needs it", pytrace=False)
-        pytest.skip(reason)
+    require_extension(_speedups)
 
 
 def reversed_pair_matches(text: str) -> list[tuple[int, str]]:

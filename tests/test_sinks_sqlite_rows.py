@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.sink_records import full_event, full_record
+from tests.speedups import with_and_without
 from upstream_ops.events import UpstreamErrorEvent
 from upstream_ops.record import RequestRecord
 from upstream_ops.sinks import SQLiteSink, _sqlite_rows
@@ -25,18 +25,8 @@ from upstream_ops.sinks._query import (
     record_rows,
 )
 
-
-@pytest.fixture(scope="module", autouse=True, params=["c-extension", "python"])
-def event_keys(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Every test here runs with the C event key and with the writer's Python passes alone."""
-    if request.param == "c-extension":
-        if _sqlite_rows._event_key is None:
-            pytest.skip("upstream_ops._speedups was not built (no C compiler at install)")
-        yield request.param
-        return
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_sqlite_rows, "_event_key", None)
-        yield request.param
+# Every test here runs with the C event key and with the writer's Python passes alone.
+event_keys = with_and_without(_sqlite_rows, "_event_key")
 
 
 def _tables(db: Path) -> dict[str, list[tuple[Any, ...]]]:

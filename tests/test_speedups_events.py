@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.sink_records import full_event
+from tests.speedups import require_extension
 from upstream_ops import collector as collector_module
 from upstream_ops.events import EVENT_FIELDS, FIELD_TYPES, UpstreamErrorEvent, field_values
 from upstream_ops.sanitize import MESSAGE_TEXT, Sanitizer, get_default_sanitizer
@@ -34,11 +35,7 @@ SECRET = "sk-proj-abcdefghijklmnopqrstuvwxyz0123456789"
 
 @pytest.fixture(autouse=True)
 def extension() -> None:
-    if _speedups is None:
-        reason = "upstream_ops._speedups was not built (no C compiler when it was installed)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}; CI needs it", pytrace=False)
-        pytest.skip(reason)
+    require_extension(_speedups)
 
 
 # --- clean_fields -----------------------------------------------------------------------------------

@@ -1,0 +1,39 @@
+"""What the tests of the optional C extension (``upstream_ops._speedups``) share."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+NOT_BUILT = "upstream_ops._speedups was not built (no C compiler when it was installed)"
+
+
+def require_extension(extension: ModuleType | None) -> None:
+    """Skip without the extension; in CI, which must have built it, fail."""
+    if extension is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{NOT_BUILT}; CI needs it", pytrace=False)
+        pytest.skip(NOT_BUILT)
+
+
+def with_and_without(module: ModuleType, name: str) -> Callable[..., Any]:
+    """A module-scoped, autouse fixture: every test of the test module runs once with
+    ``module.<name>`` (a step of the extension) and once with it set to ``None``, the Python code
+    alone."""
+
+    @pytest.fixture(scope="module", autouse=True, params=["c-extension", "python"])
+    def extension_step(request: pytest.FixtureRequest) -> Iterator[str]:
+        if request.param == "c-extension":
+            if getattr(module, name) is None:
+                pytest.skip(NOT_BUILT)
+            yield request.param
+            return
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(module, name, None)
+            yield request.param
+
+    return extension_step
