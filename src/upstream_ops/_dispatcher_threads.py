@@ -59,9 +59,9 @@ class _DispatcherThreads:
         """Fresh state: at construction and in a forked child (the parent owns what it had queued)."""
         # Bounded by submit (queue_size); records that will wait long are packed (see submit).
         self._queue: deque[RequestRecord | PackedRecord] = deque()
-        # Seconds the sink's last successful write took a record (0.0 before one): how long a
+        # Seconds the sink's last successful write took a record (None before one): how long a
         # record queued now will wait, for submit's choice to pack it.
-        self._write_s_per_record = 0.0
+        self._write_s_per_record: float | None = None
         self._lock = threading.Lock()  # queue, counters and hand-over; never held during I/O
         self._changed = threading.Condition(self._lock)
         # The intake thread waits here, and says why, so submit wakes it only when it must.
@@ -287,13 +287,13 @@ class _DispatcherThreads:
                 delay = min(RETRY_BACKOFF_MAX_S, RETRY_BACKOFF_S * 2 ** (attempt - 1))
                 if self._spill_now.wait(delay * random.uniform(0.5, 1.5)) and self.spool:
                     break  # shutting down: the spool is faster than waiting out the backoff
-            started = time.monotonic()
+            started = time.perf_counter()
             try:
                 self.sink.write(batch)
             except Exception as exc:
                 error = exc
                 continue
-            self._write_s_per_record = (time.monotonic() - started) / max(len(batch), 1)
+            self._write_s_per_record = (time.perf_counter() - started) / max(len(batch), 1)
             self._settle(WRITTEN, len(batch))
             with self._lock:
                 self._written += len(batch)

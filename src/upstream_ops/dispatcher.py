@@ -164,7 +164,7 @@ class Dispatcher(_DispatcherThreads):
             # packed, it does not lengthen every full collection (see pack_record). How long, the
             # sink's last write tells (before the first one: assume long).
             per_record = self._write_s_per_record
-            if not per_record or waiting * per_record >= _PACK_WAIT_S:
+            if per_record is None or waiting * per_record >= _PACK_WAIT_S:
                 item = pack_record(record) or record
         with self._lock:
             queued = len(self._queue)
