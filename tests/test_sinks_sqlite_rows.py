@@ -172,6 +172,17 @@ def test_many_row_statements_keep_under_sqlites_parameter_limit(tmp_path: Path) 
     ) == ("INSERT INTO t (a) VALUES (?), (?) ON CONFLICT (a) DO NOTHING")
 
 
+def test_numbered_parameters_are_renumbered_row_by_row() -> None:
+    # A parameter used twice (a column and the event's JSON) keeps one number within its row;
+    # braces in the statement's text are kept as they are.
+    sql = "INSERT INTO t (a, b) VALUES (?1, json_object('{x}', ?2, 'a', ?1)) ON CONFLICT DO NOTHING"
+    assert _sqlite_rows._multi_row_sql.__wrapped__(sql, 3, 2) == (
+        "INSERT INTO t (a, b) VALUES (?1, json_object('{x}', ?2, 'a', ?1)), "
+        "(?3, json_object('{x}', ?4, 'a', ?3)), (?5, json_object('{x}', ?6, 'a', ?5))"
+        " ON CONFLICT DO NOTHING"
+    )
+
+
 def test_shapes_beyond_the_cache_still_store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -346,8 +346,14 @@ def _multi_row_sql(sql: str, rows: int, width: int) -> str:
     if not _NUMBERED_PARAMETER.search(values):  # anonymous "?": numbered in order of appearance
         return sql[:start] + ", ".join([values] * rows) + sql[end:]
 
-    def shifted(offset: int) -> str:
-        return _NUMBERED_PARAMETER.sub(lambda m: f"?{int(m[1]) + offset}", values)
-
-    tuples = [shifted(row * width) for row in range(rows)]
+    # Split once into the text around the parameters and their numbers, and fill in each row's
+    # numbers with one ``format``: a ``sub`` with a callback for every row held the interpreter lock
+    # for 6-18 ms on a 256-row event statement, the first time each shape was written.
+    pieces = _NUMBERED_PARAMETER.split(values)
+    numbers = [int(number) for number in pieces[1::2]]
+    template = "?{}".join(text.replace("{", "{{").replace("}", "}}") for text in pieces[0::2])
+    tuples = [
+        template.format(*[number + offset for number in numbers])
+        for offset in range(0, rows * width, width)
+    ]
     return sql[:start] + ", ".join(tuples) + sql[end:]
