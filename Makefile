@@ -10,9 +10,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# setup.py builds the optional C extension (src/upstream_ops/_speedups.c) into the source tree: a change
-# to it is built again by the next make.
-BUILD_INPUTS := pyproject.toml setup.py src/upstream_ops/_speedups.c
+# setup.py builds the optional C extensions (src/upstream_ops/*.c) into the source tree: a change
+# to one is built again by the next make.
+BUILD_INPUTS := pyproject.toml setup.py src/upstream_ops/_speedups.c src/upstream_ops/_wsgi_recording.c
 
 $(VENV)/.demo-installed: $(BUILD_INPUTS) | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[demo]'

@@ -1,8 +1,9 @@
-"""The optional C extension; everything else about the package is in pyproject.toml.
+"""The optional C extensions; everything else about the package is in pyproject.toml.
 
 ``upstream_ops._speedups`` makes the sanitizer's key/value pass and its token rules' literal checks
-several times faster. It is optional: where no C compiler is at hand the build goes on without it
-and ``upstream_ops.sanitize`` runs its patterns alone, with the same result.
+several times faster, and ``upstream_ops._wsgi_recording`` runs the steps of every WSGI request
+in C. Both are optional: where no C compiler is at hand the build goes on without them
+and the Python code runs alone, with the same result.
 """
 
 from setuptools import Extension, setup
@@ -13,6 +14,11 @@ setup(
             "upstream_ops._speedups",
             sources=["src/upstream_ops/_speedups.c"],
             optional=True,
-        )
+        ),
+        Extension(
+            "upstream_ops._wsgi_recording",
+            sources=["src/upstream_ops/_wsgi_recording.c"],
+            optional=True,
+        ),
     ]
 )

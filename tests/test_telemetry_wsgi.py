@@ -14,10 +14,15 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 import upstream_ops
 from upstream_ops import RequestRecord, UpstreamOpsWSGIMiddleware, append_upstream_error
+from upstream_ops import wsgi as wsgi_module
 from upstream_ops.flask import UpstreamOps
 from upstream_ops.sinks import MemorySink
 
 from .conftest import OTel, serve_wsgi, wait_for
+from .speedups import with_and_without
+
+# Every test runs with the request's object in C (upstream_ops._wsgi_recording) and in Python.
+recording_kind = with_and_without(wsgi_module, "_new_c_recording")
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"

@@ -18,10 +18,15 @@ from upstream_ops import (
     append_upstream_error,
     current_collector,
 )
+from upstream_ops import wsgi as wsgi_module
 from upstream_ops.flask import UpstreamOps
 from upstream_ops.sinks import MemorySink
 
 from .conftest import serve_wsgi, wait_for
+from .speedups import with_and_without
+
+# Every test runs with the request's object in C (upstream_ops._wsgi_recording) and in Python.
+recording_kind = with_and_without(wsgi_module, "_new_c_recording")
 
 
 def records_of(sink: MemorySink, expected: int = 1) -> list[RequestRecord]:
@@ -246,7 +251,9 @@ def test_a_healthy_request_makes_no_request_id_unless_it_is_read() -> None:
             environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "wsgi.input": None}
             if incoming is not None:
                 environ["HTTP_X_REQUEST_ID"] = incoming
-            assert b"".join(middleware(environ, lambda status, headers, exc=None: None)) == b"ok"
+            body = middleware(environ, lambda status, headers, exc=None: None)
+            assert b"".join(body) == b"ok"
+            body.close()  # type: ignore[attr-defined]  # as a server does: the request ends
     finally:
         middleware.dispatcher.close()
     assert [c._request_id for c in seen] == [None, None, "w-9"]  # nobody asked: none was made

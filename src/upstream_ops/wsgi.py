@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics, trace
 from opentelemetry.propagators.textmap import Getter
@@ -150,20 +150,38 @@ class UpstreamOpsWSGIMiddleware:
             or (get_context() is not EMPTY_CONTEXT and has_current_span())
             else None
         )
-        recording = _new_recording()
-        recording.middleware = self
-        recording.environ = environ
-        recording._start_response = start_response
-        recording.collector = collector
-        recording.telemetry = telemetry
-        recording.started = started
-        recording.status = ""
-        recording.route_source = None
-        recording.iteration_started = False
-        recording.ended = 0.0
-        recording.error = None
-        recording.finished = False
-        recording.token = _current.set(collector)
+        token = _current.set(collector)
+        recording: _RecordingSteps
+        if _new_c_recording is not None:
+            recording = _new_c_recording(
+                _WSGIRequestRecording,
+                self,
+                environ,
+                start_response,
+                collector,
+                telemetry,
+                started,
+                _current,
+                token,
+                self._route_key,
+                self._echo_header is None and telemetry is None,
+                self._default_rule,
+            )
+        else:
+            recording = _new_recording()
+            recording.middleware = self
+            recording.environ = environ
+            recording._start_response = start_response
+            recording.collector = collector
+            recording.telemetry = telemetry
+            recording.started = started
+            recording.status = ""
+            recording.route_source = None
+            recording.iteration_started = False
+            recording.ended = 0.0
+            recording.error = None
+            recording.finished = False
+            recording.token = token
         if telemetry is None:
             try:
                 result = self.app(environ, recording.start_response)
@@ -192,31 +210,13 @@ class UpstreamOpsWSGIMiddleware:
         return recording
 
 
-class _WSGIRequestRecording:
-    """One WSGI request: its collector, what ``start_response`` told, and the response iterable.
+class _RecordingSteps:
+    """What both kinds of a request's object do alike: the steps only some requests take (a
+    start_response with the request id to echo or a span to tell, an app that raised, a file
+    wrapper, a request that may get a record)."""
 
-    It is what the middleware returns to the server: iterating it iterates the app's response and
-    notes errors and completion; ``close`` closes the app's response and finishes the record, once.
-    The middleware fills it in (it has no ``__init__``: calling one costs a request more than the
-    stores themselves).
-    """
-
-    __slots__ = (
-        "_start_response",
-        "collector",
-        "ended",
-        "environ",
-        "error",
-        "finished",
-        "iteration_started",
-        "middleware",
-        "result",
-        "route_source",
-        "started",
-        "status",
-        "telemetry",
-        "token",
-    )
+    if not TYPE_CHECKING:  # the subclasses' slots hold the state (mypy would see none of them)
+        __slots__ = ()
 
     middleware: UpstreamOpsWSGIMiddleware
     environ: WSGIEnvironment
@@ -233,7 +233,13 @@ class _WSGIRequestRecording:
     error: BaseException | None
     finished: bool
 
-    def start_response(
+    if TYPE_CHECKING:  # each kind has its own
+
+        def __iter__(self) -> Iterator[bytes]: ...
+        def close(self) -> None: ...
+        def finish(self) -> None: ...
+
+    def _start_response_slow(
         self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
     ) -> Callable[[bytes], object]:
         """Notes the status (and echoes the request id) on the way to the server's start_response."""
@@ -254,26 +260,7 @@ class _WSGIRequestRecording:
             return self._start_response(status, headers, exc_info)
         return self._start_response(status, headers)
 
-    def __iter__(self) -> Iterator[bytes]:
-        self.iteration_started = True
-        try:
-            yield from self.result
-        except GeneratorExit:
-            raise  # the server stopped iterating early; close() will tell
-        except BaseException as exc:
-            self.error = exc
-            self.ended = _perf_counter()
-            raise
-        self.ended = _perf_counter()
-
-    def close(self) -> None:
-        try:
-            close = getattr(self.result, "close", None)
-            if close is not None:
-                close()
-        finally:
-            if not self.finished:
-                self.finish()
+    start_response = _start_response_slow  # the C kind has its own, which calls the one above
 
     def fail(self, error: BaseException) -> None:
         """The app raised instead of returning a response iterable."""
@@ -296,33 +283,6 @@ class _WSGIRequestRecording:
         except (AttributeError, TypeError):
             self.finish()  # cannot hook the end: record what is known now
         return result
-
-    def finish(self) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        try:
-            _current.reset(self.token)
-        except ValueError:  # closed in another context than the one the app ran in
-            _current.set(None)
-        error = self.error
-        if error is None:
-            error = self.environ.get(ENVIRON_ERROR)
-            if error is not None and not isinstance(error, BaseException):
-                error = None
-        # A status line below "5" has a code below 500 (or none): healthy under the default rule
-        # whether or not the body was sent in full (499), so its number is not needed.
-        # ``Recorder.finish_if_healthy`` without its call: a quiet collector (closed here either
-        # way) under the default rule gets no record.
-        if (
-            error is None
-            and self.telemetry is None
-            and self.status < "5"
-            and self.middleware._default_rule
-            and self.collector.close()
-        ):
-            return
-        self._finish_slow(error)
 
     def _finish_slow(self, error: BaseException | None) -> None:
         """A request that may get a record, or has telemetry: describe it in full."""
@@ -373,6 +333,102 @@ class _WSGIRequestRecording:
         return route if isinstance(route, str) else None
 
 
+class _PyWSGIRequestRecording(_RecordingSteps):
+    """One WSGI request: its collector, what ``start_response`` told, and the response iterable.
+
+    It is what the middleware returns to the server: iterating it iterates the app's response and
+    notes errors and completion; ``close`` closes the app's response and finishes the record, once.
+    The middleware fills it in (it has no ``__init__``: calling one costs a request more than the
+    stores themselves).
+    """
+
+    __slots__ = (
+        "_start_response",
+        "collector",
+        "ended",
+        "environ",
+        "error",
+        "finished",
+        "iteration_started",
+        "middleware",
+        "result",
+        "route_source",
+        "started",
+        "status",
+        "telemetry",
+        "token",
+    )
+
+    def __iter__(self) -> Iterator[bytes]:
+        self.iteration_started = True
+        try:
+            yield from self.result
+        except GeneratorExit:
+            raise  # the server stopped iterating early; close() will tell
+        except BaseException as exc:
+            self.error = exc
+            self.ended = _perf_counter()
+            raise
+        self.ended = _perf_counter()
+
+    def close(self) -> None:
+        try:
+            close = getattr(self.result, "close", None)
+            if close is not None:
+                close()
+        finally:
+            if not self.finished:
+                self.finish()
+
+    def finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        try:
+            _current.reset(self.token)
+        except ValueError:  # closed in another context than the one the app ran in
+            _current.set(None)
+        error = self.error
+        if error is None:
+            error = self.environ.get(ENVIRON_ERROR)
+            if error is not None and not isinstance(error, BaseException):
+                error = None
+        # A status line below "5" has a code below 500 (or none): healthy under the default rule
+        # whether or not the body was sent in full (499), so its number is not needed.
+        # ``Recorder.finish_if_healthy`` without its call: a quiet collector (closed here either
+        # way) under the default rule gets no record.
+        if (
+            error is None
+            and self.telemetry is None
+            and self.status < "5"
+            and self.middleware._default_rule
+            and self.collector.close()
+        ):
+            return
+        self._finish_slow(error)
+
+
+# The same object in C where a compiler built upstream_ops._wsgi_recording: its start_response,
+# iteration, close and finish run the steps every request takes without a Python call, and leave
+# the others to the methods above. ``_new_c_recording`` makes and fills one in one call.
+_new_c_recording: Callable[..., _RecordingSteps] | None = None
+_WSGIRequestRecording: type[_RecordingSteps] = _PyWSGIRequestRecording
+try:
+    from upstream_ops import _wsgi_recording
+except ImportError:  # pragma: no cover - depends on the build
+    pass
+else:
+
+    class _CWSGIRequestRecording(_wsgi_recording.Recording, _RecordingSteps):
+        """One WSGI request, its common steps in C (see ``_PyWSGIRequestRecording``)."""
+
+        __slots__ = ()
+
+    _wsgi_recording.setup(_perf_counter, ENVIRON_ERROR)
+    _WSGIRequestRecording = _CWSGIRequestRecording
+    _new_c_recording = _wsgi_recording.new_recording
+
+
 def _status_code(status: str) -> int:
     """The code of a status line; 0 when it does not start with one."""
     try:
@@ -381,7 +437,7 @@ def _status_code(status: str) -> int:
         return 0
 
 
-_new_recording = functools.partial(object.__new__, _WSGIRequestRecording)
+_new_recording = functools.partial(object.__new__, _PyWSGIRequestRecording)
 
 
 class _EnvironGetter(Getter[WSGIEnvironment]):
