@@ -6,7 +6,9 @@
   points the load generator at every server in turn. Result: requests per second, p50 and p99.
 
 Machine drift (another process, a CPU frequency change) then hits every variant alike instead of
-whichever happened to run at the time.
+whichever happened to run at the time. Within a family the bare app runs next to upstream-ops'
+variants, the peers after them, and every other round runs in the reverse order (see
+``round_order``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,27 @@ from bench.procs import Worker, WorkerError, wait_until_quiet
 from bench.variants import IN_PROCESS, SERVER, Variant
 
 Progress = Callable[[str], None]
+
+
+def round_order(variants: Sequence[Variant], round_no: int) -> list[Variant]:
+    """The order of one round: family by family, each family's bare app, then upstream-ops'
+    variants, then the peers'; every other round reversed within each family.
+
+    "added" pairs each variant with the bare app's run of the same round. On this kind of shared
+    machine the speed moves within seconds, and a peer's run with the wait for its exporter to go
+    quiet can last that long: next to the bare app, the pair sees the same spell. Reversing every
+    other round (A B C, C B A) cancels a drift that is steady over a round.
+    """
+    families: dict[str, list[Variant]] = {}
+    for variant in variants:
+        families.setdefault(variant.family, []).append(variant)
+    ordered: list[Variant] = []
+    for members in families.values():
+        bare, rest = members[:1], members[1:]
+        ours = [v for v in rest if v.name.split(".", 1)[1].startswith("ours")]
+        family = bare + ours + [v for v in rest if v not in ours]
+        ordered += family if round_no % 2 == 0 else family[::-1]
+    return ordered
 
 
 def _check_facts(variant: Variant, facts: dict[str, Any], requests: int) -> dict[str, bool]:
@@ -63,7 +86,7 @@ def run_in_process(
             }
         for round_no in range(rounds):
             progress(f"in-process round {round_no + 1}/{rounds}")
-            for variant in variants:
+            for variant in round_order(variants, round_no):
                 result = results[variant.name]
                 result.setdefault("waited_s", []).append(wait_until_quiet(workers.values()))
                 answer = workers[variant.name].ask({"run": result["requests_per_run"]})
@@ -133,7 +156,7 @@ def run_server(
             }
         for round_no in range(rounds):
             progress(f"server round {round_no + 1}/{rounds}")
-            for variant in variants:
+            for variant in round_order(variants, round_no):
                 url = f"http://127.0.0.1:{ports[variant.name]}{PATH}"
                 result = results[variant.name]
                 result.setdefault("waited_s", []).append(wait_until_quiet(workers.values()))

@@ -16,6 +16,7 @@ import pytest
 from bench import apps, report
 from bench.drive import ASGIDriver, WSGIDriver
 from bench.loadgen import run_python
+from bench.modes import round_order
 from bench.variants import BY_NAME, IN_PROCESS, SERVER, VARIANTS, bare_of, build
 from tests.conftest import serve_asgi
 
@@ -36,6 +37,18 @@ def test_each_family_starts_with_its_bare_app_and_names_are_unique() -> None:
         } <= set(BY_NAME)
     # The framework-free pair runs in-process only (it shows the middleware's own cost).
     assert {BY_NAME["wsgi_plain.bare"].modes, BY_NAME["wsgi_plain.ours"].modes} == {(IN_PROCESS,)}
+
+
+def test_a_round_runs_each_bare_app_next_to_our_variants_and_reverses_every_other_round() -> None:
+    even, odd = round_order(VARIANTS, 0), round_order(VARIANTS, 1)
+    assert sorted(v.name for v in even) == sorted(v.name for v in VARIANTS)
+    for family in ("asgi", "wsgi", "wsgi_plain"):
+        names = [v.name for v in even if v.family == family]
+        assert names[0] == f"{family}.bare"
+        ours = [n for n in names if n.split(".")[1].startswith("ours")]
+        assert names[1 : 1 + len(ours)] == ours  # the peers after them
+        assert [v.name for v in odd if v.family == family] == names[::-1]
+    assert [v.family for v in odd] == [v.family for v in even]  # families keep their order
 
 
 @pytest.mark.parametrize(
