@@ -172,15 +172,27 @@ def test_many_row_statements_keep_under_sqlites_parameter_limit(tmp_path: Path) 
     ) == ("INSERT INTO t (a) VALUES (?), (?) ON CONFLICT (a) DO NOTHING")
 
 
-def test_numbered_parameters_are_renumbered_row_by_row() -> None:
-    # A parameter used twice (a column and the event's JSON) keeps one number within its row;
-    # braces in the statement's text are kept as they are.
-    sql = "INSERT INTO t (a, b) VALUES (?1, json_object('{x}', ?2, 'a', ?1)) ON CONFLICT DO NOTHING"
-    assert _sqlite_rows._multi_row_sql.__wrapped__(sql, 3, 2) == (
-        "INSERT INTO t (a, b) VALUES (?1, json_object('{x}', ?2, 'a', ?1)), "
-        "(?3, json_object('{x}', ?4, 'a', ?3)), (?5, json_object('{x}', ?6, 'a', ?5))"
-        " ON CONFLICT DO NOTHING"
+def test_numbered_parameters_become_columns_of_a_values_table(tmp_path: Path) -> None:
+    # A parameter used twice (a column and the event's JSON) is one value of its row; braces and
+    # an ON CONFLICT clause are kept.
+    sql = (
+        "INSERT INTO t (a, b) VALUES (?1, json_object('{x}', ?2, 'a', ?1))"
+        " ON CONFLICT (a) DO NOTHING"
     )
+    many = _sqlite_rows._multi_row_sql.__wrapped__(sql, 3, 2)
+    assert many == (
+        "INSERT INTO t (a, b) SELECT column1, json_object('{x}', column2, 'a', column1) "
+        "FROM (VALUES (?, ?), (?, ?), (?, ?)) WHERE true ON CONFLICT (a) DO NOTHING"
+    )
+    connection = sqlite3.connect(tmp_path / "values.db")
+    connection.execute("CREATE TABLE t (a PRIMARY KEY, b)")
+    connection.execute(many, [1, "p", 2, "q", 1, "r"])  # the third row conflicts with the first
+    assert connection.execute("SELECT a, b FROM t ORDER BY a").fetchall() == [
+        (1, '{"{x}":"p","a":1}'),
+        (2, '{"{x}":"q","a":2}'),
+    ]
+    with pytest.raises(ValueError, match="parameters"):
+        _sqlite_rows._multi_row_sql.__wrapped__("INSERT INTO t (a) VALUES (?3)", 2, 2)
 
 
 def test_shapes_beyond_the_cache_still_store(
