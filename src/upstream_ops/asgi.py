@@ -31,6 +31,7 @@ from upstream_ops.recorder import (
     now_ms,
 )
 from upstream_ops.sinks.base import Sink
+from upstream_ops.telemetry._providers import EMPTY_CONTEXT, get_context, has_current_span
 from upstream_ops.telemetry._server import IncomingRequest, RequestTelemetry, ServerTelemetry
 
 __all__ = ["UpstreamOpsMiddleware"]
@@ -93,6 +94,7 @@ class UpstreamOpsMiddleware:
             tracer_provider=tracer_provider,
             meter_provider=meter_provider,
         )
+        self._live = self.telemetry.live
         self.shutdown_timeout = shutdown_timeout
         header = request_id_header.lower().encode("latin-1") if request_id_header else None
         self._incoming_header_name = header
@@ -126,7 +128,18 @@ class UpstreamOpsMiddleware:
             scope["state"] = {"upstream_ops": collector}
         elif isinstance(state, dict):
             state["upstream_ops"] = collector
-        telemetry = self.telemetry.start(collector, _describe, scope)
+        # ServerTelemetry.start's own first test, inline: with OpenTelemetry idle (no provider,
+        # nothing attached to its context) no call is made.
+        live = self._live
+        if live.unset:
+            live.refresh()
+        telemetry = (
+            self.telemetry.start(collector, _describe, scope)
+            if live.tracing
+            or live.metrics
+            or (get_context() is not EMPTY_CONTEXT and has_current_span())
+            else None
+        )
         recording = _HTTPRequestRecording(self, scope, collector, telemetry, receive, send)
         otel_token = telemetry.activate() if telemetry is not None else None
         token = _current.set(collector)
@@ -142,8 +155,11 @@ class UpstreamOpsMiddleware:
             except ValueError:  # the app left another context current: none of ours stays
                 _current.set(None)
             if recording.response_complete and error is None and telemetry is None:
-                # Healthy unless the collector says otherwise: no record to describe.
-                if not recorder.finish_if_healthy(collector, recording.status_code, None):
+                # Healthy unless the collector says otherwise: no record to describe
+                # (``Recorder.finish_if_healthy`` without its call; the collector is closed either
+                # way).
+                quiet = collector.close()
+                if not (quiet and recorder._default_rule and recording.status_code < 500):
                     self._finish(scope, collector, recording, started, None, None, None, True)
             else:
                 self._finish(
