@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,32 @@ def test_each_family_starts_with_its_bare_app_and_names_are_unique() -> None:
         } <= set(BY_NAME)
     # The framework-free pair runs in-process only (it shows the middleware's own cost).
     assert {BY_NAME["wsgi_plain.bare"].modes, BY_NAME["wsgi_plain.ours"].modes} == {(IN_PROCESS,)}
+
+
+class _FakeWorker:
+    """A worker whose CPU clock advances by ``share`` of a core while the wall clock does."""
+
+    def __init__(self, share: float, busy_until: float = 0.0) -> None:
+        self.share, self.busy_until = share, busy_until
+        self.started = time.monotonic()
+
+    def cpu_ns(self) -> int:
+        elapsed = time.monotonic() - self.started
+        busy = min(elapsed, self.busy_until)
+        return int((busy * 0.5 + elapsed * self.share) * 1e9)
+
+
+def test_waiting_for_quiet_judges_each_worker_on_its_own() -> None:
+    from bench.procs import wait_until_quiet
+
+    # Fifteen idle workers at 0.2% of a core each are quiet, although they sum to 3%.
+    idle = [_FakeWorker(0.002) for _ in range(15)]
+    assert wait_until_quiet(idle, max_seconds=2.0) < 0.5
+    # One worker busy (half a core) for 0.5 s is waited for, then no longer.
+    busy = [*idle, _FakeWorker(0.002, busy_until=0.5)]
+    assert 0.45 < wait_until_quiet(busy, max_seconds=3.0) < 1.5
+    # A worker that never goes quiet: the wait ends at its limit.
+    assert wait_until_quiet([_FakeWorker(0.3)], max_seconds=0.5) >= 0.5
 
 
 def test_a_round_runs_each_bare_app_next_to_our_variants_and_reverses_every_other_round() -> None:
