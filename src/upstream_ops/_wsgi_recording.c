@@ -133,6 +133,8 @@ set_field(PyObject **field, PyObject *value)
     Py_XSETREF(*field, value);
 }
 
+static PyObject *Recording_new(PyTypeObject *type, PyObject *args, PyObject *kwds);
+
 PyDoc_STRVAR(new_recording_doc,
              "new_recording(cls, middleware, environ, start_response, collector, telemetry, "
              "started, context_var, token, route_key, plain_start, default_rule, /)\n--\n\n"
@@ -159,8 +161,8 @@ new_recording(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (started == -1.0 && PyErr_Occurred()) {
         return NULL;
     }
-    PyTypeObject *type = (PyTypeObject *)cls;
-    PyObject *made = type->tp_new(type, NULL, NULL);
+    /* Recording's own __new__, not the class's: a subclass's __new__ would want arguments. */
+    PyObject *made = Recording_new((PyTypeObject *)cls, NULL, NULL);
     if (made == NULL) {
         return NULL;
     }
@@ -512,8 +514,11 @@ module_exec(PyObject *module)
         {&start_response_slow_name, "_start_response_slow"},
     };
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
-        if (*names[i].name == NULL && (*names[i].name = PyUnicode_InternFromString(names[i].text)) == NULL) {
-            return -1;
+        if (*names[i].name == NULL) {
+            *names[i].name = PyUnicode_InternFromString(names[i].text);
+            if (*names[i].name == NULL) {
+                return -1;
+            }
         }
     }
     if (PyType_Ready(&RecordingType) < 0) {
