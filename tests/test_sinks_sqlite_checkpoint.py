@@ -299,6 +299,34 @@ def test_an_idle_thread_ends_and_a_new_one_starts_later(db: Path) -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_fork_waits_for_a_checkpoint_under_way(tmp_path: Path) -> None:
+    # A thread inside SQLite at the fork may hold one of its process-wide mutexes: the child would
+    # wait for it forever. The fork waits until the checkpoint (here: its lock, held 0.3 s) is over.
+    checkpointer = checkpoint_module.WalCheckpointer(
+        tmp_path / "x.db", every=1, limit_frames=10, busy_timeout_s=1.0
+    )
+    inside, done = threading.Event(), threading.Event()
+
+    def checkpoint() -> None:
+        with checkpointer._running:
+            inside.set()
+            time.sleep(0.3)
+            done.set()
+
+    thread = threading.Thread(target=checkpoint)
+    thread.start()
+    assert inside.wait(5)
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if done.is_set() else 1)  # the child's copy: was the checkpoint over?
+    _, status = os.waitpid(pid, 0)
+    thread.join()
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert checkpointer._running.acquire(blocking=False)  # released again in the parent
+    checkpointer._running.release()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_checkpoints_with_a_thread_of_its_own(sink: SQLiteSink, db: Path) -> None:
     end = write_batches(sink, 5)
     parents = checkpoint_thread(sink)

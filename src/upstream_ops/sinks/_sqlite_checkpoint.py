@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
 import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final
@@ -63,10 +65,12 @@ class WalCheckpointer:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._idled: threading.Thread | None = None  # a thread that ended for want of work
-        #: Held while a checkpoint of this process runs (SQLite lets one run at a time).
+        #: Held while a checkpoint of this process runs (SQLite lets one run at a time), and while
+        #: the thread opens or closes its connection: whenever it is inside SQLite (see _FORKS).
         self._running = threading.Lock()
         #: Whether the last checkpoint found the WAL over ``limit_frames`` and could not copy it all.
         self._over_limit = False
+        _FORKS.add(self)
 
     # --- the write path ---------------------------------------------------------------------------
 
@@ -116,7 +120,8 @@ class WalCheckpointer:
         try:
             while self._next():
                 if connection is None:
-                    connection = self._connect()
+                    with self._running:
+                        connection = self._connect()
                 if connection is not None and not self._checkpoint(connection, by_writer=False):
                     connection.close()  # a fresh one next time
                     connection = None
@@ -129,7 +134,7 @@ class WalCheckpointer:
                     self._thread, self._idled = None, self._thread
         finally:
             if connection is not None:
-                with contextlib.suppress(sqlite3.Error):
+                with self._running, contextlib.suppress(sqlite3.Error):
                     connection.close()
 
     def _next(self) -> bool:
@@ -187,3 +192,38 @@ class WalCheckpointer:
         if not busy:
             self._over_limit = frames > self.limit_frames and (copied < frames or not by_writer)
         return True
+
+
+class _ForkGuard:
+    """No checkpoint thread is inside SQLite while the process forks.
+
+    A thread inside SQLite may hold one of its process-wide mutexes (its memory allocator's, for
+    one); the child gets the mutex locked and no thread to unlock it, and its first SQLite call
+    waits forever (seen in the tests: a child's ``sqlite3.connect`` hung while the parent's
+    checkpoint ran). Before ``fork`` every live checkpointer's ``_running`` is taken, which waits
+    for a checkpoint under way (a PASSIVE one waits for no lock of the database); both processes
+    release it after.
+    """
+
+    def __init__(self) -> None:
+        self._checkpointers: weakref.WeakSet[WalCheckpointer] = weakref.WeakSet()
+        self._held: list[WalCheckpointer] = []
+
+    def add(self, checkpointer: WalCheckpointer) -> None:
+        self._checkpointers.add(checkpointer)
+
+    def before(self) -> None:
+        for checkpointer in list(self._checkpointers):
+            checkpointer._running.acquire()
+            self._held.append(checkpointer)
+
+    def after(self) -> None:
+        while self._held:
+            self._held.pop()._running.release()
+
+
+_FORKS: Final = _ForkGuard()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_FORKS.before, after_in_parent=_FORKS.after, after_in_child=_FORKS.after
+    )
