@@ -37,7 +37,7 @@ typedef struct {
     char iteration_started;
     char iteration_ended;
     char finished;
-    char plain_start; /* no echo header and no telemetry: start_response needs no Python */
+    char no_echo; /* no request id to echo: with no telemetry, start_response needs no Python */
     char default_rule;
 } Recording;
 
@@ -137,7 +137,7 @@ static PyObject *Recording_new(PyTypeObject *type, PyObject *args, PyObject *kwd
 
 PyDoc_STRVAR(new_recording_doc,
              "new_recording(cls, middleware, environ, start_response, collector, telemetry, "
-             "started, context_var, token, route_key, plain_start, default_rule, /)\n--\n\n"
+             "started, context_var, token, route_key, no_echo, default_rule, /)\n--\n\n"
              "A new cls (a subclass of Recording) for one request, in one call.");
 
 static PyObject *
@@ -176,9 +176,9 @@ new_recording(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     set_field(&self->context_var, args[7]);
     set_field(&self->token, args[8]);
     set_field(&self->route_key, args[9]);
-    self->plain_start = (char)PyObject_IsTrue(args[10]);
+    self->no_echo = (char)PyObject_IsTrue(args[10]);
     self->default_rule = (char)PyObject_IsTrue(args[11]);
-    if (self->plain_start < 0 || self->default_rule < 0) {
+    if (self->no_echo < 0 || self->default_rule < 0) {
         Py_DECREF(made);
         return NULL;
     }
@@ -208,7 +208,7 @@ static PyObject *
 Recording_start_response(Recording *self, PyObject *const *args, Py_ssize_t nargs,
                          PyObject *kwnames)
 {
-    if (!self->plain_start || kwnames != NULL || nargs < 2 || nargs > 3 ||
+    if (!self->no_echo || kwnames != NULL || nargs < 2 || nargs > 3 ||
         self->telemetry != Py_None || self->start_response_of_server == NULL) {
         PyObject *slow = PyObject_GetAttr((PyObject *)self, start_response_slow_name);
         if (slow == NULL) {

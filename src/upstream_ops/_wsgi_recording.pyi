@@ -39,7 +39,7 @@ def new_recording(
     context_var: Any,
     token: Any,
     route_key: str | None,
-    plain_start: bool,
+    no_echo: bool,
     default_rule: bool,
     /,
 ) -> _R: ...

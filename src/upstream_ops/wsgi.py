@@ -164,7 +164,7 @@ class UpstreamOpsWSGIMiddleware:
                 _current,
                 token,
                 self._route_key,
-                self._echo_header is None and telemetry is None,
+                self._echo_header is None,
                 self._default_rule,
             )
         else:
