@@ -12,7 +12,8 @@ $(BIN)/python:
 
 # setup.py builds the optional C extensions (src/upstream_ops/*.c) into the source tree: a change
 # to one is built again by the next make.
-BUILD_INPUTS := pyproject.toml setup.py src/upstream_ops/_speedups.c src/upstream_ops/_wsgi_recording.c
+BUILD_INPUTS := pyproject.toml setup.py src/upstream_ops/_speedups.c src/upstream_ops/_wsgi_recording.c \
+	src/upstream_ops/_asgi_recording.c
 
 $(VENV)/.demo-installed: $(BUILD_INPUTS) | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[demo]'

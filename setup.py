@@ -1,9 +1,9 @@
 """The optional C extensions; everything else about the package is in pyproject.toml.
 
 ``upstream_ops._speedups`` makes the sanitizer's key/value pass and its token rules' literal checks
-several times faster, and ``upstream_ops._wsgi_recording`` runs the steps of every WSGI request
-in C. Both are optional: where no C compiler is at hand the build goes on without them
-and the Python code runs alone, with the same result.
+several times faster, and ``upstream_ops._wsgi_recording`` and ``upstream_ops._asgi_recording`` run
+the steps of every WSGI and ASGI request in C. All three are optional: where no C compiler is at
+hand the build goes on without them and the Python code runs alone, with the same result.
 """
 
 from setuptools import Extension, setup
@@ -18,6 +18,11 @@ setup(
         Extension(
             "upstream_ops._wsgi_recording",
             sources=["src/upstream_ops/_wsgi_recording.c"],
+            optional=True,
+        ),
+        Extension(
+            "upstream_ops._asgi_recording",
+            sources=["src/upstream_ops/_asgi_recording.c"],
             optional=True,
         ),
     ]

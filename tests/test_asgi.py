@@ -26,9 +26,15 @@ from upstream_ops import (
     current_collector,
     set_upstream_error,
 )
+from upstream_ops import asgi as asgi_module
 from upstream_ops.sinks import MemorySink
 
+from .speedups import with_and_without
+
 pytestmark = pytest.mark.anyio
+
+# Every test runs with the request's steps in C (upstream_ops._asgi_recording) and in Python.
+recording_kind = with_and_without(asgi_module, "_new_c_call")
 
 
 @pytest.fixture

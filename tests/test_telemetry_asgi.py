@@ -18,11 +18,16 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 import upstream_ops
 from upstream_ops import RequestRecord, UpstreamOpsMiddleware, append_upstream_error
+from upstream_ops import asgi as asgi_module
 from upstream_ops.sinks import MemorySink
 
 from .conftest import OTel, serve_asgi, wait_for
+from .speedups import with_and_without
 
 pytestmark = pytest.mark.anyio
+
+# Every test runs with the request's steps in C (upstream_ops._asgi_recording) and in Python.
+recording_kind = with_and_without(asgi_module, "_new_c_call")
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 PARENT_ID = "b7ad6b7169203331"

@@ -6,8 +6,10 @@ its own ``_HTTPRequestRecording`` that wraps ``receive`` and ``send`` and owns t
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 import anyio
@@ -110,6 +112,10 @@ class UpstreamOpsMiddleware:
                 send = self._lifespan_send(send)
             await self.app(scope, receive, send)
             return
+        if _new_c_call is not None:
+            # The same steps in C (upstream_ops._asgi_recording), where the extension was built.
+            await _new_c_call(_CHTTPRequestCall, self, scope, receive, send)
+            return
         # The happy path runs for every request: each step here is kept to a few bytecodes, and
         # everything a record needs is worked out in ``_finish`` only for a request that gets one.
         started = time.perf_counter()
@@ -170,7 +176,7 @@ class UpstreamOpsMiddleware:
         self,
         scope: Scope,
         collector: Collector,
-        recording: _HTTPRequestRecording,
+        recording: _RecordingFacts,
         started: float,
         error: BaseException | None,
         telemetry: RequestTelemetry | None,
@@ -219,7 +225,28 @@ class UpstreamOpsMiddleware:
         return send_after_draining
 
 
-class _HTTPRequestRecording:
+class _RecordingFacts:
+    """What the end of a request reads of its recording, in Python or in C (``_CHTTPRequestCall``)."""
+
+    __slots__ = ()
+
+    status_code: int
+    response_complete: bool
+    response_ended_at: float
+    disconnected: bool
+    root_path: str
+
+    def final_status(self, error: BaseException | None) -> int:
+        if self.response_complete:
+            return self.status_code
+        if self.disconnected or _is_cancellation(error):
+            return CLIENT_CLOSED_REQUEST
+        if self.status_code:
+            return self.status_code
+        return 500 if error is not None else self.status_code
+
+
+class _HTTPRequestRecording(_RecordingFacts):
     """What one HTTP request's ``send`` and ``receive`` tell: status, completion, disconnect."""
 
     __slots__ = (
@@ -255,15 +282,6 @@ class _HTTPRequestRecording:
         self.disconnected = False
         # Before a Starlette ``Mount`` adds its prefix (the route template is relative to it).
         self.root_path = scope.get("root_path", "")
-
-    def final_status(self, error: BaseException | None) -> int:
-        if self.response_complete:
-            return self.status_code
-        if self.disconnected or _is_cancellation(error):
-            return CLIENT_CLOSED_REQUEST
-        if self.status_code:
-            return self.status_code
-        return 500 if error is not None else self.status_code
 
     async def receive(self) -> Message:
         message = await self._receive()
@@ -363,4 +381,70 @@ def _route_template(scope: Scope, entry_root_path: str) -> str | None:
 
 
 def _is_cancellation(error: BaseException | None) -> bool:
-    return error is not None and isinstance(error, anyio.get_cancelled_exc_class())
+    if error is None:
+        return False
+    try:
+        cancelled = anyio.get_cancelled_exc_class()
+    except Exception:  # no event loop runs: a request closed by the garbage collector, say
+        cancelled = asyncio.CancelledError
+    return isinstance(error, cancelled)
+
+
+# One request's steps in C where a compiler built upstream_ops._asgi_recording: ``_new_c_call``
+# begins the request and calls the app, awaiting the ``Call`` it returns drives the app, and its
+# ``send_message``/``receive_message`` are the app's send and receive. What is rarer (a span, an
+# echoed id, a record) it leaves to the methods below.
+_new_c_call: Callable[..., Awaitable[None]] | None = None
+try:
+    from upstream_ops import _asgi_recording
+except ImportError:  # pragma: no cover - depends on the build
+    pass
+else:
+
+    class _CHTTPRequestCall(_asgi_recording.Call, _RecordingFacts):
+        """One HTTP request, its common steps in C (see ``UpstreamOpsMiddleware.__call__``)."""
+
+        __slots__ = ()
+
+        def _request_id_from(self, value: bytes) -> str | None:
+            middleware: UpstreamOpsMiddleware = self.middleware
+            return middleware.recorder.valid_request_id(_decode(value))
+
+        def _begin_slow(self, telemetry_wanted: bool) -> None:
+            """The telemetry's start and the echoed header, as the Python path makes them."""
+            middleware: UpstreamOpsMiddleware = self.middleware
+            collector = self.collector
+            telemetry = (
+                middleware.telemetry.start(collector, _describe, self.scope)
+                if telemetry_wanted
+                else None
+            )
+            name = middleware._header_name
+            if name is not None:
+                self._header = (name, collector.request_id.encode("latin-1"))
+            if telemetry is not None:
+                self.telemetry = telemetry
+                self.otel_token = telemetry.activate()
+
+        def _finish_slow(self, error: BaseException | None, known_unhealthy: bool) -> None:
+            self.middleware._finish(
+                self.scope,
+                self.collector,
+                self,
+                self.started,
+                error,
+                self.telemetry,
+                self.otel_token,
+                known_unhealthy,
+            )
+
+    _asgi_recording.setup(
+        time.perf_counter,
+        Collector,
+        _current,
+        get_context,
+        EMPTY_CONTEXT,
+        has_current_span,
+        _with_header,
+    )
+    _new_c_call = _asgi_recording.new_call
