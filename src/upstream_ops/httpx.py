@@ -20,6 +20,7 @@ from opentelemetry.trace import TracerProvider
 from upstream_ops._capture import Attempt, CaptureOptions, active_collector
 from upstream_ops.defaults import CAPTURE_BODY_MAX_BYTES, CAPTURE_STATUSES
 from upstream_ops.telemetry._client import ClientSpan
+from upstream_ops.telemetry._providers import EMPTY_CONTEXT, get_context
 
 __all__ = ["AsyncUpstreamOpsTransport", "UpstreamOpsTransport", "instrument_client"]
 
@@ -68,7 +69,17 @@ class UpstreamOpsTransport(httpx.BaseTransport):
             return self.transport.handle_request(request)
         options = self.options
         attempt = _SyncAttempt(collector, options, request.method, request.url)
-        span = options.client_spans.start(collector, request.method, request.url, request.headers)
+        spans = options.client_spans
+        # ClientTelemetry.start's own first test, inline: with OpenTelemetry idle (no provider,
+        # nothing attached to its context) no call is made.
+        live = spans._live
+        if live.unset:
+            live.refresh()
+        span = (
+            spans.start(collector, request.method, request.url, request.headers)
+            if live.tracing or get_context() is not EMPTY_CONTEXT
+            else None
+        )
         try:
             response = self.transport.handle_request(request)
         except BaseException as exc:
@@ -130,7 +141,17 @@ class AsyncUpstreamOpsTransport(httpx.AsyncBaseTransport):
             return await self.transport.handle_async_request(request)
         options = self.options
         attempt = _AsyncAttempt(collector, options, request.method, request.url)
-        span = options.client_spans.start(collector, request.method, request.url, request.headers)
+        spans = options.client_spans
+        # ClientTelemetry.start's own first test, inline: with OpenTelemetry idle (no provider,
+        # nothing attached to its context) no call is made.
+        live = spans._live
+        if live.unset:
+            live.refresh()
+        span = (
+            spans.start(collector, request.method, request.url, request.headers)
+            if live.tracing or get_context() is not EMPTY_CONTEXT
+            else None
+        )
         try:
             response = await self.transport.handle_async_request(request)
         except BaseException as exc:  # cancellation included: the attempt ended unfinished
