@@ -8,6 +8,7 @@ app's median.
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -66,13 +67,21 @@ def _versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[name] = "not installed"
     if out["upstream-ops"] != "not installed":
-        try:
-            import upstream_ops._speedups  # noqa: F401
-        except ImportError:
-            out["upstream-ops"] += " (without its C extension)"
+        built = [name for name in _EXTENSIONS if importlib.util.find_spec(name) is not None]
+        if len(built) == len(_EXTENSIONS):
+            out["upstream-ops"] += " (with its C extensions)"
         else:
-            out["upstream-ops"] += " (with its C extension)"
+            missing = ", ".join(name for name in _EXTENSIONS if name not in built)
+            out["upstream-ops"] += f" (without the C extensions {missing})"
     return out
+
+
+#: The optional extensions whose absence changes the figures (see setup.py).
+_EXTENSIONS = (
+    "upstream_ops._speedups",
+    "upstream_ops._wsgi_recording",
+    "upstream_ops._asgi_recording",
+)
 
 
 def _spread(samples: list[float]) -> dict[str, float]:

@@ -2,6 +2,8 @@
 
 Shaped like Starlette's ``GZipMiddleware``: the middleware holds configuration only; each request gets
 its own ``_HTTPRequestRecording`` that wraps ``receive`` and ``send`` and owns that request's state.
+Where a C compiler built ``upstream_ops._asgi_recording``, one object of it (``_CHTTPRequestCall``)
+takes the same steps for an HTTP request, and calls the Python methods here for the rarer ones.
 """
 
 from __future__ import annotations
