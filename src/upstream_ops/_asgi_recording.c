@@ -264,6 +264,15 @@ sent(PySendResult result, PyObject *value, int from_next)
     return NULL;
 }
 
+/* send(arg) or __next__ (from_next) of an object whose am_send is step. */
+static PyObject *
+send_with(sendfunc step, PyObject *self, PyObject *arg, int from_next)
+{
+    PyObject *value;
+    PySendResult result = step(self, arg, &value);
+    return sent(result, value, from_next);
+}
+
 /* --- the end of the request ------------------------------------------------------------------- */
 
 /* Whether status_code < 500, as Python compares it; -1 with an error. */
@@ -402,9 +411,7 @@ Call_am_send(Call *self, PyObject *arg, PyObject **value)
 static PyObject *
 Call_iternext(Call *self)
 {
-    PyObject *value;
-    PySendResult result = Call_am_send(self, Py_None, &value);
-    return sent(result, value, 1);
+    return send_with((sendfunc)Call_am_send, (PyObject *)self, Py_None, 1);
 }
 
 /* Python's subclass of Call does not inherit am_send before 3.12: a value other than None (trio
@@ -412,9 +419,7 @@ Call_iternext(Call *self)
 static PyObject *
 Call_send(Call *self, PyObject *arg)
 {
-    PyObject *value;
-    PySendResult result = Call_am_send(self, arg, &value);
-    return sent(result, value, 0);
+    return send_with((sendfunc)Call_am_send, (PyObject *)self, arg, 0);
 }
 
 static PyObject *
@@ -734,17 +739,13 @@ Guard_am_send(Guard *self, PyObject *arg, PyObject **value)
 static PyObject *
 Guard_iternext(Guard *self)
 {
-    PyObject *value;
-    PySendResult result = Guard_am_send(self, Py_None, &value);
-    return sent(result, value, 1);
+    return send_with((sendfunc)Guard_am_send, (PyObject *)self, Py_None, 1);
 }
 
 static PyObject *
 Guard_send(Guard *self, PyObject *arg)
 {
-    PyObject *value;
-    PySendResult result = Guard_am_send(self, arg, &value);
-    return sent(result, value, 0);
+    return send_with((sendfunc)Guard_am_send, (PyObject *)self, arg, 0);
 }
 
 static PyObject *
