@@ -45,8 +45,8 @@ typedef struct {
     PyObject_HEAD
     PyObject *middleware;
     PyObject *scope;
-    PyObject *receive_of_server; /* "_receive" in Python */
-    PyObject *send_of_server;    /* "_send" in Python */
+    PyObject *receive_of_server;
+    PyObject *send_of_server;
     PyObject *collector;
     PyObject *telemetry; /* None, or the request's RequestTelemetry */
     PyObject *otel_token;
@@ -535,32 +535,6 @@ Call_finalize(Call *self)
 static PyObject *new_guard(Call *owner, PyObject *awaitable, char is_receive);
 
 static int
-is_body_message(PyObject *kind)
-{
-    PyObject *kinds[3] = {s_body, s_pathsend, s_zerocopysend};
-    for (int i = 0; i < 3; i++) {
-        if (kind == kinds[i]) {
-            return 1;
-        }
-    }
-    if (!PyUnicode_CheckExact(kind)) {
-        for (int i = 0; i < 3; i++) {
-            int equal = PyObject_RichCompareBool(kind, kinds[i], Py_EQ);
-            if (equal != 0) {
-                return equal;
-            }
-        }
-        return 0;
-    }
-    for (int i = 0; i < 3; i++) {
-        if (PyUnicode_Compare(kind, kinds[i]) == 0) {
-            return 1;
-        }
-    }
-    return 0;
-}
-
-static int
 equals(PyObject *kind, PyObject *name)
 {
     if (kind == name) {
@@ -570,6 +544,19 @@ equals(PyObject *kind, PyObject *name)
         return PyUnicode_Compare(kind, name) == 0;
     }
     return PyObject_RichCompareBool(kind, name, Py_EQ);
+}
+
+static int
+is_body_message(PyObject *kind)
+{
+    PyObject *kinds[3] = {s_body, s_pathsend, s_zerocopysend};
+    for (int i = 0; i < 3; i++) {
+        int equal = equals(kind, kinds[i]);
+        if (equal != 0) {
+            return equal;
+        }
+    }
+    return 0;
 }
 
 static PyObject *
@@ -898,10 +885,6 @@ incoming_request_id(Call *self)
             Py_INCREF(key);
             Py_INCREF(value);
         }
-        else if (PyList_CheckExact(pair) && PyList_GET_SIZE(pair) == 2) {
-            key = Py_NewRef(PyList_GET_ITEM(pair, 0));
-            value = Py_NewRef(PyList_GET_ITEM(pair, 1));
-        }
         else {
             PyObject *items = PySequence_Tuple(pair);
             if (items == NULL || PyTuple_GET_SIZE(items) != 2) {
@@ -1217,10 +1200,6 @@ new_call(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 }
 
 static PyMethodDef Call_methods[] = {
-    {"send_message", (PyCFunction)Call_send_message, METH_O,
-     "The app's send: notes the status and the end of the response, then calls the server's."},
-    {"receive_message", (PyCFunction)Call_receive_message, METH_NOARGS,
-     "The app's receive: the server's, noting a disconnect before the response is complete."},
     {"send", (PyCFunction)Call_send, METH_O, "Sends a value into the app's awaitable."},
     {"throw", (PyCFunction)(void (*)(void))Call_throw, METH_FASTCALL,
      "Throws into the app's awaitable; the request ends when it stops."},
@@ -1234,8 +1213,6 @@ static PyMethodDef Call_methods[] = {
 static PyMemberDef Call_members[] = {
     OBJECT_MEMBER("middleware", middleware, READONLY),
     OBJECT_MEMBER("scope", scope, READONLY),
-    OBJECT_MEMBER("_receive", receive_of_server, READONLY),
-    OBJECT_MEMBER("_send", send_of_server, READONLY),
     OBJECT_MEMBER("collector", collector, READONLY),
     OBJECT_MEMBER("telemetry", telemetry, 0),
     OBJECT_MEMBER("otel_token", otel_token, 0),
@@ -1246,7 +1223,6 @@ static PyMemberDef Call_members[] = {
     {"response_ended_at", T_DOUBLE, offsetof(Call, response_ended_at), READONLY, NULL},
     {"response_complete", T_BOOL, offsetof(Call, response_complete), READONLY, NULL},
     {"disconnected", T_BOOL, offsetof(Call, disconnected), READONLY, NULL},
-    {"ended", T_BOOL, offsetof(Call, ended), READONLY, NULL},
     {NULL, 0, 0, 0, NULL},
 };
 

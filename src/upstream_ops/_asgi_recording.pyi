@@ -8,8 +8,6 @@ _C = TypeVar("_C", bound=Call)
 class Call:
     middleware: Any
     scope: dict[str, Any]
-    _receive: Callable[[], Awaitable[dict[str, Any]]]
-    _send: Callable[[dict[str, Any]], Awaitable[None]]
     collector: Any
     telemetry: Any
     otel_token: object
@@ -20,9 +18,6 @@ class Call:
     response_ended_at: float
     response_complete: bool
     disconnected: bool
-    ended: bool
-    def send_message(self, message: dict[str, Any], /) -> Awaitable[None]: ...
-    def receive_message(self) -> Awaitable[dict[str, Any]]: ...
     def send(self, value: Any, /) -> Any: ...
     def throw(self, value: BaseException, /) -> Any: ...
     def close(self) -> None: ...
