@@ -2,7 +2,7 @@
 
 * in-process: each variant's worker drives its app directly; a round asks every worker in turn for
   one timed run of its request count. Result: microseconds per request.
-* server: each variant's worker serves on 127.0.0.1 (uvicorn for ASGI, waitress for WSGI); a round
+* server: each variant's worker serves on 127.0.0.1 (uvicorn for ASGI, gunicorn for WSGI); a round
   points the load generator at every server in turn. Result: requests per second, p50 and p99.
 
 Machine drift (another process, a CPU frequency change) then hits every variant alike instead of

@@ -77,14 +77,20 @@ class Worker:
         return self.receive(timeout)
 
     def cpu_ns(self) -> int:
-        """CPU time the worker's threads have used so far, in ns (0 where /proc cannot tell)."""
+        """CPU time the worker's threads, and those of its child processes (gunicorn's worker),
+        have used so far, in ns (0 where /proc cannot tell)."""
         total = 0
-        try:
-            for task in os.scandir(f"/proc/{self.proc.pid}/task"):
-                with open(f"{task.path}/schedstat") as stat:
-                    total += int(stat.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            pass  # not Linux, or the thread ended while being read
+        pids = [self.proc.pid]
+        while pids:
+            pid = pids.pop()
+            try:
+                for task in os.scandir(f"/proc/{pid}/task"):
+                    with open(f"{task.path}/schedstat") as stat:
+                        total += int(stat.read().split()[0])
+                    with open(f"{task.path}/children") as children:
+                        pids += map(int, children.read().split())
+            except (OSError, ValueError, IndexError):
+                pass  # not Linux, or the process or thread ended while being read
         return total
 
     def stop(self) -> None:

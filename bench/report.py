@@ -55,7 +55,7 @@ def _versions() -> dict[str, str]:
         "starlette",
         "flask",
         "uvicorn",
-        "waitress",
+        "gunicorn",
         "httpx",
         "opentelemetry-sdk",
         "opentelemetry-instrumentation-asgi",
@@ -295,7 +295,8 @@ def table(result: dict[str, Any]) -> str:
     if server:
         tool = next(iter(server.values()))["tool"]
         lines += [
-            f"**Server** (uvicorn / waitress on 127.0.0.1, one process; {tool}, "
+            f"**Server** (on 127.0.0.1: uvicorn in one process; gunicorn with one worker of 4 threads; "
+            f"{tool}, "
             f"{result['settings']['connections']} connections, {result['settings']['server_seconds']} s "
             f"per run, median (min-max) over {result['settings']['server_rounds']} interleaved rounds)",
             "",

@@ -1,7 +1,7 @@
 """One variant in a process of its own, driven by the harness over stdin/stdout (JSON lines).
 
     python -m bench.worker inprocess NAME   # answers {"run": N} with the time of N requests
-    python -m bench.worker serve NAME       # serves on 127.0.0.1 (uvicorn / waitress), prints the port
+    python -m bench.worker serve NAME       # serves on 127.0.0.1 (uvicorn / gunicorn), prints the port
 
 Both answer ``{"facts": true}`` with what the variant says about itself (records enqueued ...) and
 stop on ``{"quit": true}`` or at the end of their input.
@@ -10,10 +10,13 @@ stop on ``{"quit": true}`` or at the end of their input.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from bench.drive import driver_for
@@ -62,7 +65,13 @@ def in_process(name: str) -> None:
 
 
 def serve(name: str) -> None:
-    variant = BY_NAME[name]
+    if BY_NAME[name].family == "asgi":
+        _serve_uvicorn(name)
+    else:
+        _serve_gunicorn(name)
+
+
+def _serve_uvicorn(name: str) -> None:
     built = build(name)
     # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted connections only when the
     # listening socket's proto says TCP; with proto 0 every response would wait for delayed ACKs.
@@ -70,10 +79,14 @@ def serve(name: str) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     stop = threading.Event()
-    if variant.family == "asgi":
-        run, request_stop = _uvicorn(built.app, sock, stop)
-    else:
-        run, request_stop = _waitress(built.app, sock, stop)
+    run, request_stop = _uvicorn(built.app, sock, stop)
+    _follow_commands(built, request_stop)
+    run()
+    built.close()
+
+
+def _follow_commands(built: Built, request_stop: Callable[[], None]) -> None:
+    """Answer the harness's commands from a thread; stop the server on quit or end of input."""
 
     def commands() -> None:
         for line in sys.stdin:
@@ -85,8 +98,6 @@ def serve(name: str) -> None:
         request_stop()
 
     threading.Thread(target=commands, daemon=True).start()
-    run()
-    built.close()
 
 
 def _uvicorn(app: Any, sock: socket.socket, stop: threading.Event) -> tuple[Any, Any]:
@@ -111,21 +122,51 @@ def _uvicorn(app: Any, sock: socket.socket, stop: threading.Event) -> tuple[Any,
     return (lambda: server.run(sockets=[sock])), request_stop
 
 
-def _waitress(app: Any, sock: socket.socket, stop: threading.Event) -> tuple[Any, Any]:
-    from waitress.server import create_server
+def _serve_gunicorn(name: str) -> None:
+    """Serve under gunicorn: its master in this process, one gthread worker of 4 threads forked
+    from it, which builds the variant and answers the harness (it inherits stdin and stdout).
 
-    sock.listen(1024)
-    server = create_server(app, sockets=[sock], threads=4, clear_untrusted_proxy_headers=True)
+    Not waitress: its main loop polls in a tight loop while a worker thread writes a response, and
+    the loop holds the GIL the writer needs, so from 8 connections on a round either ran normally
+    or collapsed (a bare Flask app: 6,700 req/s on one connection, 260 on eight, p99 over 100 ms)
+    and the medians said more about which rounds collapsed than about the app.
+    """
+    from gunicorn.app.base import BaseApplication
+    from gunicorn.arbiter import Arbiter
+    from gunicorn.workers.base import Worker
 
-    def run() -> None:
-        _reply({"port": sock.getsockname()[1]})
-        # waitress has no stop(): serve in short slices and look at the flag in between.
-        while not stop.is_set():
-            server.asyncore.loop(timeout=0.05, map=server._map, count=1)
-        server.close()
-        server.task_dispatcher.shutdown()
+    built: list[Built] = []
 
-    return run, stop.set
+    def post_worker_init(worker: Worker) -> None:
+        master = worker.ppid
+        _follow_commands(built[0], lambda: os.kill(master, signal.SIGTERM))
+        _reply({"port": worker.sockets[0].getsockname()[1]})
+
+    def worker_exit(arbiter: Arbiter, worker: Worker) -> None:
+        if built:
+            built[0].close()
+
+    class Server(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            settings = {
+                "bind": ["127.0.0.1:0"],
+                "workers": 1,
+                "worker_class": "gthread",
+                "threads": 4,
+                "loglevel": "warning",
+                "post_worker_init": post_worker_init,
+                "worker_exit": worker_exit,
+            }
+            if "control_socket_disable" in self.cfg.settings:  # newer gunicorn releases
+                settings["control_socket_disable"] = True  # no socket file in the home directory
+            for key, value in settings.items():
+                self.cfg.set(key, value)
+
+        def load(self) -> Any:
+            built.append(build(name))
+            return built[0].app
+
+    Server().run()
 
 
 def main(argv: list[str]) -> None:

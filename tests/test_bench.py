@@ -17,7 +17,8 @@ import pytest
 from bench import apps, report
 from bench.drive import ASGIDriver, WSGIDriver
 from bench.loadgen import run_python
-from bench.modes import round_order
+from bench.modes import _get_once, round_order
+from bench.procs import Worker
 from bench.variants import BY_NAME, IN_PROCESS, SERVER, VARIANTS, bare_of, build
 from tests.conftest import serve_asgi
 
@@ -137,6 +138,28 @@ def test_python_load_generator_checks_what_it_receives() -> None:
     with serve_asgi(apps.starlette_app(lambda: False)) as url:
         broken = run_python(url + apps.PATH, 0.3, 2)
     assert broken.requests > 0 and broken.bad == broken.requests
+
+
+def test_a_wsgi_variant_serves_under_gunicorn_and_stops_with_its_worker() -> None:
+    # As run_server drives it: the port comes from gunicorn's forked worker, which also answers
+    # for facts; the CPU read before each run counts that worker; stopping ends both processes.
+    worker = Worker(SERVER, "wsgi.ours_errors")
+    try:
+        port = int(worker.receive(60)["port"])
+        with open(f"/proc/{worker.proc.pid}/task/{worker.proc.pid}/children") as children:
+            (forked,) = map(int, children.read().split())
+        for _ in range(20):
+            assert _get_once(port) == (apps.EXPECTED_STATUS, apps.EXPECTED_BODY)
+        with open(f"/proc/{forked}/schedstat") as stat:
+            forked_cpu_ns = int(stat.read().split()[0])
+        assert worker.cpu_ns() >= forked_cpu_ns > 0
+        facts = worker.ask({"facts": True})["facts"]
+        assert facts["records_enqueued"] == 20 and facts["records_dropped"] == 0
+    finally:
+        worker.stop()
+    assert worker.proc.returncode == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(forked, 0)
 
 
 def _raw_in_process(bad: int = 0) -> dict[str, dict[str, Any]]:
