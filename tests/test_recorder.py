@@ -1,5 +1,6 @@
 """Ids: ``new_record_id`` makes UUIDv7s (as ``new_request_id`` does), increasing within a process,
-unique across threads and forked processes; and the span ids a record is built with."""
+unique across threads and forked processes, in C and in Python; and the span ids a record is built
+with."""
 
 from __future__ import annotations
 
@@ -11,12 +12,43 @@ from collections.abc import Callable
 
 import pytest
 
+from tests.speedups import require_extension
+from upstream_ops import _ids
 from upstream_ops.recorder import new_record_id
 
 
-def test_a_record_id_is_a_uuid7_in_hex_with_the_time_in_ms() -> None:
+@pytest.fixture(params=["c-extension", "python"])
+def make_record_id(request: pytest.FixtureRequest) -> Callable[[], str]:
+    """A record id maker: the C extension's (what ``new_record_id`` is where it was built), and the
+    Python fallback."""
+    if request.param == "python":
+        return _ids._ordered_uuid7_hex
+    require_extension(_ids._speedups)
+    return _ids._speedups.ordered_uuid7_hex
+
+
+@pytest.fixture(params=["c-extension", "python"])
+def make_request_id(request: pytest.FixtureRequest) -> Callable[[], str]:
+    """A request id maker, in C and in Python, as ``make_record_id``."""
+    if request.param == "python":
+        return _ids._uuid7_hex
+    require_extension(_ids._speedups)
+    return _ids._speedups.uuid7_hex
+
+
+def test_the_record_and_request_ids_are_the_c_extensions_where_it_was_built() -> None:
+    from upstream_ops.collector import new_request_id
+
+    require_extension(_ids._speedups)
+    assert new_record_id is _ids._speedups.ordered_uuid7_hex
+    assert new_request_id is _ids._speedups.uuid7_hex
+
+
+def test_a_record_id_is_a_uuid7_in_hex_with_the_time_in_ms(
+    make_record_id: Callable[[], str],
+) -> None:
     before = time.time_ns() // 1_000_000
-    record_id = new_record_id()
+    record_id = make_record_id()
     after = time.time_ns() // 1_000_000
     assert len(record_id) == 32
     assert record_id == record_id.lower()
@@ -28,29 +60,45 @@ def test_a_record_id_is_a_uuid7_in_hex_with_the_time_in_ms() -> None:
     assert before <= int(record_id[:12], 16) <= after + 5
 
 
-def test_ids_increase_and_never_repeat_within_a_process() -> None:
-    ids = [new_record_id() for _ in range(20_000)]
+def test_a_request_id_is_a_uuid7_in_hex_with_the_time_in_ms(
+    make_request_id: Callable[[], str],
+) -> None:
+    before = time.time_ns() // 1_000_000
+    made = [make_request_id() for _ in range(5_000)]
+    after = time.time_ns() // 1_000_000
+    assert len(set(made)) == len(made)
+    in_ms = [int(request_id[:12], 16) for request_id in made]
+    assert in_ms == sorted(in_ms)  # ordered by the ms, not within one
+    assert before <= in_ms[0] and in_ms[-1] <= after
+    for request_id in made[:50]:
+        parsed = uuid.UUID(hex=request_id)
+        assert parsed.version == 7 and parsed.variant == uuid.RFC_4122
+        assert parsed.hex == request_id
+
+
+def test_ids_increase_and_never_repeat_within_a_process(make_record_id: Callable[[], str]) -> None:
+    ids = [make_record_id() for _ in range(20_000)]
     assert ids == sorted(ids)
     assert len(set(ids)) == len(ids)
 
 
 def test_ids_keep_increasing_when_the_clock_steps_back_or_one_ms_overflows(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, make_record_id: Callable[[], str]
 ) -> None:
-    last = new_record_id()
+    last = make_record_id()
     now = [int(last[:12], 16) * 1_000_000 - 5_000_000_000]  # 5 s in the past
     monkeypatch.setattr(time, "time_ns", lambda: now[0])
-    ids = [new_record_id() for _ in range(5_000)]  # more than one ms's 4096 counter values
+    ids = [make_record_id() for _ in range(5_000)]  # more than one ms's 4096 counter values
     assert [last, *ids] == sorted([last, *ids])
     assert len(set(ids)) == len(ids)
     assert all(uuid.UUID(hex=i).version == 7 for i in ids)
 
 
-def test_threads_never_get_the_same_id() -> None:
+def test_threads_never_get_the_same_id(make_record_id: Callable[[], str]) -> None:
     found: list[list[str]] = []
 
     def make() -> None:
-        found.append([new_record_id() for _ in range(5_000)])
+        found.append([make_record_id() for _ in range(5_000)])
 
     threads = [threading.Thread(target=make) for _ in range(4)]
     for thread in threads:
@@ -80,9 +128,11 @@ def _ids_made_in_a_forked_child(make: Callable[[], str], count: int = 100) -> li
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_forked_child_draws_other_random_bits_than_its_parent() -> None:
-    child = _ids_made_in_a_forked_child(new_record_id)
-    parent = [new_record_id() for _ in range(100)]
+def test_a_forked_child_draws_other_random_bits_than_its_parent(
+    make_record_id: Callable[[], str],
+) -> None:
+    child = _ids_made_in_a_forked_child(make_record_id)
+    parent = [make_record_id() for _ in range(100)]
     assert len(child) == 100
 
     def tails(ids: list[str]) -> set[str]:
@@ -159,15 +209,15 @@ def test_every_field_of_a_built_record_comes_from_its_source() -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_forked_child_makes_other_request_ids_than_its_parent() -> None:
-    from upstream_ops.collector import new_request_id
-
-    made = _ids_made_in_a_forked_child(new_request_id)
+def test_a_forked_child_makes_other_request_ids_than_its_parent(
+    make_request_id: Callable[[], str],
+) -> None:
+    made = _ids_made_in_a_forked_child(make_request_id)
     child = {request_id[12:] for request_id in made}  # the tails, after the ms
-    parent = {new_request_id()[12:] for _ in range(100)}
+    parent = {make_request_id()[12:] for _ in range(100)}
     assert len(child) == len(parent) == 100
     assert not child & parent
-    for request_id in (made[0], new_request_id()):
+    for request_id in (made[0], make_request_id()):
         parsed = uuid.UUID(hex=request_id)
         assert parsed.version == 7 and parsed.variant == uuid.RFC_4122
 
