@@ -130,6 +130,19 @@ FIELD_TYPES: Final = dict(_FIELD_TYPES)
 #: The values of an event's fields, in field order, at once (one C call instead of a getattr each).
 field_values: Final = attrgetter(*_FIELD_NAMES)
 
+# The event's slots as the C extension's new_event sets them, in field order: (name, descriptor,
+# default, step), the step being 1 for the method (upper-cased) and 2 for at_unix_ms (from the clock
+# when missing or not positive), as collector._event_from_fields does in Python.
+_EVENT_SLOTS: Final = tuple(
+    (
+        f.name,
+        _EventFields.__dict__[f.name],
+        f.default,
+        {"method": 1, "at_unix_ms": 2}.get(f.name, 0),
+    )
+    for f in fields(UpstreamErrorEvent)
+)
+
 #: Public: the event field names, in JSON order.
 EVENT_FIELDS: Final = _FIELD_NAMES
 
