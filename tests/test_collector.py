@@ -23,7 +23,7 @@ from upstream_ops.collector import Collector, _activate, _deactivate
 SECRET = "sk-proj-abcdefghijklmnopqrstuvwxyz0123456789"
 
 # Every test here runs with the C pass over an event's fields and with the Python loop alone.
-fields_pass = with_and_without(collector_module, "_clean_fields")
+fields_pass = with_and_without(collector_module, "_event_pass")
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """The C extension's event helpers agree with the Python code they stand in for.
 
-``clean_fields`` is the first pass of ``collector._event_from_fields`` (each field's type checked,
-each text's cleaned result taken from the sanitizer's kept results); ``event_key`` tells what the
+``event_from_fields`` is ``collector._event_from_fields`` in C (each field's type checked, each
+text's cleaned result taken from the sanitizer's kept results, the event made); ``event_key`` tells what the
 SQLite sink's writer works out for each event's row (plain types, which fields are set). Each is
 checked against the Python path on generated input; ``tests/test_collector.py`` and
 ``tests/test_sinks_sqlite_rows.py`` run with and without them. In CI the extension must be built.
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import os
+import time
+from collections.abc import Mapping
 from operator import truth
 from typing import Any
 
@@ -21,6 +23,7 @@ from hypothesis import strategies as st
 from tests.sink_records import full_event
 from tests.speedups import require_extension
 from upstream_ops import collector as collector_module
+from upstream_ops import events as events_module
 from upstream_ops.events import EVENT_FIELDS, FIELD_TYPES, UpstreamErrorEvent, field_values
 from upstream_ops.sanitize import MESSAGE_TEXT, Sanitizer, get_default_sanitizer
 from upstream_ops.sinks import _sqlite_rows
@@ -38,14 +41,14 @@ def extension() -> None:
     require_extension(_speedups)
 
 
-# --- clean_fields -----------------------------------------------------------------------------------
+# --- event_from_fields ------------------------------------------------------------------------------
 
 
 def event_from_fields(fields: dict[str, Any], *, with_c: bool) -> UpstreamErrorEvent | str:
     """``_event_from_fields`` on a copy of ``fields``, with or without the C pass; an error as text."""
     with pytest.MonkeyPatch.context() as patch:
         if not with_c:
-            patch.setattr(collector_module, "_clean_fields", None)
+            patch.setattr(collector_module, "_event_pass", None)
         try:
             return collector_module._event_from_fields(dict(fields))
         except (TypeError, ValueError) as exc:
@@ -124,6 +127,20 @@ def _same(left: tuple[Any, ...], right: tuple[Any, ...]) -> bool:
     )
 
 
+def c_pass(
+    fields: dict[Any, Any], cached: tuple[Mapping[str, str], ...] | None = None
+) -> UpstreamErrorEvent | int:
+    """``event_from_fields`` as ``_event_from_fields`` calls it."""
+    made: UpstreamErrorEvent | int = _speedups.event_from_fields(
+        fields,
+        collector_module._FIELD_RULES,
+        get_default_sanitizer().cached_results() if cached is None else cached,
+        UpstreamErrorEvent,
+        events_module._EVENT_SLOTS,
+    )
+    return made
+
+
 def test_it_finishes_the_fields_it_can_and_stops_at_the_first_it_cannot() -> None:
     cached = get_default_sanitizer().cached_results()
     secret = f"Bearer {SECRET}"
@@ -135,7 +152,7 @@ def test_it_finishes_the_fields_it_can_and_stops_at_the_first_it_cannot() -> Non
         "upstream_status_code": "429",  # to coerce: Python's
         "model": secret,
     }
-    done = _speedups.clean_fields(fields, collector_module._FIELD_RULES, cached)
+    done = c_pass(fields)
     assert done == 4
     assert fields["message"] == cached[MESSAGE_TEXT][secret] != secret
     assert SECRET not in fields["message"]
@@ -144,7 +161,6 @@ def test_it_finishes_the_fields_it_can_and_stops_at_the_first_it_cannot() -> Non
 
 
 def test_a_text_not_cleaned_before_an_unknown_name_or_an_odd_type_is_left_to_python() -> None:
-    rules, cached = collector_module._FIELD_RULES, get_default_sanitizer().cached_results()
     never_seen = f"never seen {os.urandom(8).hex()} {SECRET}"
 
     class Text(str):
@@ -158,22 +174,48 @@ def test_a_text_not_cleaned_before_an_unknown_name_or_an_odd_type_is_left_to_pyt
         {"retryable": 1},
     ):
         before = dict(fields)
-        assert _speedups.clean_fields(fields, rules, cached) == 0
+        assert c_pass(fields) == 0
         assert fields == before
     # A sanitizer subclass keeps no results for callers: every text is its own methods' to clean.
     subclass_results = type("Custom", (Sanitizer,), {})().cached_results()
-    assert _speedups.clean_fields({"platform": "openai"}, rules, subclass_results) == 0
-    assert _speedups.clean_fields({"attempt": 1, "platform": ""}, rules, subclass_results) == 2
+    assert c_pass({"platform": "openai"}, subclass_results) == 0
+    made = c_pass({"attempt": 1, "platform": ""}, subclass_results)
+    assert isinstance(made, UpstreamErrorEvent) and made.attempt == 1 and made.platform == ""
 
 
-def test_clean_fields_refuses_arguments_of_other_types() -> None:
+def test_the_event_made_in_c_has_every_field_given_the_defaults_and_a_time() -> None:
+    sanitizer = get_default_sanitizer()
+    for kind in range(len(sanitizer.cached_results())):
+        sanitizer.clean(kind, "post")  # kept: the pass finishes the method and upper-cases it
+    before = time.time_ns() // 1_000_000
+    made = c_pass({"method": "post", "platform": "openai", "retryable": True, "duration_ms": 1.5})
+    assert isinstance(made, UpstreamErrorEvent)
+    expected = UpstreamErrorEvent(
+        method="POST",
+        platform="openai",
+        retryable=True,
+        duration_ms=1.5,
+        at_unix_ms=made.at_unix_ms,
+    )
+    assert made == expected
+    assert before <= made.at_unix_ms <= time.time_ns() // 1_000_000
+    given = c_pass({"at_unix_ms": 1_700_000_000_000, "message": ""})
+    assert isinstance(given, UpstreamErrorEvent) and given.at_unix_ms == 1_700_000_000_000
+    assert c_pass({"at_unix_ms": -5}).at_unix_ms >= before  # type: ignore[union-attr]
+    assert c_pass({"at_unix_ms": 2**80}).at_unix_ms == 2**80  # type: ignore[union-attr]
+
+
+def test_event_from_fields_refuses_arguments_of_other_types() -> None:
     rules, cached = collector_module._FIELD_RULES, get_default_sanitizer().cached_results()
-    with pytest.raises(TypeError, match="3 arguments"):
-        _speedups.clean_fields({}, rules)  # type: ignore[call-arg]
-    with pytest.raises(TypeError, match="a dict, a dict and a tuple"):
-        _speedups.clean_fields([], rules, cached)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="a dict, a dict and a tuple"):
-        _speedups.clean_fields({}, rules, list(cached))  # type: ignore[arg-type]
+    slots = events_module._EVENT_SLOTS
+    with pytest.raises(TypeError, match="5 arguments"):
+        _speedups.event_from_fields({}, rules, cached)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="a dict, a dict, a tuple, a type and slots"):
+        _speedups.event_from_fields([], rules, cached, UpstreamErrorEvent, slots)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="a dict, a dict, a tuple, a type and slots"):
+        _speedups.event_from_fields({}, rules, list(cached), UpstreamErrorEvent, slots)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="slots must be"):
+        _speedups.event_from_fields({}, rules, cached, UpstreamErrorEvent, (("platform",),))  # type: ignore[arg-type]
 
 
 def test_a_name_whose_comparison_changes_the_dict_does_not_break_the_pass() -> None:
@@ -189,13 +231,12 @@ def test_a_name_whose_comparison_changes_the_dict_does_not_break_the_pass() -> N
             return str(self) == other
 
     fields.update({"platform": "openai", Name("attempt"): 1, "model": "m"})
-    rules, cached = collector_module._FIELD_RULES, get_default_sanitizer().cached_results()
-    done = _speedups.clean_fields(fields, rules, cached)
-    assert 0 <= done <= 3
+    made = c_pass(fields)
+    assert isinstance(made, int) and 0 <= made <= 3  # left to Python: a name is no exact str
 
 
 def test_append_upstream_error_uses_the_c_pass() -> None:
-    assert collector_module._clean_fields is _speedups.clean_fields
+    assert collector_module._event_pass is _speedups.event_from_fields
 
 
 # --- event_key --------------------------------------------------------------------------------------

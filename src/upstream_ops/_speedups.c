@@ -1,8 +1,7 @@
 /* Optional speed-ups in C: two steps of the sanitizer (upstream_ops.sanitize), the keys of the
    key/value pairs (pair_matches, KeyModes) and the token rules' literals (token_anchors, below),
-   the collector's pass over an event's fields and its object (clean_fields, new_event), the key of
-   an event's row in the SQLite sink (event_key), and the record and request ids (uuid7_hex,
-   ordered_uuid7_hex).
+   an event made from its fields (event_from_fields), the key of an event's row in the SQLite sink
+   (event_key), and the record and request ids (uuid7_hex, ordered_uuid7_hex).
 
    The pure-Python pass (Sanitizer._secret_separators) finds every key/value separator by
    splitting the reversed text with the patterns of _sanitize_rules._REVERSED_PAIRS, and looks up
@@ -576,39 +575,55 @@ static PyTypeObject KeyModesType = {
     .tp_methods = KeyModes_methods,
 };
 
-/* --- An event's fields: the first pass of collector._event_from_fields ------------------------
+/* --- An event from its fields: collector._event_from_fields ------------------------------------
 
    append_upstream_error(**fields) checks each field's type and cleans each text, most texts being
-   ones the sanitizer has cleaned before (its kept results). That loop was most of the cost of an
-   append. clean_fields runs it for every field it can finish and leaves the rest (a value to
-   coerce, a text not cleaned before, a name that is no field) to the Python loop. */
+   ones the sanitizer has cleaned before (its kept results), and makes the event. In Python the
+   check was a loop over the fields, and the event a call of the dataclass __init__ with the fields
+   as keywords (matching names to 22 parameters), an upper() and a clock read: most of the cost of
+   an append. event_from_fields runs the loop for every field it can finish; when it finishes them
+   all it makes the event too, and otherwise it leaves the rest (a value to coerce, a text not
+   cleaned before, a name that is no field) to the Python loop. */
 
+#define MAX_SLOTS 64
+#define SLOT_PLAIN 0
+#define SLOT_UPPER 1
+#define SLOT_CLOCK 2
 
-/* One field of clean_fields: 1 when it is finished (its type is the rule's, and a text either is
-   empty or has its cleaned text in the cache of its kind, now stored in fields), 0 when Python
-   must look at it, -1 on an error. */
+static int now_ms_with_random(Py_ssize_t need, long long *ms);
+static PyObject *s_upper = NULL;
+
+/* One field: 1 when it is finished (its type is the rule's, and a text either is empty or has its
+   cleaned text in the cache of its kind, now stored in fields), 0 when Python must look at it, -1
+   on an error. When finished, *slot is the rule's slot index (-1 without one) and *finished the
+   field's value, a new reference. */
 static int
-clean_field(PyObject *fields, PyObject *rules, PyObject *cached, PyObject *name, PyObject *value)
+clean_field(PyObject *fields, PyObject *rules, PyObject *cached, PyObject *name, PyObject *value,
+            Py_ssize_t *slot, PyObject **finished)
 {
     PyObject *rule = PyDict_GetItemWithError(rules, name);
     if (rule == NULL) {
         return PyErr_Occurred() ? -1 : 0; /* no such field: Python says so */
     }
-    if (!PyTuple_CheckExact(rule) || PyTuple_GET_SIZE(rule) != 2) {
+    if (!PyTuple_CheckExact(rule) || PyTuple_GET_SIZE(rule) != 3) {
         return 0;
     }
     PyObject *expected = PyTuple_GET_ITEM(rule, 0), *kind = PyTuple_GET_ITEM(rule, 1);
+    PyObject *index = PyTuple_GET_ITEM(rule, 2);
+    *slot = PyLong_CheckExact(index) ? PyLong_AsSsize_t(index) : -1;
+    if (*slot == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+    }
     if ((PyObject *)Py_TYPE(value) != expected) {
         return 0; /* coerced (or refused) by Python */
     }
-    if (kind == Py_None) {
+    if (kind == Py_None || (PyUnicode_CheckExact(value) && PyUnicode_GET_LENGTH(value) == 0)) {
+        Py_INCREF(value); /* no text, or an empty one: kept as it is */
+        *finished = value;
         return 1;
     }
     if (!PyUnicode_CheckExact(value) || !PyLong_CheckExact(kind)) {
         return 0;
-    }
-    if (PyUnicode_GET_LENGTH(value) == 0) {
-        return 1; /* an empty text is kept as it is */
     }
     Py_ssize_t k = PyLong_AsSsize_t(kind);
     if (k < 0 || k >= PyTuple_GET_SIZE(cached)) {
@@ -623,56 +638,167 @@ clean_field(PyObject *fields, PyObject *rules, PyObject *cached, PyObject *name,
     if (cleaned == NULL) {
         return PyErr_Occurred() ? -1 : 0; /* not cleaned before: the sanitizer runs */
     }
-    if (cleaned == value) {
-        return 1;
-    }
     Py_INCREF(cleaned);
-    /* The key is there already: its value is replaced, and the dict keeps its layout (as the C
-       API allows while PyDict_Next walks it). */
-    int stored = PyDict_SetItem(fields, name, cleaned);
-    Py_DECREF(cleaned);
-    return stored < 0 ? -1 : 1;
+    if (cleaned != value) {
+        /* The key is there already: its value is replaced, and the dict keeps its layout (as the
+           C API allows while PyDict_Next walks it). */
+        if (PyDict_SetItem(fields, name, cleaned) < 0) {
+            Py_DECREF(cleaned);
+            return -1;
+        }
+    }
+    *finished = cleaned;
+    return 1;
 }
 
-PyDoc_STRVAR(clean_fields_doc,
-             "clean_fields(fields, rules, cached, /)\n--\n\n"
-             "Check and clean an event's fields in their order, stopping at the first one it "
-             "cannot finish; returns how many it finished.\n\n"
-             "fields: the event's fields by name; rules: each field's (type, kind of text or "
-             "None); cached: the sanitizer's kept results, one dict per kind of text. A field is "
-             "finished when its value has exactly its type and, for a non-empty text, its cleaned "
-             "text is kept in cached[kind] (stored into fields).");
+/* The value a slot gets from what was given (NULL: nothing) or its default, by its step: a new
+   reference, or NULL with an error. */
+static PyObject *
+slot_value(PyObject *given, PyObject *fallback, long step)
+{
+    PyObject *value = given != NULL ? given : fallback;
+    if (step == SLOT_UPPER && PyUnicode_CheckExact(value) && PyUnicode_GET_LENGTH(value) > 0) {
+        return PyObject_CallMethodNoArgs(value, s_upper);
+    }
+    if (step == SLOT_CLOCK) {
+        int overflow = 0;
+        long long at = PyLong_CheckExact(value) ? PyLong_AsLongLongAndOverflow(value, &overflow) : 0;
+        if (at == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+        if (overflow < 0 || (overflow == 0 && at <= 0)) {
+            long long ms;
+            if (now_ms_with_random(0, &ms) < 0) {
+                return NULL;
+            }
+            return PyLong_FromLongLong(ms);
+        }
+    }
+    Py_INCREF(value);
+    return value;
+}
+
+/* event_type's object with each slot set from values (new references; NULL: not given) or to
+   its default; NULL with an error. */
+static PyObject *
+make_event(PyObject *type, PyObject *slots, PyObject **values)
+{
+    PyTypeObject *event_type = (PyTypeObject *)type;
+    PyObject *event = event_type->tp_alloc(event_type, 0);
+    if (event == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(slots); i++) {
+        PyObject *slot = PyTuple_GET_ITEM(slots, i);
+        PyObject *descriptor = PyTuple_GET_ITEM(slot, 1);
+        PyObject *value = slot_value(values[i], PyTuple_GET_ITEM(slot, 2),
+                                     PyLong_AsLong(PyTuple_GET_ITEM(slot, 3)));
+        if (value == NULL) {
+            Py_DECREF(event);
+            return NULL;
+        }
+        int stored = Py_TYPE(descriptor)->tp_descr_set(descriptor, event, value);
+        Py_DECREF(value);
+        if (stored < 0) {
+            Py_DECREF(event);
+            return NULL;
+        }
+    }
+    return event;
+}
+
+/* Whether slots is a tuple of up to MAX_SLOTS (name, descriptor that can set, default, int step). */
+static int
+valid_slots(PyObject *slots)
+{
+    if (!PyTuple_Check(slots) || PyTuple_GET_SIZE(slots) > MAX_SLOTS) {
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(slots); i++) {
+        PyObject *slot = PyTuple_GET_ITEM(slots, i);
+        if (!PyTuple_CheckExact(slot) || PyTuple_GET_SIZE(slot) != 4 ||
+            Py_TYPE(PyTuple_GET_ITEM(slot, 1))->tp_descr_set == NULL ||
+            !PyLong_CheckExact(PyTuple_GET_ITEM(slot, 3))) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+PyDoc_STRVAR(event_from_fields_doc,
+             "event_from_fields(fields, rules, cached, event_type, slots, /)\n--\n\n"
+             "Check and clean an event's fields in their order and make the event: the event when "
+             "every field is finished, else how many were finished before the first that was not "
+             "(an int).\n\n"
+             "fields: the event's fields by name; rules: each field's (type, kind of text or None, "
+             "slot index); cached: the sanitizer's kept results, one dict per kind of text. A field "
+             "is finished when its value has exactly its type and, for a non-empty text, its "
+             "cleaned text is kept in cached[kind] (stored into fields). The event is an "
+             "event_type object whose slots, each (name, descriptor, default, step), are set from "
+             "the fields or to their defaults; step 1 upper-cases a text, step 2 reads the clock "
+             "for a missing or non-positive time in ms.");
 
 static PyObject *
-clean_fields(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+event_from_fields(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 3) {
-        PyErr_Format(PyExc_TypeError, "clean_fields expected 3 arguments, got %zd", nargs);
+    if (nargs != 5) {
+        PyErr_Format(PyExc_TypeError, "event_from_fields expected 5 arguments, got %zd", nargs);
         return NULL;
     }
-    PyObject *fields = args[0], *rules = args[1], *cached = args[2];
-    if (!PyDict_Check(fields) || !PyDict_Check(rules) || !PyTuple_Check(cached)) {
-        PyErr_SetString(PyExc_TypeError, "clean_fields expects a dict, a dict and a tuple");
+    PyObject *fields = args[0], *rules = args[1], *cached = args[2], *type = args[3];
+    PyObject *slots = args[4];
+    if (!PyDict_Check(fields) || !PyDict_Check(rules) || !PyTuple_Check(cached) ||
+        !PyType_Check(type)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "event_from_fields expects a dict, a dict, a tuple, a type and slots");
         return NULL;
     }
+    if (!valid_slots(slots)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "slots must be up to 64 (name, descriptor, default, step) tuples");
+        return NULL;
+    }
+    PyObject *values[MAX_SLOTS] = {NULL};
+    Py_ssize_t count = PyTuple_GET_SIZE(slots);
     Py_ssize_t position = 0, done = 0;
-    PyObject *name, *value;
+    int whole = 1; /* every name an exact str: no lookup ran Python code that changed fields */
+    PyObject *name, *value, *result = NULL;
     while (PyDict_Next(fields, &position, &name, &value)) {
+        whole = whole && PyUnicode_CheckExact(name);
         Py_INCREF(name); /* a comparison in a lookup may run Python code */
         Py_INCREF(value);
-        int finished = clean_field(fields, rules, cached, name, value);
+        Py_ssize_t slot = -1;
+        PyObject *finished_value = NULL;
+        int finished = clean_field(fields, rules, cached, name, value, &slot, &finished_value);
         Py_DECREF(name);
         Py_DECREF(value);
         if (finished < 0) {
-            return NULL;
+            goto done;
         }
         if (!finished) {
             break;
         }
         done++;
+        if (slot >= 0 && slot < count && values[slot] == NULL) {
+            values[slot] = finished_value;
+        }
+        else { /* a rule without its slot: the event is Python's to make */
+            Py_DECREF(finished_value);
+            whole = 0;
+        }
     }
-    return PyLong_FromSsize_t(done);
+    if (whole && done == PyDict_GET_SIZE(fields)) {
+        result = make_event(type, slots, values);
+    }
+    else {
+        result = PyLong_FromSsize_t(done);
+    }
+done:
+    for (Py_ssize_t i = 0; i < count; i++) {
+        Py_XDECREF(values[i]);
+    }
+    return result;
 }
 
 /* --- An event's row in the SQLite sink: sinks._sqlite_rows._event_row ---------------------------
@@ -680,7 +806,7 @@ clean_fields(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
    The writer picks each event's statement by which of its 22 fields are set, once it knows that
    each holds its declared type: two passes over the values and a dict lookup keyed by a tuple in
    Python. event_key is both passes in one call, and an int key. tests/test_speedups_events.py
-   checks this function and clean_fields against the Python code they stand in for. */
+   checks this function and event_from_fields against the Python code they stand in for. */
 
 
 PyDoc_STRVAR(event_key_doc,
@@ -921,114 +1047,11 @@ forget_random_bits(PyObject *module, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-/* --- An event's object: the end of collector._event_from_fields ---------------------------------
-
-   When clean_fields has finished every field, the event is made here: its object allocated as
-   object.__new__ does, and each slot set through its descriptor, from the fields or to its default.
-   In Python that was a call of the dataclass __init__ with the fields as keywords (8,400
-   instructions, matching names to 22 parameters), an upper() and a clock read. The slots tuple
-   (events._EVENT_SLOTS) gives, in field order, each slot's name, descriptor, default and step:
-   SLOT_UPPER (the method) or SLOT_CLOCK (at_unix_ms, from the clock when it is missing or not
-   positive). */
-
-#define SLOT_PLAIN 0
-#define SLOT_UPPER 1
-#define SLOT_CLOCK 2
-
-static PyObject *s_upper = NULL;
-
-/* The value a slot gets (a new reference), or NULL with an error. */
-static PyObject *
-slot_value(PyObject *given, PyObject *fallback, long step)
-{
-    PyObject *value = given != NULL ? given : fallback;
-    if (step == SLOT_UPPER && PyUnicode_CheckExact(value) && PyUnicode_GET_LENGTH(value) > 0) {
-        return PyObject_CallMethodNoArgs(value, s_upper);
-    }
-    if (step == SLOT_CLOCK) {
-        int overflow = 0;
-        long long at = PyLong_CheckExact(value) ? PyLong_AsLongLongAndOverflow(value, &overflow) : 0;
-        if (at == -1 && PyErr_Occurred()) {
-            return NULL;
-        }
-        if (overflow < 0 || (overflow == 0 && at <= 0)) {
-            long long ms;
-            if (now_ms_with_random(0, &ms) < 0) {
-                return NULL;
-            }
-            return PyLong_FromLongLong(ms);
-        }
-    }
-    Py_INCREF(value);
-    return value;
-}
-
-PyDoc_STRVAR(new_event_doc,
-             "new_event(fields, event_type, slots, /)\n--\n\n"
-             "The event of fields that clean_fields has finished, every one: an event_type object "
-             "whose slots, each given as (name, descriptor, default, step), are set from fields or "
-             "to their defaults; step 1 upper-cases a text, step 2 reads the clock for a missing "
-             "or non-positive time in ms.");
-
-static PyObject *
-new_event(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
-{
-    (void)module;
-    if (nargs != 3) {
-        PyErr_Format(PyExc_TypeError, "new_event expected 3 arguments, got %zd", nargs);
-        return NULL;
-    }
-    PyObject *fields = args[0], *type = args[1], *slots = args[2];
-    if (!PyDict_Check(fields) || !PyType_Check(type) || !PyTuple_Check(slots)) {
-        PyErr_SetString(PyExc_TypeError, "new_event expects a dict, a type and a tuple");
-        return NULL;
-    }
-    PyTypeObject *event_type = (PyTypeObject *)type;
-    PyObject *event = event_type->tp_alloc(event_type, 0);
-    if (event == NULL) {
-        return NULL;
-    }
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(slots); i++) {
-        PyObject *slot = PyTuple_GET_ITEM(slots, i);
-        if (!PyTuple_CheckExact(slot) || PyTuple_GET_SIZE(slot) != 4 ||
-            !PyLong_CheckExact(PyTuple_GET_ITEM(slot, 3))) {
-            PyErr_SetString(PyExc_TypeError, "a slot is (name, descriptor, default, step)");
-            goto error;
-        }
-        PyObject *descriptor = PyTuple_GET_ITEM(slot, 1);
-        descrsetfunc set = Py_TYPE(descriptor)->tp_descr_set;
-        if (set == NULL) {
-            PyErr_SetString(PyExc_TypeError, "a slot's descriptor cannot set");
-            goto error;
-        }
-        PyObject *given = PyDict_GetItemWithError(fields, PyTuple_GET_ITEM(slot, 0));
-        if (given == NULL && PyErr_Occurred()) {
-            goto error;
-        }
-        Py_XINCREF(given); /* the clock may run Python code that changes fields */
-        PyObject *value = slot_value(given, PyTuple_GET_ITEM(slot, 2),
-                                     PyLong_AsLong(PyTuple_GET_ITEM(slot, 3)));
-        Py_XDECREF(given);
-        if (value == NULL) {
-            goto error;
-        }
-        int stored = set(descriptor, event, value);
-        Py_DECREF(value);
-        if (stored < 0) {
-            goto error;
-        }
-    }
-    return event;
-error:
-    Py_DECREF(event);
-    return NULL;
-}
-
 static PyMethodDef speedups_methods[] = {
-    {"clean_fields", (PyCFunction)(void (*)(void))clean_fields, METH_FASTCALL, clean_fields_doc},
+    {"event_from_fields", (PyCFunction)(void (*)(void))event_from_fields, METH_FASTCALL,
+     event_from_fields_doc},
     {"event_key", (PyCFunction)(void (*)(void))event_key, METH_FASTCALL, event_key_doc},
     {"forget_random_bits", forget_random_bits, METH_NOARGS, forget_random_bits_doc},
-    {"new_event", (PyCFunction)(void (*)(void))new_event, METH_FASTCALL, new_event_doc},
     {"ordered_uuid7_hex", ordered_uuid7_hex, METH_NOARGS, ordered_uuid7_hex_doc},
     {"pair_matches", (PyCFunction)pair_matches, METH_O, pair_matches_doc},
     {"token_anchors", (PyCFunction)token_anchors, METH_O, token_anchors_doc},

@@ -106,24 +106,25 @@ _TEXT_KINDS: Final[dict[str, int]] = {
     "provider_error_code": LABEL_TEXT,
     "origin": LABEL_TEXT,
 }
-# Each field's type and, for text, its kind of text: one lookup per field given as a keyword.
-_FIELD_RULES: Final[dict[str, tuple[type, int | None]]] = {
-    name: (expected, _TEXT_KINDS.get(name)) for name, expected in FIELD_TYPES.items()
+# Each field's type, for text its kind of text, and its place among the event's slots
+# (events._EVENT_SLOTS): one lookup per field given as a keyword.
+_FIELD_RULES: Final[dict[str, tuple[type, int | None, int]]] = {
+    name: (expected, _TEXT_KINDS.get(name), index)
+    for index, (name, expected) in enumerate(FIELD_TYPES.items())
 }
 # An event object's text fields with their kinds, and their values read in one call.
 _TEXT_FIELD_KINDS: Final = tuple(_TEXT_KINDS.items())
 _text_values: Final = attrgetter(*_TEXT_KINDS)
 
-# The first pass of _event_from_fields in C where a compiler built upstream_ops._speedups: it checks
-# each field's type and takes each text's cleaned result from the sanitizer's kept results, and
-# stops at the first field it cannot finish, which the Python loop takes from there. When it
-# finishes every field, _new_event makes the event in C too (the tests switch both off at once).
-_clean_fields: Callable[[dict[str, Any], dict[str, tuple[type, int | None]], Any], int] | None
+# _event_from_fields in C where a compiler built upstream_ops._speedups: it checks each field's type
+# and takes each text's cleaned result from the sanitizer's kept results, and makes the event when
+# it finishes every field; else it stops at the first field it cannot finish, which the Python loop
+# takes from there.
+_event_pass: Callable[..., UpstreamErrorEvent | int] | None
 try:
-    from upstream_ops._speedups import clean_fields as _clean_fields
-    from upstream_ops._speedups import new_event as _new_event
+    from upstream_ops._speedups import event_from_fields as _event_pass
 except ImportError:  # pragma: no cover - depends on the build
-    _clean_fields = None
+    _event_pass = None
 
 
 class Collector:
@@ -308,21 +309,20 @@ def _event_from_fields(fields: dict[str, Any]) -> UpstreamErrorEvent:
     """``_clean_event(UpstreamErrorEvent(**fields))`` at a third of the cost: each given field is
     checked and cleaned in one pass (a text cleaned before comes from the sanitizer's results), the
     others keep their empty defaults. May change ``fields`` in place. With the C extension, its
-    ``clean_fields`` runs the pass up to the first field it cannot finish, and the loop here goes on
-    from there; when it finishes them all, its ``new_event`` makes the event."""
+    ``event_from_fields`` runs the pass and makes the event; when it stops at a field it cannot
+    finish, the loop here goes on from there."""
     sanitizer = get_default_sanitizer()
     cached = sanitizer.cached_results()
     items: Iterable[tuple[str, Any]] = fields.items()
-    if _clean_fields is not None:
-        done = _clean_fields(fields, _FIELD_RULES, cached)
-        if done == len(fields):  # every field checked and cleaned: the rest in C as well
-            event: UpstreamErrorEvent = _new_event(fields, UpstreamErrorEvent, _EVENT_SLOTS)
-            return event
-        items = islice(items, done, None)
+    if _event_pass is not None:
+        made = _event_pass(fields, _FIELD_RULES, cached, UpstreamErrorEvent, _EVENT_SLOTS)
+        if not isinstance(made, int):
+            return made
+        items = islice(items, made, None)
     value: Any
     try:
         for name, value in items:
-            expected, kind = _FIELD_RULES[name]
+            expected, kind, _ = _FIELD_RULES[name]
             if type(value) is not expected:
                 value = fields[name] = coerce_field(name, expected, value)
             if kind is not None and value:
