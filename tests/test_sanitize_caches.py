@@ -1,4 +1,4 @@
-"""The sanitizer's caches of results, and ``Sanitizer.clean_fields``: the same text out as the rules."""
+"""The sanitizer's caches of results, and ``Sanitizer.clean``: the same text out as the rules."""
 
 from __future__ import annotations
 
