@@ -984,12 +984,12 @@ uuid7_hex(PyObject *module, PyObject *unused)
     if (now_ms_with_random(10, &ms) < 0) {
         return NULL;
     }
-    unsigned char random[10];
-    memcpy(random, take_random(10), 10);
-    random[0] = (unsigned char)(0x70 | (random[0] & 0x0F)); /* the version, 7 */
-    random[2] = (unsigned char)(0x80 | (random[2] & 0x3F)); /* the variant, 10 */
+    unsigned char drawn[10];
+    memcpy(drawn, take_random(10), 10);
+    drawn[0] = (unsigned char)(0x70 | (drawn[0] & 0x0F)); /* the version, 7 */
+    drawn[2] = (unsigned char)(0x80 | (drawn[2] & 0x3F)); /* the variant, 10 */
     char tail[20];
-    write_hex(tail, random, 10);
+    write_hex(tail, drawn, 10);
     return id_text(ms, tail);
 }
 
@@ -1021,15 +1021,15 @@ ordered_uuid7_hex(PyObject *module, PyObject *unused)
         ordered_counter = 0;
     }
     ordered_last_ms = ms;
-    unsigned char random[8];
-    memcpy(random, take_random(8), 8);
-    random[0] = (unsigned char)(0x80 | (random[0] & 0x3F)); /* the variant, 10 */
+    unsigned char drawn[8];
+    memcpy(drawn, take_random(8), 8);
+    drawn[0] = (unsigned char)(0x80 | (drawn[0] & 0x3F)); /* the variant, 10 */
     char tail[20];
     unsigned int versioned = 0x7000 | ordered_counter;
     for (int i = 0; i < 4; i++) {
         tail[i] = hex_digits[(versioned >> (12 - 4 * i)) & 0xF];
     }
-    write_hex(tail + 4, random, 8);
+    write_hex(tail + 4, drawn, 8);
     return id_text(ms, tail);
 }
 
