@@ -1,9 +1,9 @@
 """The C extension's event helpers agree with the Python code they stand in for.
 
 ``event_from_fields`` is ``collector._event_from_fields`` in C (each field's type checked, each
-text's cleaned result taken from the sanitizer's kept results, the event made); ``event_key`` tells what the
-SQLite sink's writer works out for each event's row (plain types, which fields are set). Each is
-checked against the Python path on generated input; ``tests/test_collector.py`` and
+text's cleaned result taken from the sanitizer's kept results, the event made); ``event_key`` tells
+what the SQLite sink's writer works out for each event's row (plain types, which fields are set).
+Each is checked against the Python path on generated input; ``tests/test_collector.py`` and
 ``tests/test_sinks_sqlite_rows.py`` run with and without them. In CI the extension must be built.
 """
 

@@ -130,9 +130,9 @@ FIELD_TYPES: Final = dict(_FIELD_TYPES)
 #: The values of an event's fields, in field order, at once (one C call instead of a getattr each).
 field_values: Final = attrgetter(*_FIELD_NAMES)
 
-# The event's slots as the C extension's event_from_fields sets them, in field order: (name, descriptor,
-# default, step), the step being 1 for the method (upper-cased) and 2 for at_unix_ms (from the clock
-# when missing or not positive), as collector._event_from_fields does in Python.
+# The event's slots as the C extension's event_from_fields sets them, in field order: (name,
+# descriptor, default, step), the step being 1 for the method (upper-cased) and 2 for at_unix_ms
+# (from the clock when missing or not positive), as collector._event_from_fields does in Python.
 _EVENT_SLOTS: Final = tuple(
     (
         f.name,
