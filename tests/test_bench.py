@@ -280,8 +280,12 @@ def test_instruction_counts_rank_the_middleware_above_the_bare_app() -> None:
     # 400 requests: the pools refilled now and then (ids, the allocator) average out.
     with ThreadPoolExecutor(max_workers=2) as pool:  # one valgrind per core
         bare, ours = pool.map(lambda name: instructions.per_request(name, 400), VARIANT_PAIR)
-    # A Starlette request is tens of thousands of instructions; the middleware adds ~25,000.
-    assert 10_000 < bare < bare + 5_000 < ours < bare * 2, (bare, ours)
+    # A Starlette request is tens of thousands of instructions; the middleware adds ~17,000. No
+    # thread but the main one serves these requests, so all threads count about the same.
+    main = bare.main_thread
+    assert 10_000 < main < main + 5_000 < ours.main_thread < main * 2, (bare, ours)
+    for counts in (bare, ours):
+        assert counts.main_thread <= counts.all_threads < counts.main_thread + 2_000, counts
 
 
 def test_instruction_counts_refuse_a_bad_request_count(capsys: pytest.CaptureFixture[str]) -> None:
