@@ -707,10 +707,17 @@ make_event(PyObject *type, PyObject *slots, PyObject **values)
     return event;
 }
 
+/* The last slots tuple valid_slots accepted, kept: the caller passes the same one every time, and a
+   tuple cannot change once checked. */
+static PyObject *validated_slots = NULL;
+
 /* Whether slots is a tuple of up to MAX_SLOTS (name, descriptor that can set, default, int step). */
 static int
 valid_slots(PyObject *slots)
 {
+    if (slots == validated_slots) {
+        return 1;
+    }
     if (!PyTuple_Check(slots) || PyTuple_GET_SIZE(slots) > MAX_SLOTS) {
         return 0;
     }
@@ -722,6 +729,8 @@ valid_slots(PyObject *slots)
             return 0;
         }
     }
+    Py_INCREF(slots);
+    Py_XSETREF(validated_slots, slots);
     return 1;
 }
 
