@@ -586,11 +586,10 @@ static PyTypeObject KeyModesType = {
    cleaned before, a name that is no field) to the Python loop. */
 
 #define MAX_SLOTS 64
-#define SLOT_PLAIN 0
 #define SLOT_UPPER 1
 #define SLOT_CLOCK 2
 
-static int now_ms_with_random(Py_ssize_t need, long long *ms);
+static int now_ms(long long *ms);
 static PyObject *s_upper = NULL;
 
 /* One field: 1 when it is finished (its type is the rule's, and a text either is empty or has its
@@ -668,7 +667,7 @@ slot_value(PyObject *given, PyObject *fallback, long step)
         }
         if (overflow < 0 || (overflow == 0 && at <= 0)) {
             long long ms;
-            if (now_ms_with_random(0, &ms) < 0) {
+            if (now_ms(&ms) < 0) {
                 return NULL;
             }
             return PyLong_FromLongLong(ms);
@@ -922,8 +921,24 @@ refill_id_pool(void)
     return 0;
 }
 
-/* The Unix time in ms (time.time_ns() // 1_000_000), with at least `need` bytes in the pool when it
-   returns 0; -1 with an error. */
+/* The Unix time in ms, time.time_ns() // 1_000_000; -1 with an error. */
+static int
+now_ms(long long *ms)
+{
+    PyObject *ns = PyObject_CallMethodNoArgs(time_module, s_time_ns);
+    if (ns == NULL) {
+        return -1;
+    }
+    long long value = PyLong_AsLongLong(ns);
+    Py_DECREF(ns);
+    if (value == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    *ms = value / 1000000 - (value < 0 && value % 1000000 != 0); /* floor, as // does */
+    return 0;
+}
+
+/* now_ms, with at least `need` bytes in the pool when it returns 0; -1 with an error. */
 static int
 now_ms_with_random(Py_ssize_t need, long long *ms)
 {
@@ -931,16 +946,9 @@ now_ms_with_random(Py_ssize_t need, long long *ms)
         if (id_pool_left < need && refill_id_pool() < 0) {
             return -1;
         }
-        PyObject *ns = PyObject_CallMethodNoArgs(time_module, s_time_ns);
-        if (ns == NULL) {
+        if (now_ms(ms) < 0) {
             return -1;
         }
-        long long value = PyLong_AsLongLong(ns);
-        Py_DECREF(ns);
-        if (value == -1 && PyErr_Occurred()) {
-            return -1;
-        }
-        *ms = value / 1000000 - (value < 0 && value % 1000000 != 0); /* floor, as // does */
         if (id_pool_left >= need) { /* another thread may have emptied it meanwhile */
             return 0;
         }
