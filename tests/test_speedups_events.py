@@ -1,7 +1,9 @@
 """The C extension's event helpers agree with the Python code they stand in for.
 
 ``event_from_fields`` is ``collector._event_from_fields`` in C (each field's type checked, each
-text's cleaned result taken from the sanitizer's kept results, the event made); ``event_key`` tells
+text's cleaned result taken from the sanitizer's kept results, the event made); ``Appender`` is
+``append_upstream_error`` in C for its common case, and hands every other call to the Python
+function; ``event_key`` tells
 what the SQLite sink's writer works out for each event's row (plain types, which fields are set).
 Each is checked against the Python path on generated input; ``tests/test_collector.py`` and
 ``tests/test_sinks_sqlite_rows.py`` run with and without them. In CI the extension must be built.
@@ -9,10 +11,15 @@ Each is checked against the Python path on generated input; ``tests/test_collect
 
 from __future__ import annotations
 
+import inspect
+import logging
 import math
 import os
+import threading
 import time
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from operator import truth
 from typing import Any
 
@@ -24,6 +31,8 @@ from tests.sink_records import full_event
 from tests.speedups import require_extension
 from upstream_ops import collector as collector_module
 from upstream_ops import events as events_module
+from upstream_ops import wrap_context
+from upstream_ops.collector import Collector
 from upstream_ops.events import EVENT_FIELDS, FIELD_TYPES, UpstreamErrorEvent, field_values
 from upstream_ops.sanitize import MESSAGE_TEXT, Sanitizer, get_default_sanitizer
 from upstream_ops.sinks import _sqlite_rows
@@ -237,6 +246,250 @@ def test_a_name_whose_comparison_changes_the_dict_does_not_break_the_pass() -> N
 
 def test_append_upstream_error_uses_the_c_pass() -> None:
     assert collector_module._event_pass is _speedups.event_from_fields
+
+
+# --- Appender: append_upstream_error(**fields) in one C call -----------------------------------------
+
+
+def test_append_upstream_error_is_the_c_appender_wrapping_the_python_function() -> None:
+    appender = collector_module.append_upstream_error
+    assert isinstance(appender, _speedups.Appender)
+    python = appender.__wrapped__  # type: ignore[attr-defined]
+    assert inspect.isfunction(python) and python.__module__ == "upstream_ops.collector"
+    assert getattr(appender, "__name__", None) == "append_upstream_error"
+    assert appender.__doc__ == python.__doc__
+    assert inspect.signature(appender) == inspect.signature(python)
+
+
+class Spy:
+    """The Python ``append_upstream_error``, counting the calls an ``Appender`` hands it."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.python = collector_module.append_upstream_error.__wrapped__  # type: ignore[attr-defined]
+
+    def __call__(self, *args: Any, **fields: Any) -> UpstreamErrorEvent | None:
+        self.calls += 1
+        stored: UpstreamErrorEvent | None = self.python(*args, **fields)
+        return stored
+
+
+def appender_args(fallback: Callable[..., Any]) -> list[Any]:
+    """The arguments the collector module makes its own ``Appender`` with, around ``fallback``."""
+    from upstream_ops import labels, sanitize
+
+    return [
+        fallback,
+        collector_module._current,
+        labels._current,
+        labels.NO_LABELS,
+        Collector,
+        vars(collector_module),
+        vars(sanitize),
+        Sanitizer,
+        collector_module._FIELD_RULES,
+        UpstreamErrorEvent,
+        events_module._EVENT_SLOTS,
+        deque,
+        sanitize.sanitize_label,
+    ]
+
+
+def appender(fallback: Callable[..., Any]) -> Callable[..., Any]:
+    made: Callable[..., Any] = _speedups.Appender(*appender_args(fallback))
+    return made
+
+
+@contextmanager
+def current(collector: Collector) -> Iterator[Collector]:
+    token = collector_module._activate(collector)
+    try:
+        yield collector
+    finally:
+        collector_module._deactivate(token)
+
+
+#: Fields whose texts the sanitizer has kept results for (``seen_texts_kept``).
+KEPT = {
+    "platform": "openai",
+    "method": "POST",
+    "upstream_status_code": 429,
+    "message": f"Bearer {SECRET}",
+    "upstream_url": "https://u:p@h/x?key=v",
+    "attempt": 2,
+    "duration_ms": 12.5,
+    "retryable": True,
+}
+
+
+def test_the_common_case_is_stored_in_c_as_python_stores_it() -> None:
+    spy = Spy()
+    append = appender(spy)
+    with current(Collector("r", max_events=4)) as in_c:
+        stored = append(**KEPT)
+    with current(Collector("r", max_events=4)) as in_python:
+        expected = spy.python(**KEPT)
+    assert spy.calls == 0
+    assert stored is not None and expected is not None
+    assert in_c.events == [stored] and in_c.events[0] is stored
+    expected.at_unix_ms = stored.at_unix_ms
+    assert stored == expected
+    assert SECRET not in stored.message and "h/x" in stored.upstream_url
+    assert in_python.events == [expected]
+
+
+@settings(max_examples=300, deadline=None)
+@given(field_dicts)
+def test_the_appender_stores_what_the_python_function_stores(fields: dict[str, Any]) -> None:
+    spy = Spy()
+    append = appender(spy)
+    with current(Collector("r")) as in_c:
+        stored = append(**fields)
+    with pytest.MonkeyPatch.context() as patch, current(Collector("r")) as in_python:
+        patch.setattr(collector_module, "_event_pass", None)
+        expected = spy.python(**fields)
+    if isinstance(stored, UpstreamErrorEvent) and isinstance(expected, UpstreamErrorEvent):
+        given_at = fields.get("at_unix_ms")
+        if not (isinstance(given_at, int) and given_at > 0):
+            expected.at_unix_ms = stored.at_unix_ms  # filled in from the clock, a ms apart
+        assert _same(field_values(stored), field_values(expected))
+        assert in_c.events == [stored] and len(in_python.events) == 1
+    else:
+        assert stored is expected is None
+        assert in_c.events == in_python.events == []
+
+
+def test_a_full_collector_drops_the_oldest_and_counts_it_in_c() -> None:
+    spy = Spy()
+    append = appender(spy)
+    with current(Collector("r", max_events=4)) as collector:
+        stored = [append(**{**KEPT, "attempt": i}) for i in range(10)]
+    assert spy.calls == 0
+    assert collector.events == stored[6:]
+    assert collector.dropped_events == 6
+
+
+def test_appends_from_threads_are_all_kept_or_counted() -> None:
+    spy = Spy()
+    append = appender(spy)
+    threads, per_thread, most = 8, 300, 100
+    with current(Collector("r", max_events=most)) as collector:
+
+        def work(n: int) -> None:
+            for i in range(per_thread):
+                append(**{**KEPT, "attempt": n * per_thread + i})
+                if i % 50 == 0:
+                    time.sleep(0)
+                    collector.next_attempt()  # the Python side takes the same lock
+
+        pool = [threading.Thread(target=wrap_context(work), args=(n,)) for n in range(threads)]
+        for thread in pool:
+            thread.start()
+        for thread in pool:
+            thread.join()
+    assert spy.calls == 0
+    assert len(collector.events) == most
+    assert collector.dropped_events == threads * per_thread - most
+    assert len({e.attempt for e in collector.events}) == most
+
+
+def test_nothing_is_kept_without_a_request_a_status_a_message_or_a_detail() -> None:
+    spy = Spy()
+    append = appender(spy)
+    assert append(**KEPT) is None  # outside a request
+    with current(Collector("r")) as collector:
+        assert append(platform="openai", attempt=1, upstream_status_code=0, message="") is None
+        collector.finish()
+        assert append(**KEPT) is None
+    assert spy.calls == 0
+    assert collector.events == []
+
+
+def test_labels_fill_what_the_fields_leave_empty_in_c() -> None:
+    from upstream_ops import upstream
+
+    spy = Spy()
+    append = appender(spy)
+    with current(Collector("r")), upstream(account_id=7, model=f"key={SECRET}"):
+        stored = append(**KEPT)
+    assert spy.calls == 0
+    assert stored is not None and stored.account_id == 7 and stored.platform == "openai"
+    assert stored.model.startswith("key=") and SECRET not in stored.model
+
+
+def test_listeners_get_the_event_through_collector_store() -> None:
+    spy = Spy()
+    append = appender(spy)
+    seen: list[UpstreamErrorEvent] = []
+    with current(Collector("r")) as collector:
+        collector.listeners.append(seen.append)
+        stored = append(**KEPT)
+    assert spy.calls == 0
+    assert seen == [stored] and collector.events == [stored]
+
+
+class OwnCollector(Collector):
+    pass
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "an event given",
+        "a collector subclass",
+        "a text not cleaned before",
+        "a value to coerce",
+        "an unknown field",
+        "the c pass switched off",
+        "a sanitizer subclass",
+    ],
+)
+def test_every_other_call_goes_to_python_with_its_arguments(
+    case: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    spy = Spy()
+    append = appender(spy)
+    fields: dict[str, Any] = dict(KEPT)
+    args: tuple[Any, ...] = ()
+    collector = OwnCollector("r") if case == "a collector subclass" else Collector("r")
+    if case == "an event given":
+        args = (UpstreamErrorEvent(detail="d"),)
+    elif case == "a text not cleaned before":
+        fields["detail"] = f"never seen {os.urandom(8).hex()} {SECRET}"
+    elif case == "a value to coerce":
+        fields["account_id"] = "42"
+    elif case == "an unknown field":
+        fields["no_such_field"] = 1
+    with pytest.MonkeyPatch.context() as patch, current(collector):
+        if case == "the c pass switched off":
+            patch.setattr(collector_module, "_event_pass", None)
+        if case == "a sanitizer subclass":
+            from upstream_ops import sanitize
+
+            patch.setattr(sanitize, "_default_sanitizer", type("Own", (Sanitizer,), {})())
+        given = dict(fields)
+        with caplog.at_level(logging.WARNING, logger="upstream_ops"):
+            stored = append(*args, **fields)
+    assert spy.calls == 1
+    assert fields == given  # handed over as they came
+    if case == "an unknown field":
+        assert stored is None and "no_such_field" in caplog.text
+        return
+    assert stored is not None and collector.events == [stored]
+    assert SECRET not in stored.message + stored.detail
+    if case == "a value to coerce":
+        assert stored.account_id == 42
+
+
+def test_the_appender_refuses_what_it_cannot_work_with() -> None:
+    with pytest.raises(TypeError):
+        _speedups.Appender()  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="callables"):
+        _speedups.Appender(*appender_args(None))  # type: ignore[arg-type]
+    args = appender_args(Spy())
+    args[10] = tuple(slot for slot in events_module._EVENT_SLOTS if slot[0] != "detail")
+    with pytest.raises(ValueError, match="upstream_status_code, message and detail"):
+        _speedups.Appender(*args)
 
 
 # --- event_key --------------------------------------------------------------------------------------

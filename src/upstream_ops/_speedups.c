@@ -19,7 +19,9 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stddef.h>
 #include <string.h>
+#include <structmember.h>
 
 #define KEY_MAX_CHARS 128 /* _sanitize_rules._KEY_MAX_CHARS */
 #define QUOTE_BACKSLASHES 8
@@ -593,9 +595,9 @@ static int now_ms(long long *ms);
 static PyObject *s_upper = NULL;
 
 /* One field: 1 when it is finished (its type is the rule's, and a text either is empty or has its
-   cleaned text in the cache of its kind, now stored in fields), 0 when Python must look at it, -1
-   on an error. When finished, *slot is the rule's slot index (-1 without one) and *finished the
-   field's value, a new reference. */
+   cleaned text in the cache of its kind, now stored in fields unless fields is NULL), 0 when
+   Python must look at it, -1 on an error. When finished, *slot is the rule's slot index (-1
+   without one) and *finished the field's value, a new reference. */
 static int
 clean_field(PyObject *fields, PyObject *rules, PyObject *cached, PyObject *name, PyObject *value,
             Py_ssize_t *slot, PyObject **finished)
@@ -638,7 +640,7 @@ clean_field(PyObject *fields, PyObject *rules, PyObject *cached, PyObject *name,
         return PyErr_Occurred() ? -1 : 0; /* not cleaned before: the sanitizer runs */
     }
     Py_INCREF(cleaned);
-    if (cleaned != value) {
+    if (cleaned != value && fields != NULL) {
         /* The key is there already: its value is replaced, and the dict keeps its layout (as the
            C API allows while PyDict_Next walks it). */
         if (PyDict_SetItem(fields, name, cleaned) < 0) {
@@ -650,13 +652,30 @@ clean_field(PyObject *fields, PyObject *rules, PyObject *cached, PyObject *name,
     return 1;
 }
 
+/* Whether text is ASCII with no lower-case letter: its upper() is equal to it ("POST"). */
+static int
+ascii_without_lower(PyObject *text)
+{
+    if (!PyUnicode_IS_ASCII(text)) {
+        return 0;
+    }
+    const Py_UCS1 *data = PyUnicode_1BYTE_DATA(text);
+    for (Py_ssize_t i = 0; i < PyUnicode_GET_LENGTH(text); i++) {
+        if (data[i] >= 'a' && data[i] <= 'z') {
+            return 0;
+        }
+    }
+    return 1;
+}
+
 /* The value a slot gets from what was given (NULL: nothing) or its default, by its step: a new
    reference, or NULL with an error. */
 static PyObject *
 slot_value(PyObject *given, PyObject *fallback, long step)
 {
     PyObject *value = given != NULL ? given : fallback;
-    if (step == SLOT_UPPER && PyUnicode_CheckExact(value) && PyUnicode_GET_LENGTH(value) > 0) {
+    if (step == SLOT_UPPER && PyUnicode_CheckExact(value) && PyUnicode_GET_LENGTH(value) > 0 &&
+        !ascii_without_lower(value)) {
         return PyObject_CallMethodNoArgs(value, s_upper);
     }
     if (step == SLOT_CLOCK) {
@@ -677,38 +696,13 @@ slot_value(PyObject *given, PyObject *fallback, long step)
     return value;
 }
 
-/* event_type's object with each slot set from values (new references; NULL: not given) or to
-   its default; NULL with an error. */
-static PyObject *
-make_event(PyObject *type, PyObject *slots, PyObject **values)
-{
-    PyTypeObject *event_type = (PyTypeObject *)type;
-    PyObject *event = event_type->tp_alloc(event_type, 0);
-    if (event == NULL) {
-        return NULL;
-    }
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(slots); i++) {
-        PyObject *slot = PyTuple_GET_ITEM(slots, i);
-        PyObject *descriptor = PyTuple_GET_ITEM(slot, 1);
-        PyObject *value = slot_value(values[i], PyTuple_GET_ITEM(slot, 2),
-                                     PyLong_AsLong(PyTuple_GET_ITEM(slot, 3)));
-        if (value == NULL) {
-            Py_DECREF(event);
-            return NULL;
-        }
-        int stored = Py_TYPE(descriptor)->tp_descr_set(descriptor, event, value);
-        Py_DECREF(value);
-        if (stored < 0) {
-            Py_DECREF(event);
-            return NULL;
-        }
-    }
-    return event;
-}
-
 /* The last slots tuple valid_slots accepted, kept: the caller passes the same one every time, and a
-   tuple cannot change once checked. */
+   tuple cannot change once checked. With it, where each slot that is a plain object member
+   (T_OBJECT_EX, writable) of validated_owner lives in an object (-1: set through its descriptor):
+   make_event stores such a value in place, as the member's descriptor would after its checks. */
 static PyObject *validated_slots = NULL;
+static PyObject *validated_owner = NULL;
+static Py_ssize_t validated_offsets[MAX_SLOTS];
 
 /* Whether slots is a tuple of up to MAX_SLOTS (name, descriptor that can set, default, int step). */
 static int
@@ -720,6 +714,8 @@ valid_slots(PyObject *slots)
     if (!PyTuple_Check(slots) || PyTuple_GET_SIZE(slots) > MAX_SLOTS) {
         return 0;
     }
+    Py_ssize_t offsets[MAX_SLOTS];
+    PyObject *owner = NULL;
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(slots); i++) {
         PyObject *slot = PyTuple_GET_ITEM(slots, i);
         if (!PyTuple_CheckExact(slot) || PyTuple_GET_SIZE(slot) != 4 ||
@@ -727,10 +723,65 @@ valid_slots(PyObject *slots)
             !PyLong_CheckExact(PyTuple_GET_ITEM(slot, 3))) {
             return 0;
         }
+        PyObject *descriptor = PyTuple_GET_ITEM(slot, 1);
+        offsets[i] = -1;
+        if (Py_IS_TYPE(descriptor, &PyMemberDescr_Type)) {
+            PyMemberDescrObject *member = (PyMemberDescrObject *)descriptor;
+            PyObject *its_type = (PyObject *)PyDescr_TYPE(member);
+            if (member->d_member->type == T_OBJECT_EX && !(member->d_member->flags & READONLY) &&
+                (owner == NULL || owner == its_type)) {
+                owner = its_type;
+                offsets[i] = member->d_member->offset;
+            }
+        }
     }
+    memcpy(validated_offsets, offsets, (size_t)PyTuple_GET_SIZE(slots) * sizeof(Py_ssize_t));
+    Py_XINCREF(owner);
+    Py_XSETREF(validated_owner, owner);
     Py_INCREF(slots);
     Py_XSETREF(validated_slots, slots);
     return 1;
+}
+
+/* event_type's object with each slot set from values (new references; NULL: not given) or to
+   its default; NULL with an error. */
+static PyObject *
+make_event(PyObject *type, PyObject *slots, PyObject **values)
+{
+    PyTypeObject *event_type = (PyTypeObject *)type;
+    Py_ssize_t count = PyTuple_GET_SIZE(slots);
+    Py_ssize_t offsets[MAX_SLOTS];
+    int in_place = slots == validated_slots && validated_owner != NULL &&
+                   PyType_IsSubtype(event_type, (PyTypeObject *)validated_owner);
+    if (in_place) { /* copied: slot_value may run Python code that validates other slots */
+        memcpy(offsets, validated_offsets, (size_t)count * sizeof(Py_ssize_t));
+    }
+    PyObject *event = event_type->tp_alloc(event_type, 0);
+    if (event == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *slot = PyTuple_GET_ITEM(slots, i);
+        PyObject *value = slot_value(values[i], PyTuple_GET_ITEM(slot, 2),
+                                     PyLong_AsLong(PyTuple_GET_ITEM(slot, 3)));
+        if (value == NULL) {
+            Py_DECREF(event);
+            return NULL;
+        }
+        if (in_place && offsets[i] >= 0) {
+            PyObject **place = (PyObject **)((char *)event + offsets[i]);
+            Py_XSETREF(*place, value);
+            continue;
+        }
+        PyObject *descriptor = PyTuple_GET_ITEM(slot, 1);
+        int stored = Py_TYPE(descriptor)->tp_descr_set(descriptor, event, value);
+        Py_DECREF(value);
+        if (stored < 0) {
+            Py_DECREF(event);
+            return NULL;
+        }
+    }
+    return event;
 }
 
 PyDoc_STRVAR(event_from_fields_doc,
@@ -745,6 +796,47 @@ PyDoc_STRVAR(event_from_fields_doc,
              "event_type object whose slots, each (name, descriptor, default, step), are set from "
              "the fields or to their defaults; step 1 upper-cases a text, step 2 reads the clock "
              "for a missing or non-positive time in ms.");
+
+/* The pass over fields, shared by event_from_fields and the appender: 1 when every field is
+   finished and every name is an exact str, each slot's value then in values (new references; NULL:
+   not given); 0 when not, *done being how many fields were finished first; -1 on an error. With
+   store_back, a cleaned text replaces its value in fields (Python's loop goes on from there);
+   without it, fields is left as it was given. */
+static int
+fields_pass(PyObject *fields, PyObject *rules, PyObject *cached, Py_ssize_t count, int store_back,
+            PyObject **values, Py_ssize_t *done)
+{
+    Py_ssize_t position = 0;
+    int whole = 1; /* every name an exact str: no lookup ran Python code that changed fields */
+    PyObject *name, *value;
+    *done = 0;
+    while (PyDict_Next(fields, &position, &name, &value)) {
+        whole = whole && PyUnicode_CheckExact(name);
+        Py_INCREF(name); /* a comparison in a lookup may run Python code */
+        Py_INCREF(value);
+        Py_ssize_t slot = -1;
+        PyObject *finished_value = NULL;
+        int finished = clean_field(store_back ? fields : NULL, rules, cached, name, value, &slot,
+                                   &finished_value);
+        Py_DECREF(name);
+        Py_DECREF(value);
+        if (finished < 0) {
+            return -1;
+        }
+        if (!finished) {
+            return 0;
+        }
+        (*done)++;
+        if (slot >= 0 && slot < count && values[slot] == NULL) {
+            values[slot] = finished_value;
+        }
+        else { /* a rule without its slot: the event is Python's to make */
+            Py_DECREF(finished_value);
+            whole = 0;
+        }
+    }
+    return whole && *done == PyDict_GET_SIZE(fields);
+}
 
 static PyObject *
 event_from_fields(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -768,45 +860,459 @@ event_from_fields(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     PyObject *values[MAX_SLOTS] = {NULL};
-    Py_ssize_t count = PyTuple_GET_SIZE(slots);
-    Py_ssize_t position = 0, done = 0;
-    int whole = 1; /* every name an exact str: no lookup ran Python code that changed fields */
-    PyObject *name, *value, *result = NULL;
-    while (PyDict_Next(fields, &position, &name, &value)) {
-        whole = whole && PyUnicode_CheckExact(name);
-        Py_INCREF(name); /* a comparison in a lookup may run Python code */
-        Py_INCREF(value);
-        Py_ssize_t slot = -1;
-        PyObject *finished_value = NULL;
-        int finished = clean_field(fields, rules, cached, name, value, &slot, &finished_value);
-        Py_DECREF(name);
-        Py_DECREF(value);
-        if (finished < 0) {
-            goto done;
-        }
-        if (!finished) {
-            break;
-        }
-        done++;
-        if (slot >= 0 && slot < count && values[slot] == NULL) {
-            values[slot] = finished_value;
-        }
-        else { /* a rule without its slot: the event is Python's to make */
-            Py_DECREF(finished_value);
-            whole = 0;
-        }
-    }
-    if (whole && done == PyDict_GET_SIZE(fields)) {
+    Py_ssize_t count = PyTuple_GET_SIZE(slots), done = 0;
+    PyObject *result = NULL;
+    int whole = fields_pass(fields, rules, cached, count, 1, values, &done);
+    if (whole > 0) {
         result = make_event(type, slots, values);
     }
-    else {
+    else if (whole == 0) {
         result = PyLong_FromSsize_t(done);
     }
-done:
     for (Py_ssize_t i = 0; i < count; i++) {
         Py_XDECREF(values[i]);
     }
     return result;
+}
+
+/* --- append_upstream_error(**fields) as one C call: collector.append_upstream_error ------------
+
+   With event_from_fields, an append still ran a Python frame around it: the keywords unpacked into
+   the call and gathered again into a dict (a quarter of the append's instructions), the
+   sanitizer's kept results fetched, the labels looked at, and the collector's _store. An Appender
+   is called with the keywords' dict as it is, and does all of it for the common case: no event
+   given, a Collector (not a subclass) current, the C pass switched on (collector._event_pass),
+   the default Sanitizer (not a subclass), every field finished by the pass, no listeners. Anything
+   else, and any TypeError or ValueError on the way, goes to the Python function it was made with,
+   with the arguments as they came; so does a call whose pass stopped half-way, as fields is left
+   as it was given. The event is stored under collector._lock, as Collector._store stores it. */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *fallback;          /* the Python append_upstream_error */
+    PyObject *collector_var;     /* collector._current */
+    PyObject *labels_var;        /* labels._current */
+    PyObject *no_labels;         /* labels.NO_LABELS */
+    PyObject *collector_type;    /* collector.Collector */
+    PyObject *collector_globals; /* collector's module dict: _lock, _event_pass */
+    PyObject *sanitize_globals;  /* sanitize's module dict: _default_sanitizer */
+    PyObject *sanitizer_type;    /* sanitize.Sanitizer */
+    PyObject *rules;             /* collector._FIELD_RULES */
+    PyObject *event_type;        /* events.UpstreamErrorEvent */
+    PyObject *slots;             /* events._EVENT_SLOTS */
+    PyObject *deque_type;        /* collections.deque */
+    PyObject *clean_label;       /* sanitize.sanitize_label, for the labels' texts */
+    PyObject *dict;              /* __dict__: functools.update_wrapper's attributes */
+    Py_ssize_t status_slot, message_slot, detail_slot;
+} Appender;
+
+static PyObject *s_finished, *s_events, *s_max_events, *s_dropped_events, *s_listeners;
+static PyObject *s_acquire, *s_release, *s_append, *s_fill, *s_lock, *s_event_pass;
+static PyObject *s_default_sanitizer, *s_caches, *s_store;
+
+static int
+Appender_traverse(Appender *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->fallback);
+    Py_VISIT(self->collector_var);
+    Py_VISIT(self->labels_var);
+    Py_VISIT(self->no_labels);
+    Py_VISIT(self->collector_type);
+    Py_VISIT(self->collector_globals);
+    Py_VISIT(self->sanitize_globals);
+    Py_VISIT(self->sanitizer_type);
+    Py_VISIT(self->rules);
+    Py_VISIT(self->event_type);
+    Py_VISIT(self->slots);
+    Py_VISIT(self->deque_type);
+    Py_VISIT(self->clean_label);
+    Py_VISIT(self->dict);
+    return 0;
+}
+
+static int
+Appender_clear(Appender *self)
+{
+    Py_CLEAR(self->fallback);
+    Py_CLEAR(self->collector_var);
+    Py_CLEAR(self->labels_var);
+    Py_CLEAR(self->no_labels);
+    Py_CLEAR(self->collector_type);
+    Py_CLEAR(self->collector_globals);
+    Py_CLEAR(self->sanitize_globals);
+    Py_CLEAR(self->sanitizer_type);
+    Py_CLEAR(self->rules);
+    Py_CLEAR(self->event_type);
+    Py_CLEAR(self->slots);
+    Py_CLEAR(self->deque_type);
+    Py_CLEAR(self->clean_label);
+    Py_CLEAR(self->dict);
+    return 0;
+}
+
+static void
+Appender_dealloc(Appender *self)
+{
+    PyObject_GC_UnTrack(self);
+    Appender_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Where the slot called name is in slots; -1 when none is. */
+static Py_ssize_t
+slot_named(PyObject *slots, const char *name)
+{
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(slots); i++) {
+        PyObject *slot_name = PyTuple_GET_ITEM(PyTuple_GET_ITEM(slots, i), 0);
+        if (PyUnicode_Check(slot_name) && PyUnicode_CompareWithASCIIString(slot_name, name) == 0) {
+            return i;
+        }
+    }
+    return -1;
+}
+
+static PyObject *
+Appender_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"fallback",         "collector_var",    "labels_var",
+                            "no_labels",        "collector_type",   "collector_globals",
+                            "sanitize_globals", "sanitizer_type",   "rules",
+                            "event_type",       "slots",            "deque_type",
+                            "clean_label",      NULL};
+    PyObject *a[13];
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO!O!O!O!O!O!OO!O:Appender", names, &a[0],
+                                     &a[1], &a[2], &a[3], &PyType_Type, &a[4], &PyDict_Type, &a[5],
+                                     &PyDict_Type, &a[6], &PyType_Type, &a[7], &PyDict_Type, &a[8],
+                                     &PyType_Type, &a[9], &a[10], &PyType_Type, &a[11], &a[12])) {
+        return NULL;
+    }
+    if (!PyCallable_Check(a[0]) || !PyCallable_Check(a[12]) ||
+        !PyContextVar_CheckExact(a[1]) || !PyContextVar_CheckExact(a[2])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "Appender needs callables for fallback and clean_label, and ContextVars");
+        return NULL;
+    }
+    if (!valid_slots(a[10])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "slots must be up to 64 (name, descriptor, default, step) tuples");
+        return NULL;
+    }
+    Py_ssize_t status = slot_named(a[10], "upstream_status_code");
+    Py_ssize_t message = slot_named(a[10], "message"), detail = slot_named(a[10], "detail");
+    if (status < 0 || message < 0 || detail < 0) {
+        PyErr_SetString(PyExc_ValueError,
+                        "slots must name upstream_status_code, message and detail");
+        return NULL;
+    }
+    Appender *self = (Appender *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    PyObject **fields[] = {&self->fallback,       &self->collector_var,     &self->labels_var,
+                           &self->no_labels,      &self->collector_type,    &self->collector_globals,
+                           &self->sanitize_globals, &self->sanitizer_type,  &self->rules,
+                           &self->event_type,     &self->slots,             &self->deque_type,
+                           &self->clean_label};
+    for (int i = 0; i < 13; i++) {
+        Py_INCREF(a[i]);
+        *fields[i] = a[i];
+    }
+    self->status_slot = status;
+    self->message_slot = message;
+    self->detail_slot = detail;
+    return (PyObject *)self;
+}
+
+/* Whether an exact int or str (what the pass lets through for these fields) is not empty. */
+static inline int
+given(PyObject *value)
+{
+    if (value == NULL) {
+        return 0;
+    }
+    if (PyUnicode_CheckExact(value)) {
+        return PyUnicode_GET_LENGTH(value) != 0;
+    }
+    return PyLong_CheckExact(value) && Py_SIZE(value) != 0;
+}
+
+/* Collector._store's keeping, for a Collector: under the module's lock, the first event makes the
+   deque (maxlen _max_events), a full deque counts the one it drops. 0, or -1 with an error (the
+   lock released either way). */
+static int
+keep_event(Appender *self, PyObject *collector, PyObject *event)
+{
+    PyObject *lock = PyDict_GetItemWithError(self->collector_globals, s_lock);
+    if (lock == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_RuntimeError, "upstream_ops.collector has no _lock");
+        }
+        return -1;
+    }
+    Py_INCREF(lock);
+    PyObject *taken = PyObject_CallMethodNoArgs(lock, s_acquire);
+    if (taken == NULL) {
+        Py_DECREF(lock);
+        return -1;
+    }
+    Py_DECREF(taken);
+    int status = -1;
+    PyObject *events = PyObject_GetAttr(collector, s_events);
+    PyObject *max_events = PyObject_GetAttr(collector, s_max_events);
+    if (events == NULL || max_events == NULL) {
+        goto release;
+    }
+    if (Py_TYPE(events) == (PyTypeObject *)self->deque_type) {
+        Py_ssize_t held = PyObject_Length(events);
+        Py_ssize_t most = PyLong_AsSsize_t(max_events);
+        if (held < 0 || (most == -1 && PyErr_Occurred())) {
+            goto release;
+        }
+        if (held == most) {
+            PyObject *dropped = PyObject_GetAttr(collector, s_dropped_events);
+            if (dropped == NULL) {
+                goto release;
+            }
+            Py_ssize_t before = PyLong_AsSsize_t(dropped);
+            Py_DECREF(dropped);
+            if (before == -1 && PyErr_Occurred()) {
+                goto release;
+            }
+            PyObject *one_more = PyLong_FromSsize_t(before + 1);
+            if (one_more == NULL) {
+                goto release;
+            }
+            int set = PyObject_SetAttr(collector, s_dropped_events, one_more);
+            Py_DECREF(one_more);
+            if (set < 0) {
+                goto release;
+            }
+        }
+        PyObject *appended = PyObject_CallMethodOneArg(events, s_append, event);
+        if (appended == NULL) {
+            goto release;
+        }
+        Py_DECREF(appended);
+    }
+    else {
+        PyObject *made = PyObject_CallFunction(self->deque_type, "(O)O", event, max_events);
+        if (made == NULL) {
+            goto release;
+        }
+        int set = PyObject_SetAttr(collector, s_events, made);
+        Py_DECREF(made);
+        if (set < 0) {
+            goto release;
+        }
+    }
+    status = 0;
+release:
+    Py_XDECREF(events);
+    Py_XDECREF(max_events);
+    PyObject *exc_type, *exc_value, *exc_tb;
+    PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
+    PyObject *released = PyObject_CallMethodNoArgs(lock, s_release);
+    Py_DECREF(lock);
+    if (released == NULL) {
+        Py_XDECREF(exc_type);
+        Py_XDECREF(exc_value);
+        Py_XDECREF(exc_tb);
+        return -1;
+    }
+    Py_DECREF(released);
+    PyErr_Restore(exc_type, exc_value, exc_tb);
+    return status;
+}
+
+/* An attribute's truth, -1 with an error. */
+static int
+attribute_true(PyObject *object, PyObject *name)
+{
+    PyObject *value = PyObject_GetAttr(object, name);
+    if (value == NULL) {
+        return -1;
+    }
+    int truth = PyObject_IsTrue(value);
+    Py_DECREF(value);
+    return truth;
+}
+
+/* The fast path: the stored event, Py_None when nothing is stored, NULL with an error, or
+   NotImplemented (borrowed, not returned to Python) when the Python function must do it all. */
+static PyObject *
+append_fast(Appender *self, PyObject *collector, PyObject *fields)
+{
+    int finished = attribute_true(collector, s_finished);
+    if (finished != 0) {
+        return finished < 0 ? NULL : Py_NewRef(Py_None); /* before the work, thrown away */
+    }
+    PyObject *pass = PyDict_GetItemWithError(self->collector_globals, s_event_pass);
+    if (pass == NULL || pass == Py_None) {
+        return PyErr_Occurred() ? NULL : Py_NotImplemented;
+    }
+    PyObject *sanitizer = PyDict_GetItemWithError(self->sanitize_globals, s_default_sanitizer);
+    if (sanitizer == NULL || Py_TYPE(sanitizer) != (PyTypeObject *)self->sanitizer_type) {
+        return PyErr_Occurred() ? NULL : Py_NotImplemented;
+    }
+    PyObject *cached = PyObject_GetAttr(sanitizer, s_caches);
+    if (cached == NULL) {
+        return NULL;
+    }
+    if (!PyTuple_CheckExact(cached)) {
+        Py_DECREF(cached);
+        return Py_NotImplemented;
+    }
+    PyObject *values[MAX_SLOTS] = {NULL};
+    Py_ssize_t count = PyTuple_GET_SIZE(self->slots), done = 0;
+    int whole = fields_pass(fields, self->rules, cached, count, 0, values, &done);
+    Py_DECREF(cached);
+    PyObject *event = NULL;
+    if (whole > 0) {
+        if (given(values[self->status_slot]) || given(values[self->message_slot]) ||
+            given(values[self->detail_slot])) {
+            event = make_event(self->event_type, self->slots, values);
+        }
+        else {
+            event = Py_NewRef(Py_None); /* no status, no message, no detail: nothing to keep */
+        }
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        Py_XDECREF(values[i]);
+    }
+    if (whole <= 0 || event == NULL || event == Py_None) {
+        return whole < 0 ? NULL : whole == 0 ? Py_NotImplemented : event;
+    }
+    PyObject *labels;
+    if (PyContextVar_Get(self->labels_var, self->no_labels, &labels) < 0) {
+        Py_DECREF(event);
+        return NULL;
+    }
+    if (labels != self->no_labels) {
+        PyObject *filled = PyObject_CallMethodObjArgs(labels, s_fill, event, self->clean_label, NULL);
+        Py_XDECREF(filled);
+        if (filled == NULL) {
+            Py_DECREF(labels);
+            Py_DECREF(event);
+            return NULL;
+        }
+    }
+    Py_DECREF(labels);
+    PyObject *listeners = PyObject_GetAttr(collector, s_listeners);
+    if (listeners == NULL) {
+        Py_DECREF(event);
+        return NULL;
+    }
+    PyObject *stored;
+    if (PyList_CheckExact(listeners) && PyList_GET_SIZE(listeners) == 0) {
+        /* The labels ran Python code: the record may have been built meanwhile. */
+        finished = attribute_true(collector, s_finished);
+        if (finished != 0) {
+            stored = finished < 0 ? NULL : Py_NewRef(Py_None);
+        }
+        else {
+            stored = keep_event(self, collector, event) < 0 ? NULL : Py_NewRef(event);
+        }
+    }
+    else { /* its listeners are called by Collector._store, which logs one that fails */
+        stored = PyObject_CallMethodOneArg(collector, s_store, event);
+    }
+    Py_DECREF(listeners);
+    Py_DECREF(event);
+    return stored;
+}
+
+static PyObject *
+Appender_call(Appender *self, PyObject *args, PyObject *kwargs)
+{
+    if (PyTuple_GET_SIZE(args) == 0 && kwargs != NULL && PyDict_CheckExact(kwargs)) {
+        PyObject *collector;
+        if (PyContextVar_Get(self->collector_var, Py_None, &collector) < 0) {
+            return NULL;
+        }
+        if (collector == Py_None) {
+            return collector; /* outside a request */
+        }
+        PyObject *stored = NULL;
+        if (Py_TYPE(collector) == (PyTypeObject *)self->collector_type) {
+            stored = append_fast(self, collector, kwargs);
+        }
+        else {
+            stored = Py_NotImplemented;
+        }
+        Py_DECREF(collector);
+        if (stored != Py_NotImplemented) {
+            if (stored != NULL || !(PyErr_ExceptionMatches(PyExc_TypeError) ||
+                                    PyErr_ExceptionMatches(PyExc_ValueError))) {
+                return stored;
+            }
+            PyErr_Clear(); /* the Python function says what was wrong */
+        }
+    }
+    return PyObject_Call(self->fallback, args, kwargs);
+}
+
+static PyGetSetDef Appender_getset[] = {
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject AppenderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "upstream_ops._speedups.Appender",
+    .tp_doc = PyDoc_STR("Appender(fallback, collector_var, labels_var, no_labels, collector_type, "
+                        "collector_globals, sanitize_globals, sanitizer_type, rules, event_type, "
+                        "slots, deque_type, clean_label)\n--\n\n"
+                        "append_upstream_error's common case in one C call; the rest goes to "
+                        "fallback."),
+    .tp_basicsize = sizeof(Appender),
+    .tp_itemsize = 0,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = Appender_new,
+    .tp_dealloc = (destructor)Appender_dealloc,
+    .tp_traverse = (traverseproc)Appender_traverse,
+    .tp_clear = (inquiry)Appender_clear,
+    .tp_call = (ternaryfunc)Appender_call,
+    .tp_dictoffset = offsetof(Appender, dict),
+    .tp_getset = Appender_getset,
+};
+
+static int
+appender_exec(PyObject *module)
+{
+    struct {
+        PyObject **name;
+        const char *text;
+    } names[] = {
+        {&s_finished, "_finished"},
+        {&s_events, "_events"},
+        {&s_max_events, "_max_events"},
+        {&s_dropped_events, "dropped_events"},
+        {&s_listeners, "listeners"},
+        {&s_acquire, "acquire"},
+        {&s_release, "release"},
+        {&s_append, "append"},
+        {&s_fill, "fill"},
+        {&s_lock, "_lock"},
+        {&s_event_pass, "_event_pass"},
+        {&s_default_sanitizer, "_default_sanitizer"},
+        {&s_caches, "_caches"},
+        {&s_store, "_store"},
+    };
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        Py_XSETREF(*names[i].name, PyUnicode_InternFromString(names[i].text));
+        if (*names[i].name == NULL) {
+            return -1;
+        }
+    }
+    if (PyType_Ready(&AppenderType) < 0) {
+        return -1;
+    }
+    Py_INCREF(&AppenderType);
+    if (PyModule_AddObject(module, "Appender", (PyObject *)&AppenderType) < 0) {
+        Py_DECREF(&AppenderType);
+        return -1;
+    }
+    return 0;
 }
 
 /* --- An event's row in the SQLite sink: sinks._sqlite_rows._event_row ---------------------------
@@ -1097,7 +1603,7 @@ ids_exec(void)
 static int
 speedups_exec(PyObject *module)
 {
-    if (ids_exec() < 0) {
+    if (ids_exec() < 0 || appender_exec(module) < 0) {
         return -1;
     }
     for (const char *c = "=:%"; *c; c++) {

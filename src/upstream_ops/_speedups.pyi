@@ -1,6 +1,7 @@
 """Types of the optional C extension built from ``_speedups.c``."""
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from typing import Any, final
 
 TOKEN_ANCHOR_RULES: tuple[str, ...]
@@ -26,3 +27,23 @@ class KeyModes:
     def secret_separators(
         self, text: str, modes: Mapping[str, int], /
     ) -> list[tuple[int, int]]: ...
+
+@final
+class Appender:
+    def __new__(
+        cls,
+        fallback: Callable[..., Any],
+        collector_var: ContextVar[Any],
+        labels_var: ContextVar[Any],
+        no_labels: object,
+        collector_type: type[Any],
+        collector_globals: dict[str, Any],
+        sanitize_globals: dict[str, Any],
+        sanitizer_type: type[Any],
+        rules: dict[str, tuple[type, int | None, int]],
+        event_type: type[Any],
+        slots: tuple[tuple[str, Any, Any, int], ...],
+        deque_type: type[Any],
+        clean_label: Callable[[str], str],
+    ) -> Appender: ...
+    def __call__(self, *args: Any, **fields: Any) -> Any: ...

@@ -20,8 +20,9 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from itertools import islice
 from operator import attrgetter
-from typing import Any, Final, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar
 
+from upstream_ops import sanitize as _sanitize_module
 from upstream_ops._ids import uuid7_hex
 from upstream_ops.defaults import MAX_EVENTS_PER_REQUEST
 from upstream_ops.events import (
@@ -39,6 +40,7 @@ from upstream_ops.sanitize import (
     LABEL_TEXT,
     MESSAGE_TEXT,
     URL_TEXT,
+    Sanitizer,
     get_default_sanitizer,
     sanitize_detail,
     sanitize_label,
@@ -178,11 +180,9 @@ class Collector:
     @property
     def events(self) -> list[UpstreamErrorEvent]:
         """A copy of the events kept so far, oldest first."""
-        _lock.acquire()  # not ``with``, as in _store
-        try:
-            return list(self._events)
-        finally:
-            _lock.release()
+        # No lock: list() copies the deque in one C call, which no other thread can interleave with
+        # under the interpreter lock. The lock guards _store's read-then-write, not a read.
+        return list(self._events)
 
     def has_events(self) -> bool:
         """Whether an event is kept; cheaper than ``events`` (no copy), for the end of every request."""
@@ -374,6 +374,38 @@ def append_upstream_error(
     except (TypeError, ValueError) as exc:
         logger.warning("upstream_ops: event not recorded: %s", exc)
         return None
+
+
+# append_upstream_error(**fields) in one C call where a compiler built upstream_ops._speedups: the
+# keywords' dict is taken as it is (a Python function unpacks and gathers it again), the pass runs,
+# and the event is stored as Collector._store stores it. It does the common case only (fields as
+# keywords, a Collector, the default Sanitizer, every field finished by the pass, no listeners)
+# and calls the Python function above with the arguments as they came for anything else. Setting
+# _event_pass to None switches both off (the tests run both ways).
+if not TYPE_CHECKING:
+    try:
+        from upstream_ops._speedups import Appender as _Appender
+    except ImportError:  # pragma: no cover - depends on the build
+        pass
+    else:
+        append_upstream_error = functools.update_wrapper(
+            _Appender(
+                append_upstream_error,
+                _current,
+                _labels_var,
+                NO_LABELS,
+                Collector,
+                globals(),
+                vars(_sanitize_module),
+                Sanitizer,
+                _FIELD_RULES,
+                UpstreamErrorEvent,
+                _EVENT_SLOTS,
+                deque,
+                sanitize_label,
+            ),
+            append_upstream_error,
+        )
 
 
 def set_upstream_error(status_code: int, message: str = "", detail: str = "") -> None:
