@@ -221,6 +221,15 @@ class Recorder:
 
     def _build(self, collector: Collector, facts: RequestFacts) -> RequestRecord:
         events = collector.events
+        request_id = collector._request_id  # the property's call only when it must make one
+        if request_id is None:
+            request_id = collector.request_id
+        status_code = facts.status_code
+        duration = facts.duration_ms
+        # is_recovered(had_upstream_trouble(collector, events), status_code), without the calls
+        recovered = 0 < status_code < 400 and bool(
+            events or collector.upstream_status_code or collector.dropped_events
+        )
         trace_id = span_id = None
         span_context = facts.span_context
         if span_context is None and has_current_span():  # skips four calls when no span is current
@@ -238,14 +247,16 @@ class Recorder:
         # CPython 3.11 about 9,000 instructions more for these 18 fields.
         return RequestRecord(
             new_record_id(),  # id
-            collector.request_id,  # request_id
+            request_id,  # request_id
             self.service,  # service
             (labels.get(facts.method) or sanitize_label(facts.method)).upper(),  # method
             kept[MESSAGE_TEXT].get(facts.path) or sanitize_message(facts.path),  # path
             # A route is a template the app repeats on every request: a label (one line, cached).
             (labels.get(route) or sanitize_label(route)) if route else None,  # route
-            facts.status_code,  # status_code
-            round(facts.duration_ms, 3),  # duration_ms
+            status_code,  # status_code
+            # To the µs: round(d, 3) formats the float's digits (2,600 instructions); a finite
+            # duration (any a clock gives) is scaled and rounded to an int instead (200).
+            round(duration * 1000.0) / 1000.0 if -1e15 < duration < 1e15 else duration,
             facts.started_at_ms,  # started_at_ms
             collector.upstream_status_code,  # upstream_status_code
             collector.upstream_error_message,  # upstream_error_message
@@ -253,7 +264,7 @@ class Recorder:
             events,  # upstream_errors
             collector.dropped_events,  # dropped_events
             sanitize_label(_qualified_name(error)) if error is not None else None,  # error
-            is_recovered(had_upstream_trouble(collector, events), facts.status_code),  # recovered
+            recovered,  # recovered
             trace_id,  # trace_id
             span_id,  # span_id
         )
