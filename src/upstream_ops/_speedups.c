@@ -762,9 +762,13 @@ make_event(PyObject *type, PyObject *slots, PyObject **values)
     }
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *slot = PyTuple_GET_ITEM(slots, i);
-        PyObject *value = slot_value(values[i], PyTuple_GET_ITEM(slot, 2),
-                                     PyLong_AsLong(PyTuple_GET_ITEM(slot, 3)));
-        if (value == NULL) {
+        PyObject *given = values[i], *fallback = PyTuple_GET_ITEM(slot, 2), *value;
+        long step = PyLong_AsLong(PyTuple_GET_ITEM(slot, 3));
+        if (step == 0) { /* most slots: what was given, else the default */
+            value = given != NULL ? given : fallback;
+            Py_INCREF(value);
+        }
+        else if ((value = slot_value(given, fallback, step)) == NULL) {
             Py_DECREF(event);
             return NULL;
         }
