@@ -47,7 +47,11 @@ def sanitizer_build(request: pytest.FixtureRequest) -> Iterator[str]:
     """The sanitizers of this module's tests, the default one included, built with or without the C
     extension (module-scoped, so that hypothesis's tests share it)."""
     if request.param == "c-extension":
-        if sanitize_module._KeyModes is None or sanitize_module._token_anchors is None:
+        if None in (
+            sanitize_module._KeyModes,
+            sanitize_module._token_anchors,
+            sanitize_module._c_redact_values,
+        ):
             pytest.skip("upstream_ops._speedups was not built (no C compiler at install)")
         yield request.param
         return
@@ -55,6 +59,7 @@ def sanitizer_build(request: pytest.FixtureRequest) -> Iterator[str]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sanitize_module, "_KeyModes", None)
         patch.setattr(sanitize_module, "_token_anchors", None)
+        patch.setattr(sanitize_module, "_c_redact_values", None)
         set_default_sanitizer(Sanitizer())
         assert get_default_sanitizer()._key_table is None
         try:
@@ -102,6 +107,17 @@ REDACTION_CASES = [
         "upstream said 401 for Bearer Zq8xW2cV9bN4mK7j",
         ["Zq8xW2cV9bN4mK7j"],
         ["for Bearer [REDACTED]"],
+    ),
+    # a secret key whose value is a scheme word, before another scheme and its credential
+    (
+        "token=Basic Bearer Zq8xW2cV9bN4mK7j next",
+        ["Zq8xW2cV9bN4mK7j"],
+        ["token=Basic [REDACTED] next"],
+    ),
+    (
+        "Key=KEY Bearer 000000000000000000000000",
+        ["000000000000000000000000"],
+        ["Key=KEY [REDACTED]"],
     ),
     (
         "retry with Basic dXNlcjpwYXNzd29yZA== failed",
@@ -896,6 +912,7 @@ HOSTILE = {
     "@": "@" * MB,
     "Bearer ": "Bearer " * (MB // 7),
     "Bearer x": "Bearer " + "x" * MB,
+    "key=Bearer Bearer ...": "key=" + "Bearer " * (MB // 7),
     "%3D": "token%3D" * (MB // 8),
     "long encoded key": "a" * MB + "%3Dx",  # an encoded key is read back to a stop, unbounded
     "long encoded key of stop starts": "D6a" * (MB // 3) + "%3Dx",

@@ -1,9 +1,10 @@
 """The optional C extension (``upstream_ops._speedups``) agrees with the patterns it stands in for.
 
-It replaces two steps of ``Sanitizer._redact``: finding the key of every key/value separator (the
-patterns of ``_REVERSED_PAIRS``, run over the reversed text) and telling which token rules' literals
-are in the text. Each is checked against its pattern on generated text, and the whole sanitizer with
-the extension against the sanitizer without it. In CI the extension must have been built.
+It replaces three steps of ``Sanitizer._redact``: finding the key of every key/value separator (the
+patterns of ``_REVERSED_PAIRS``, run over the reversed text), reading the value after each secret key
+(the ``_VALUE`` pattern, in ``_redact_values``) and telling which token rules' literals are in the
+text. Each is checked against its pattern on generated text, and the whole sanitizer with the
+extension against the sanitizer without it. In CI the extension must have been built.
 """
 
 from __future__ import annotations
@@ -199,6 +200,78 @@ def test_each_token_sets_its_rules_bit() -> None:
 
 
 secret_plants = st.lists(st.sampled_from([*SECRETS, *TOKENS]), max_size=4)
+
+
+# --- redact_values: the value after each secret key, read as _VALUE reads it ----------------------
+
+# What the value pattern looks at: quotes with their prefixes, escaped and multiply escaped quotes,
+# brackets and braces, the literals it keeps and their look-alikes, auth schemes, blanks and line
+# ends (up to and past its limits of 16 and 64), '>', Unicode spaces and wide characters.
+VALUE_PIECES = [
+    *"\"'\\[]{}()<>&;,= \t\n\r:xbBrRuU_-9é€😀\u00a0\u2028\x1c",
+    '\\"', '\\\\"', '\\\\\\"', "\\" * 9 + '"', "\\\\", 'b"', "u'", "R\"",
+    "null", "nullx", "true", "False", "None", "nil", "nil-", "True_",
+    "Bearer ", "bearer\t", "BASIC ", "Token  ", "ApiKey x", "\u212aey ",  # Kelvin sign K
+    " " * 16, " " * 17, "\n" + " " * 64 + '"', "\n" + " " * 65 + "{", "secret", "s3cr3t",
+]  # fmt: skip
+value_texts = st.lists(st.sampled_from(VALUE_PIECES), max_size=40).map("".join)
+
+
+@st.composite
+def texts_with_hits(draw: st.DrawFn) -> tuple[str, list[tuple[int, int]]]:
+    text = draw(st.one_of(value_texts, texts))
+    positions = draw(st.lists(st.integers(0, len(text)), max_size=24))
+    modes = draw(
+        st.lists(st.sampled_from([1, 2]), min_size=len(positions), max_size=len(positions))
+    )
+    return text, sorted(zip(positions, modes, strict=True))
+
+
+@pytest.fixture(scope="module")
+def value_readers() -> tuple[Sanitizer, Sanitizer]:
+    return Sanitizer(), patterns_only()
+
+
+@many_examples
+@given(case=texts_with_hits())
+def test_values_are_read_and_replaced_as_the_value_pattern_does(
+    value_readers: tuple[Sanitizer, Sanitizer], case: tuple[str, list[tuple[int, int]]]
+) -> None:
+    text, hits = case
+    in_c, in_python = value_readers
+    assert in_c._redact_values(text, hits) == in_python._redact_values(text, hits)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('password="s3cr3t" x', f'password="{REDACTED}" x'),
+        ("password=s3cr3t x", f"password={REDACTED} x"),
+        ("password= null,", "password= null,"),
+        ('password=""', 'password=""'),
+        ("password={a: 1} x", f"password={REDACTED} x"),
+        ("password=[1, 2] x", f"password={REDACTED} x"),
+        ("password=b'abc'", f"password=b'{REDACTED}'"),
+        ('password=\\"abc\\" x', f'password=\\"{REDACTED}\\" x'),
+        ('password=\\\\"abc\\\\" x', f'password=\\\\"{REDACTED}\\\\" x'),
+        ("authorization: Bearer abc def\nnext", f"authorization: Bearer {REDACTED}\nnext"),
+    ],
+)
+def test_redact_values_examples(text: str, expected: str) -> None:
+    assert Sanitizer()._redact(text) == patterns_only()._redact(text) == expected
+
+
+def test_redact_values_refuses_what_it_cannot_read() -> None:
+    match = sanitize._SCHEME.match
+    with pytest.raises(TypeError, match="5 arguments"):
+        _speedups.redact_values("x", [], match)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        _speedups.redact_values(b"x", [(0, 1)], match, 16, REDACTED)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="position, mode"):
+        _speedups.redact_values("x=1", [0], match, 16, REDACTED)  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="outside the text"):
+        _speedups.redact_values("x=1", [(9, 1)], match, 16, REDACTED)
+    assert _speedups.redact_values("x=1", [(2, 1)], match, 16, REDACTED) == f"x={REDACTED}"
 
 
 @pytest.fixture(scope="module")

@@ -296,8 +296,14 @@ def _value_span(text: str, position: int, mode: int) -> tuple[int, int, str] | N
         if mode == _SECRET_TO_LINE_END:
             line_end = text.find("\n", start)
             end = len(text) if line_end < 0 else line_end
-        elif scheme and (credential := _BARE.match(text, scheme.end())):
-            end = credential.end()
+        elif scheme:
+            # The credential follows the last of the scheme words: in "Key Bearer abc" the value is
+            # "Key" and the credential "abc", which the Bearer rule cannot find once "Bearer" went.
+            after = scheme.end()
+            while (inner := _SCHEME.match(text, after)) is not None:
+                after = inner.end()
+            if credential := _BARE.match(text, after):
+                end = credential.end()
         if scheme and scheme.end() < end:
             return start, end, scheme[0] + REDACTED
         return start, end, REDACTED

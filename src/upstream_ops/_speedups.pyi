@@ -8,6 +8,14 @@ TOKEN_ANCHOR_RULES: tuple[str, ...]
 
 def pair_matches(text: str, /) -> list[tuple[int, str]]: ...
 def token_anchors(text: str, /) -> int: ...
+def redact_values(
+    text: str,
+    hits: list[tuple[int, int]],
+    scheme_match: Callable[..., Any],
+    inner_checks: int,
+    redacted: str,
+    /,
+) -> str: ...
 def event_from_fields(
     fields: dict[str, Any],
     rules: dict[str, tuple[type, int | None, int]],

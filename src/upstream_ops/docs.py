@@ -277,7 +277,9 @@ def render_redaction_rules() -> str:
         f"of holding one: {_words(sanitize.NON_SECRET_KEY_QUALIFIERS)}. When the key's last segment",
         f"is one of `WHOLE_VALUE_KEY_SEGMENTS` ({_words(sanitize.WHOLE_VALUE_KEY_SEGMENTS)}), the",
         "whole value to the end of the line is the secret. A scheme word in front of a credential",
-        f"is kept (`AUTH_SCHEMES`: {_words(sanitize.AUTH_SCHEMES)}). `null`, `true`, `false` and",
+        f"is kept (`AUTH_SCHEMES`: {_words(sanitize.AUTH_SCHEMES)}); after several scheme words",
+        "(`token=Basic Bearer abc`) the first is kept and the credential after the last is redacted.",
+        "`null`, `true`, `false` and",
         '`""` are kept: whether a secret was missing is worth seeing.',
         "",
     ]

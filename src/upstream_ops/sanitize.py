@@ -18,9 +18,9 @@ raises, and the work is linear in the input: every pattern starts with a literal
 and never backtracks over a run (possessive or bounded repetition, lookbehinds for the context), and
 input beyond 64 times the limit (at most 1 MiB) is cut before the pattern pass.
 
-Where a C compiler built ``upstream_ops._speedups``, it finds the keys of the ``key=value`` pairs and
-tells which token rules' literals are in the text; it gives what the patterns give, and without it they
-do all the work.
+Where a C compiler built ``upstream_ops._speedups``, it finds the keys of the ``key=value`` pairs, reads
+the value after each secret key, and tells which token rules' literals are in the text; it gives what
+the patterns give, and without it they do all the work.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 from itertools import compress
-from typing import Final
+from typing import Any, Final
 from urllib.parse import unquote_plus
 
 # The rule tables and patterns live in _sanitize_rules, the steps that make any value bounded,
@@ -39,6 +39,7 @@ from upstream_ops._sanitize_rules import (
     _NOT_SECRET,
     _REVERSED_KEY_TEXT,
     _REVERSED_PAIRS,
+    _SCHEME,
     _SECRET,
     _SECRET_TO_LINE_END,
     _TOKEN_SUBSTITUTIONS,
@@ -108,12 +109,14 @@ URL_TEXT: Final = 3
 # (an optional extension, see setup.py); without it the patterns do all the work, with the same result.
 _KeyModes: type[KeyModes] | None
 _token_anchors: Callable[[str], int] | None
+_c_redact_values: Callable[[str, list[tuple[int, int]], Any, int, str], str] | None
 try:
-    from upstream_ops._speedups import TOKEN_ANCHOR_RULES, KeyModes, token_anchors
+    from upstream_ops._speedups import TOKEN_ANCHOR_RULES, KeyModes, redact_values, token_anchors
 except ImportError:  # pragma: no cover - depends on the build
-    _KeyModes = _token_anchors = None
+    _KeyModes = _token_anchors = _c_redact_values = None
 else:
     _KeyModes = KeyModes
+    _c_redact_values = redact_values
     # Its bits must name the rules in TOKEN_RULES' order; an extension built from other rules is
     # not asked.
     _token_anchors = (
@@ -162,6 +165,7 @@ class Sanitizer:
         # The C extension's steps, where it was built (see ``_patterns_only``).
         self._key_table = None if _KeyModes is None else _KeyModes()
         self._token_anchors = _token_anchors
+        self._c_redact_values = _c_redact_values
         # Texts repeat: the same platform, model, kind and endpoint on every event, and the same
         # "429 Too Many Requests" message and provider error body on every rate-limited call. The
         # results for texts up to _CACHED_CHARS long are kept, one bounded cache per kind of text
@@ -349,6 +353,8 @@ class Sanitizer:
         """``text`` with the value after each of ``hits`` (``_secret_separators``) redacted."""
         if not hits:
             return text
+        if self._c_redact_values is not None:  # this loop, each value read in C
+            return self._c_redact_values(text, hits, _SCHEME.match, _INNER_VALUE_CHECKS, REDACTED)
         out: list[str] = []
         done = 0
         inner_checks = _INNER_VALUE_CHECKS
@@ -439,6 +445,7 @@ def _patterns_only(sanitizer: Sanitizer) -> Sanitizer:
     compiler runs, for the tests and the bench to compare with."""
     sanitizer._key_table = None
     sanitizer._token_anchors = None
+    sanitizer._c_redact_values = None
     return sanitizer
 
 
