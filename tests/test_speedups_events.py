@@ -11,10 +11,12 @@ Each is checked against the Python path on generated input; ``tests/test_collect
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import math
 import os
+import pickle
 import threading
 import time
 from collections import deque
@@ -259,6 +261,9 @@ def test_append_upstream_error_is_the_c_appender_wrapping_the_python_function() 
     assert getattr(appender, "__name__", None) == "append_upstream_error"
     assert appender.__doc__ == python.__doc__
     assert inspect.signature(appender) == inspect.signature(python)
+    # Pickled and copied by name, as a function is.
+    assert pickle.loads(pickle.dumps(appender)) is appender
+    assert copy.copy(appender) is appender and copy.deepcopy(appender) is appender
 
 
 class Spy:

@@ -1726,6 +1726,19 @@ Appender_call(Appender *self, PyObject *args, PyObject *kwargs)
     return PyObject_Call(self->fallback, args, kwargs);
 }
 
+/* Pickled and copied as a function is: by its name in its module (__qualname__, __module__, which
+   functools.update_wrapper gives it). */
+static PyObject *
+Appender_reduce(PyObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return PyObject_GetAttrString(self, "__qualname__");
+}
+
+static PyMethodDef Appender_methods[] = {
+    {"__reduce__", Appender_reduce, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
 static PyGetSetDef Appender_getset[] = {
     {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
     {NULL, NULL, NULL, NULL, NULL},
@@ -1749,6 +1762,7 @@ static PyTypeObject AppenderType = {
     .tp_call = (ternaryfunc)Appender_call,
     .tp_dictoffset = offsetof(Appender, dict),
     .tp_getset = Appender_getset,
+    .tp_methods = Appender_methods,
 };
 
 static int
