@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from itertools import islice
 from operator import attrgetter
-from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar
+from typing import Any, Final, ParamSpec, TypeVar
 
 from upstream_ops import sanitize as _sanitize_module
 from upstream_ops._ids import uuid7_hex
@@ -376,36 +376,42 @@ def append_upstream_error(
         return None
 
 
-# append_upstream_error(**fields) in one C call where a compiler built upstream_ops._speedups: the
-# keywords' dict is taken as it is (a Python function unpacks and gathers it again), the pass runs,
-# and the event is stored as Collector._store stores it. It does the common case only (fields as
-# keywords, a Collector, the default Sanitizer, every field finished by the pass, no listeners)
-# and calls the Python function above with the arguments as they came for anything else. Setting
-# _event_pass to None switches both off (the tests run both ways).
-if not TYPE_CHECKING:
+def _bind_c_appender() -> None:
+    """``append_upstream_error(**fields)`` in one C call, where a compiler built
+    ``upstream_ops._speedups``.
+
+    The keywords' dict is taken as it comes (a Python function unpacks and gathers it again), the
+    pass runs, and the event is stored as ``Collector._store`` stores it. The C object does the
+    common case only (fields as keywords, a ``Collector``, the default ``Sanitizer``, every field
+    finished by the pass, no listeners) and calls the Python function above, with the arguments as
+    they came, for anything else. Setting ``_event_pass`` to None switches both off (the tests run
+    both ways). Bound through ``globals()`` so that the documentation and type checkers, which read
+    the source, see the function whose signature and docstring the object carries.
+    """
     try:
-        from upstream_ops._speedups import Appender as _Appender
+        from upstream_ops._speedups import Appender
     except ImportError:  # pragma: no cover - depends on the build
-        pass
-    else:
-        append_upstream_error = functools.update_wrapper(
-            _Appender(
-                append_upstream_error,
-                _current,
-                _labels_var,
-                NO_LABELS,
-                Collector,
-                globals(),
-                vars(_sanitize_module),
-                Sanitizer,
-                _FIELD_RULES,
-                UpstreamErrorEvent,
-                _EVENT_SLOTS,
-                deque,
-                sanitize_label,
-            ),
-            append_upstream_error,
-        )
+        return
+    python = append_upstream_error
+    appender = Appender(
+        python,
+        _current,
+        _labels_var,
+        NO_LABELS,
+        Collector,
+        globals(),
+        vars(_sanitize_module),
+        Sanitizer,
+        _FIELD_RULES,
+        UpstreamErrorEvent,
+        _EVENT_SLOTS,
+        deque,
+        sanitize_label,
+    )
+    globals()["append_upstream_error"] = functools.update_wrapper(appender, python)
+
+
+_bind_c_appender()
 
 
 def set_upstream_error(status_code: int, message: str = "", detail: str = "") -> None:
