@@ -51,6 +51,7 @@ def sanitizer_build(request: pytest.FixtureRequest) -> Iterator[str]:
             sanitize_module._KeyModes,
             sanitize_module._token_anchors,
             sanitize_module._c_redact_values,
+            sanitize_module._c_has_controls,
         ):
             pytest.skip("upstream_ops._speedups was not built (no C compiler at install)")
         yield request.param
@@ -60,6 +61,7 @@ def sanitizer_build(request: pytest.FixtureRequest) -> Iterator[str]:
         patch.setattr(sanitize_module, "_KeyModes", None)
         patch.setattr(sanitize_module, "_token_anchors", None)
         patch.setattr(sanitize_module, "_c_redact_values", None)
+        patch.setattr(sanitize_module, "_c_has_controls", None)
         set_default_sanitizer(Sanitizer())
         assert get_default_sanitizer()._key_table is None
         try:

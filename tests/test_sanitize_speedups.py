@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from bench.micro import PARAGRAPHS, SECRETS, error_text
 from tests.speedups import require_extension
-from upstream_ops import sanitize
+from upstream_ops import _sanitize_text, sanitize
 from upstream_ops._sanitize_rules import _REVERSED_PAIRS
 from upstream_ops.sanitize import REDACTED, TOKEN_RULES, Sanitizer, _patterns_only
 
@@ -200,6 +200,32 @@ def test_each_token_sets_its_rules_bit() -> None:
 
 
 secret_plants = st.lists(st.sampled_from([*SECRETS, *TOKENS]), max_size=4)
+
+
+# --- has_controls: whether message text holds anything _strip_controls strips ---------------------
+
+# Each side of every range the control characters cover, in 1-, 2- and 4-byte strings, lone
+# surrogates included; runs long enough to cross the 256-character blocks.
+CONTROL_PIECES = [
+    *"\x00\x08\t\n\x0b\r\x1f \x7e\x7f\x80\x9f\xa0é€😀",
+    *"\u2029\u202a\u202e\u202f\u2065\u2066\u2069\u206a\ud7ff\ud800\udfff\ue000",
+    "x" * 250, "€" * 130,
+]  # fmt: skip
+control_texts = st.lists(st.sampled_from(CONTROL_PIECES), max_size=12).map("".join)
+
+
+@many_examples
+@given(text=st.one_of(control_texts, st.text(max_size=300)))
+def test_has_controls_tells_whether_strip_controls_changes_message_text(text: str) -> None:
+    strip, message_text = _sanitize_text._strip_controls, _sanitize_text._TEXT_CONTROLS
+    stripped = strip(text, message_text)
+    assert _speedups.has_controls(text) == (stripped != text)
+    assert strip(text, message_text, _speedups.has_controls) == stripped
+
+
+def test_the_sanitizer_tests_message_text_for_controls_in_c() -> None:
+    assert Sanitizer()._has_controls is _speedups.has_controls
+    assert patterns_only()._has_controls is None
 
 
 # --- redact_values: the value after each secret key, read as _VALUE reads it ----------------------

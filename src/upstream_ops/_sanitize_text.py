@@ -7,6 +7,7 @@ linear in its input and never raises for a value of the types it takes.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Final
 
 # --- Control characters and limits ------------------------------------------------------------------
@@ -65,8 +66,17 @@ def _coerce(value: object, limit: int) -> tuple[str, int]:
     return text, dropped
 
 
-def _strip_controls(text: str, controls: tuple[bytes | None, bytes]) -> str:
+def _strip_controls(
+    text: str,
+    controls: tuple[bytes | None, bytes],
+    has_controls: Callable[[str], bool] | None = None,
+) -> str:
+    """``text`` without the ``controls``. ``has_controls``: the C extension's test of whether message
+    text (``_TEXT_CONTROLS``) holds anything to strip, one pass over the characters; most texts hold
+    nothing, and the bytes' translate and comparison cost 1.5 µs on 2 KiB."""
     if len(text) < 64 and text.isprintable():  # isprintable costs more per character than translate
+        return text
+    if has_controls is not None and controls is _TEXT_CONTROLS and not has_controls(text):
         return text
     data = text.encode("utf-8", "surrogatepass")
     cleaned = data.translate(*controls)

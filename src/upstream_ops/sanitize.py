@@ -110,13 +110,21 @@ URL_TEXT: Final = 3
 _KeyModes: type[KeyModes] | None
 _token_anchors: Callable[[str], int] | None
 _c_redact_values: Callable[[str, list[tuple[int, int]], Any, int, str], str] | None
+_c_has_controls: Callable[[str], bool] | None
 try:
-    from upstream_ops._speedups import TOKEN_ANCHOR_RULES, KeyModes, redact_values, token_anchors
+    from upstream_ops._speedups import (
+        TOKEN_ANCHOR_RULES,
+        KeyModes,
+        has_controls,
+        redact_values,
+        token_anchors,
+    )
 except ImportError:  # pragma: no cover - depends on the build
-    _KeyModes = _token_anchors = _c_redact_values = None
+    _KeyModes = _token_anchors = _c_redact_values = _c_has_controls = None
 else:
     _KeyModes = KeyModes
     _c_redact_values = redact_values
+    _c_has_controls = has_controls
     # Its bits must name the rules in TOKEN_RULES' order; an extension built from other rules is
     # not asked.
     _token_anchors = (
@@ -166,6 +174,7 @@ class Sanitizer:
         self._key_table = None if _KeyModes is None else _KeyModes()
         self._token_anchors = _token_anchors
         self._c_redact_values = _c_redact_values
+        self._has_controls = _c_has_controls
         # Texts repeat: the same platform, model, kind and endpoint on every event, and the same
         # "429 Too Many Requests" message and provider error body on every rate-limited call. The
         # results for texts up to _CACHED_CHARS long are kept, one bounded cache per kind of text
@@ -296,7 +305,7 @@ class Sanitizer:
                 text, dropped = value, 0
             else:
                 text, dropped = _coerce(value, _scan_limit(max_bytes))
-            text = _strip_controls(text, controls)
+            text = _strip_controls(text, controls, self._has_controls)
             return _fit(self._redact(text).strip(), max_bytes, dropped)
         except Exception:  # a sanitizer error must not break the request it records
             return _fallback(max_bytes)
@@ -446,6 +455,7 @@ def _patterns_only(sanitizer: Sanitizer) -> Sanitizer:
     sanitizer._key_table = None
     sanitizer._token_anchors = None
     sanitizer._c_redact_values = None
+    sanitizer._has_controls = None
     return sanitizer
 
 
