@@ -208,6 +208,53 @@ def test_every_field_of_a_built_record_comes_from_its_source() -> None:
     assert len(record.id) == 32 and int(record.id, 16)
 
 
+@pytest.mark.parametrize("status_code", [0, 200, 399, 400, 500])
+@pytest.mark.parametrize(
+    ("events", "summary_status", "dropped"),
+    [(0, None, 0), (1, None, 0), (0, 504, 0), (0, None, 2), (2, 429, 1)],
+)
+def test_a_records_recovered_flag_is_the_rule_the_server_span_uses(
+    status_code: int, events: int, summary_status: int | None, dropped: int
+) -> None:
+    # _build applies is_recovered(had_upstream_trouble(...)) inline (two calls fewer a record);
+    # the OpenTelemetry server span calls them: both must say the same.
+    from upstream_ops.collector import Collector
+    from upstream_ops.events import UpstreamErrorEvent
+    from upstream_ops.recorder import Recorder, RequestFacts, had_upstream_trouble, is_recovered
+    from upstream_ops.sinks import MemorySink
+
+    collector = Collector("r")
+    for i in range(events):
+        collector.append(UpstreamErrorEvent(upstream_status_code=502, message=f"m{i}"))
+    if summary_status is not None:
+        collector.set_summary(summary_status)
+    collector.dropped_events = dropped
+    recorder = Recorder(sink=MemorySink())
+    try:
+        record = recorder._build(collector, RequestFacts("GET", "/x", None, status_code, 1, 1.0))
+    finally:
+        recorder.dispatcher.close()
+    expected = is_recovered(had_upstream_trouble(collector, collector.events), status_code)
+    assert record.recovered is expected
+
+
+@pytest.mark.parametrize(
+    ("duration", "stored"),
+    [(5.6789, 5.679), (0.0004, 0.0), (1e16, 1e16), (float("inf"), float("inf"))],
+)
+def test_a_records_duration_is_kept_to_the_microsecond(duration: float, stored: float) -> None:
+    from upstream_ops.collector import Collector
+    from upstream_ops.recorder import Recorder, RequestFacts
+    from upstream_ops.sinks import MemorySink
+
+    recorder = Recorder(sink=MemorySink())
+    try:
+        record = recorder._build(Collector("r"), RequestFacts("GET", "/x", None, 502, 1, duration))
+    finally:
+        recorder.dispatcher.close()
+    assert record.duration_ms == stored
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_makes_other_request_ids_than_its_parent(
     make_request_id: Callable[[], str],
