@@ -20,20 +20,21 @@ def require_extension(extension: ModuleType | None) -> None:
         pytest.skip(NOT_BUILT)
 
 
-def with_and_without(module: ModuleType, name: str) -> Callable[..., Any]:
+def with_and_without(module: ModuleType, *names: str) -> Callable[..., Any]:
     """A module-scoped, autouse fixture: every test of the test module runs once with
-    ``module.<name>`` (a step of the extension) and once with it set to ``None``, the Python code
-    alone."""
+    ``module.<name>`` (a step of the extension; several names for steps that go together) and
+    once with them set to ``None``, the Python code alone."""
 
     @pytest.fixture(scope="module", autouse=True, params=["c-extension", "python"])
     def extension_step(request: pytest.FixtureRequest) -> Iterator[str]:
         if request.param == "c-extension":
-            if getattr(module, name) is None:
+            if any(getattr(module, name) is None for name in names):
                 pytest.skip(NOT_BUILT)
             yield request.param
             return
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(module, name, None)
+            for name in names:
+                patch.setattr(module, name, None)
             yield request.param
 
     return extension_step

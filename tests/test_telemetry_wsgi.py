@@ -22,7 +22,7 @@ from .conftest import OTel, serve_wsgi, wait_for
 from .speedups import with_and_without
 
 # Every test runs with the request's object in C (upstream_ops._wsgi_recording) and in Python.
-recording_kind = with_and_without(wsgi_module, "_new_c_recording")
+recording_kind = with_and_without(wsgi_module, "_new_c_recording", "_c_call")
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -284,3 +284,43 @@ def test_idle_middleware_adopts_the_span_of_flask_instrumented_later(otel: OTel)
     assert span.kind is SpanKind.SERVER and events_of(span) == [1, 2]
     [record] = records_of(sink)
     assert record.span_id == format(span.context.span_id, "016x")
+
+
+def test_global_providers_set_after_the_middleware_was_made_are_picked_up() -> None:
+    # In a process of its own: the API's global providers can be set only once.
+    from .test_telemetry import run_python
+
+    out = run_python(
+        f"""
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        from upstream_ops import UpstreamOpsWSGIMiddleware, wsgi
+        from upstream_ops.sinks import MemorySink
+
+        if {wsgi_module._c_call is None!r}:  # the Python code alone, as this test module runs
+            wsgi._c_call = wsgi._new_c_recording = None
+
+        def app(environ, start_response):
+            start_response("200 OK", [])
+            return [b"ok"]
+
+        middleware = UpstreamOpsWSGIMiddleware(app, sink=MemorySink())
+        exporter = InMemorySpanExporter()
+
+        def serve():
+            body = middleware({{"REQUEST_METHOD": "GET", "PATH_INFO": "/x"}}, lambda *a: None)
+            b"".join(body)
+            body.close()
+
+        serve()
+        before = len(exporter.get_finished_spans())
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        trace.set_tracer_provider(provider)
+        serve()
+        print(before, [s.name for s in exporter.get_finished_spans()])
+        """
+    )
+    assert out.strip() == "0 ['GET']"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -26,7 +27,7 @@ from .conftest import serve_wsgi, wait_for
 from .speedups import with_and_without
 
 # Every test runs with the request's object in C (upstream_ops._wsgi_recording) and in Python.
-recording_kind = with_and_without(wsgi_module, "_new_c_recording")
+recording_kind = with_and_without(wsgi_module, "_new_c_recording", "_c_call")
 
 
 def records_of(sink: MemorySink, expected: int = 1) -> list[RequestRecord]:
@@ -134,8 +135,14 @@ def test_flask_init_app_pattern_and_double_init(tmp_path: Path) -> None:
     app = Flask(__name__)
     ext.init_app(app)
     assert app.extensions["upstream_ops"] is ext
-    # Flask calls the middleware's bound __call__ (cheaper for CPython than calling the object).
-    assert app.wsgi_app == ext.middleware.__call__  # type: ignore[union-attr]
+    # Flask calls the C call bound to the middleware, or its bound __call__ (either is cheaper for
+    # CPython than calling the object).
+    installed: Any = app.wsgi_app
+    if wsgi_module._c_call is not None:
+        assert isinstance(installed, functools.partial)
+        assert installed.func is wsgi_module._c_call and installed.args == (ext.middleware,)
+    else:
+        assert installed == ext.middleware.__call__  # type: ignore[union-attr]
     with pytest.raises(ValueError, match="already"):
         UpstreamOps(app, sink=sink)
 

@@ -30,7 +30,7 @@ try:
 except ImportError:  # pragma: no cover - depends on the build
     _wsgi_recording = None
 
-recording_kind = with_and_without(wsgi_module, "_new_c_recording")
+recording_kind = with_and_without(wsgi_module, "_new_c_recording", "_c_call")
 
 ENVIRON: dict[str, Any] = {"REQUEST_METHOD": "GET", "PATH_INFO": "/r"}
 
@@ -242,3 +242,170 @@ def test_new_recording_refuses_what_is_not_a_recording() -> None:
         _wsgi_recording.new_recording(object, *([None] * 5), 0.0, None, None, None, True, True)
     with pytest.raises(TypeError, match="12 arguments"):
         _wsgi_recording.new_recording(object)
+
+
+# -- the whole request in one C call (``_wsgi_recording.call``), against the Python ``_serve`` -----
+
+
+def test_the_collector_is_made_as_its_init_makes_it() -> None:
+    seen: list[dict[str, Any]] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        collector = current_collector()
+        assert type(collector) is upstream_ops.Collector
+        assert environ["upstream_ops.collector"] is collector
+        seen.append(dict(vars(collector)))
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    middleware = UpstreamOpsWSGIMiddleware(app, sink=MemorySink(), max_events=7)
+    for incoming in ({}, {"HTTP_X_REQUEST_ID": "req-42"}, {"HTTP_X_REQUEST_ID": "bad id\n"}):
+        body = middleware({**ENVIRON, **incoming}, ServerStartResponse())
+        assert b"".join(body) == b"ok"
+        body.close()  # type: ignore[attr-defined]
+    python_made = [
+        vars(upstream_ops.Collector(rid, 7))
+        for rid in (None, "req-42", middleware.recorder.valid_request_id("bad id\n"))
+    ]
+    assert seen == python_made
+    assert seen[1]["_request_id"] == "req-42" and "_request_id" not in seen[0]
+    middleware.dispatcher.close()
+
+
+@pytest.mark.parametrize("summary", ["status", "message", "detail"])
+def test_a_collector_with_only_a_summary_is_not_quiet(summary: str) -> None:
+    sink = MemorySink()
+    given = {"status": (502,), "message": (0, "upstream said no"), "detail": (0, "", "{}")}
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        collector = current_collector()
+        assert collector is not None
+        collector.set_summary(*given[summary])
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    body = serve(UpstreamOpsWSGIMiddleware(app, sink=sink), ServerStartResponse())
+    assert b"".join(body) == b"ok"
+    body.close()
+    [record] = records(sink)
+    assert record.upstream_errors == []
+    summary_fields = (
+        record.upstream_status_code,
+        record.upstream_error_message,
+        record.upstream_error_detail,
+    )
+    assert (
+        summary_fields
+        == {
+            "status": (502, None, None),
+            "message": (None, "upstream said no", None),
+            "detail": (None, None, "{}"),
+        }[summary]
+    )
+
+
+class _DictEnviron(dict[str, Any]):
+    """An environ that is not exactly a dict (the C call leaves it to the Python code)."""
+
+
+class _PropertyMiddleware(UpstreamOpsWSGIMiddleware):
+    """A subclass whose ``app`` is a property: read through getattr, not the instance dict."""
+
+    @property  # type: ignore[override]
+    def app(self) -> Any:
+        return self._wrapped
+
+    @app.setter
+    def app(self, value: Any) -> None:
+        self._wrapped = value
+
+
+@pytest.mark.parametrize("kind", ["dict subclass environ", "subclass with a property"])
+def test_unusual_environs_and_subclasses_are_served_alike(kind: str) -> None:
+    sink = MemorySink()
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        append_upstream_error(upstream_status_code=503, message="busy")
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    if kind == "dict subclass environ":
+        middleware = UpstreamOpsWSGIMiddleware(app, sink=sink)
+        environ: dict[str, Any] = _DictEnviron(ENVIRON)
+    else:
+        middleware = _PropertyMiddleware(app, sink=sink)
+        environ = dict(ENVIRON)
+    body = middleware(environ, ServerStartResponse())
+    assert b"".join(body) == b"ok"
+    body.close()  # type: ignore[attr-defined]
+    [record] = records(sink)
+    assert [e.upstream_status_code for e in record.upstream_errors] == [503]
+    assert current_collector() is None
+
+
+def test_an_app_error_goes_on_unchanged_and_a_failing_finish_keeps_it_as_context(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    failure = KeyError("from the app")
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        raise failure
+
+    sink = MemorySink()
+    middleware = UpstreamOpsWSGIMiddleware(app, sink=sink)
+    with pytest.raises(KeyError) as raised:
+        serve(middleware, ServerStartResponse())
+    assert raised.value is failure and current_collector() is None
+    [record] = records(sink)
+    assert record.status_code == 500
+
+    def broken_fail(self: Any, error: BaseException) -> None:
+        raise RuntimeError("finishing failed")
+
+    monkeypatch.setattr(wsgi_module._RecordingSteps, "fail", broken_fail)
+    with pytest.raises(RuntimeError, match="finishing failed") as finishing:
+        serve(middleware, ServerStartResponse())
+    assert finishing.value.__context__ is failure
+    upstream_ops.collector._current.set(None)  # fail() never reset it
+
+
+def test_flask_installs_the_c_call_bound_to_the_middleware() -> None:
+    from flask import Flask
+
+    from upstream_ops.flask import UpstreamOps
+
+    app = Flask(__name__)
+    middleware = UpstreamOps(app, sink=MemorySink()).middleware
+    assert middleware is not None
+    installed: Any = app.wsgi_app
+    if wsgi_module._c_call is None:
+        assert installed == middleware.__call__
+    else:
+        assert installed.func is wsgi_module._c_call and installed.args == (middleware,)
+    middleware.dispatcher.close()
+
+
+def test_call_and_setup_call_refuse_bad_arguments() -> None:
+    require_extension(_wsgi_recording)
+    assert _wsgi_recording is not None
+    with pytest.raises(TypeError, match="3 arguments"):
+        _wsgi_recording.call(None)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="10 arguments"):
+        _wsgi_recording.setup_call()  # type: ignore[call-arg]
+    good: list[Any] = [
+        UpstreamOpsWSGIMiddleware,
+        wsgi_module._WSGIRequestRecording,
+        upstream_ops.Collector,
+        upstream_ops.collector._current,
+        lambda: None,
+        object(),
+        lambda: False,
+        "flag",
+        "key",
+        None,
+    ]
+    for index, bad in [(1, object), (2, len), (3, None), (7, 1), (9, ({}, {}, {}))]:
+        arguments = list(good)
+        arguments[index] = bad
+        with pytest.raises(TypeError, match="setup_call expects"):
+            _wsgi_recording.setup_call(*arguments)

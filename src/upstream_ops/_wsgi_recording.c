@@ -50,6 +50,7 @@ static PyObject *finish_slow_name = NULL;
 static PyObject *start_response_slow_name = NULL;
 
 static PyTypeObject RecordingType;
+static int quiet_close(PyObject *collector); /* collector.close(), in C for a Collector */
 
 static int
 Recording_traverse(Recording *self, visitproc visit, void *arg)
@@ -140,6 +141,32 @@ PyDoc_STRVAR(new_recording_doc,
              "started, context_var, token, route_key, no_echo, default_rule, /)\n--\n\n"
              "A new cls (a subclass of Recording) for one request, in one call.");
 
+/* A new cls (Recording or a subclass) for one request, its fields filled in. */
+static PyObject *
+make_recording(PyTypeObject *cls, PyObject *middleware, PyObject *environ, PyObject *start_response,
+               PyObject *collector, PyObject *telemetry, double started, PyObject *context_var,
+               PyObject *token, PyObject *route_key, char no_echo, char default_rule)
+{
+    /* Recording's own __new__, not the class's: a subclass's __new__ would want arguments. */
+    PyObject *made = Recording_new(cls, NULL, NULL);
+    if (made == NULL) {
+        return NULL;
+    }
+    Recording *self = (Recording *)made;
+    set_field(&self->middleware, middleware);
+    set_field(&self->environ, environ);
+    set_field(&self->start_response_of_server, start_response);
+    set_field(&self->collector, collector);
+    set_field(&self->telemetry, telemetry);
+    self->started = started;
+    set_field(&self->context_var, context_var);
+    set_field(&self->token, token);
+    set_field(&self->route_key, route_key);
+    self->no_echo = no_echo;
+    self->default_rule = default_rule;
+    return made;
+}
+
 static PyObject *
 new_recording(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -161,28 +188,13 @@ new_recording(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (started == -1.0 && PyErr_Occurred()) {
         return NULL;
     }
-    /* Recording's own __new__, not the class's: a subclass's __new__ would want arguments. */
-    PyObject *made = Recording_new((PyTypeObject *)cls, NULL, NULL);
-    if (made == NULL) {
+    int no_echo = PyObject_IsTrue(args[10]);
+    int default_rule = PyObject_IsTrue(args[11]);
+    if (no_echo < 0 || default_rule < 0) {
         return NULL;
     }
-    Recording *self = (Recording *)made;
-    set_field(&self->middleware, args[1]);
-    set_field(&self->environ, args[2]);
-    set_field(&self->start_response_of_server, args[3]);
-    set_field(&self->collector, args[4]);
-    set_field(&self->telemetry, args[5]);
-    self->started = started;
-    set_field(&self->context_var, args[7]);
-    set_field(&self->token, args[8]);
-    set_field(&self->route_key, args[9]);
-    self->no_echo = (char)PyObject_IsTrue(args[10]);
-    self->default_rule = (char)PyObject_IsTrue(args[11]);
-    if (self->no_echo < 0 || self->default_rule < 0) {
-        Py_DECREF(made);
-        return NULL;
-    }
-    return made;
+    return make_recording((PyTypeObject *)cls, args[1], args[2], args[3], args[4], args[5], started,
+                          args[7], args[8], args[9], (char)no_echo, (char)default_rule);
 }
 
 static PyObject *
@@ -363,13 +375,7 @@ Recording_finish(Recording *self, PyObject *Py_UNUSED(ignored))
     if (error == Py_None && self->telemetry == Py_None && self->default_rule &&
         self->status != NULL && status_below_5(self->status) == 1 && self->collector != NULL) {
         /* Recorder.finish_if_healthy without its call: a quiet collector gets no record. */
-        PyObject *quiet = PyObject_CallMethodNoArgs(self->collector, close_name);
-        if (quiet == NULL) {
-            Py_DECREF(error);
-            return NULL;
-        }
-        int is_quiet = PyObject_IsTrue(quiet);
-        Py_DECREF(quiet);
+        int is_quiet = quiet_close(self->collector);
         if (is_quiet != 0) {
             Py_DECREF(error);
             return is_quiet < 0 ? NULL : Py_NewRef(Py_None);
@@ -478,6 +484,487 @@ static PyTypeObject RecordingType = {
     .tp_members = Recording_members,
 };
 
+/* --- the middleware's call --------------------------------------------------------------------- */
+
+/* Set by setup_call() from upstream_ops.wsgi: what the middleware's __call__ reads from its module. */
+static PyObject *collector_type = NULL;    /* upstream_ops.collector.Collector */
+static PyObject *current_var = NULL;       /* upstream_ops.collector._current */
+static PyObject *get_context = NULL;       /* OpenTelemetry's context, read without a call chain */
+static PyObject *empty_context = NULL;     /* ... and its value when nothing is attached */
+static PyObject *has_current_span = NULL;
+static PyObject *instrumented_flag = NULL; /* the attribute OpenTelemetry sets on an app */
+static PyObject *environ_collector_key = NULL;
+static PyObject *recording_class = NULL;   /* upstream_ops.wsgi._CWSGIRequestRecording */
+static PyObject *middleware_type = NULL;   /* upstream_ops.wsgi.UpstreamOpsWSGIMiddleware */
+static PyObject *tracer_globals = NULL;    /* where the API keeps its global providers, or NULL */
+static PyObject *meter_globals = NULL;
+static PyObject *tracer_provider_name, *meter_provider_name, *serve_name;
+
+/* Collector's attributes, for the two of its steps done here (see make_collector, quiet_close). */
+static PyObject *c_dropped_events_name, *c_events_name, *c_finished_name, *c_listeners_name,
+    *c_max_events_name, *c_request_id_name, *c_status_code_name, *c_error_message_name,
+    *c_error_detail_name, *empty_tuple;
+
+static PyObject *app_name, *default_rule_name, *echo_header_name, *environ_key_name,
+    *fail_name, *file_wrapper_key, *instrumented_app_name, *live_name, *max_events_name,
+    *metrics_name, *recorder_name, *refresh_name, *route_key_name, *start_response_name,
+    *tracing_name, *unset_name, *valid_request_id_name, *wrap_close_of_name;
+
+/* getattr(obj, name) as a truth value: 1, 0, or -1 with an error set. */
+static int
+attr_is_true(PyObject *obj, PyObject *name)
+{
+    PyObject *value = PyObject_GetAttr(obj, name);
+    if (value == NULL) {
+        return -1;
+    }
+    int answer = PyObject_IsTrue(value);
+    Py_DECREF(value);
+    return answer;
+}
+
+/* An attribute of the middleware: from its instance dict when it is an UpstreamOpsWSGIMiddleware
+   (whose class has no descriptor of these names; a subclass's may), else by getattr. New ref. */
+static PyObject *
+middleware_attr(PyObject *middleware, PyObject *dict, PyObject *name)
+{
+    if (dict != NULL) {
+        PyObject *value = PyDict_GetItemWithError(dict, name);
+        if (value != NULL) {
+            return Py_NewRef(value);
+        }
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    return PyObject_GetAttr(middleware, name);
+}
+
+/* ProviderLiveness.refresh's first test: 1 while neither global provider is set (refresh would
+   return at once), 0 otherwise, -1 with an error set. */
+static int
+providers_unset(void)
+{
+    if (tracer_globals == NULL || meter_globals == NULL) {
+        return 0;
+    }
+    PyObject *tracer = PyDict_GetItemWithError(tracer_globals, tracer_provider_name);
+    if (tracer == NULL && PyErr_Occurred()) {
+        return -1;
+    }
+    PyObject *meter = PyDict_GetItemWithError(meter_globals, meter_provider_name);
+    if (meter == NULL && PyErr_Occurred()) {
+        return -1;
+    }
+    return tracer == Py_None && meter == Py_None;
+}
+
+/* Whether OpenTelemetry wants this request (then the Python code starts its telemetry): the test
+   of UpstreamOpsWSGIMiddleware.__call__. 1, 0, or -1 with an error set. */
+static int
+wants_telemetry(PyObject *middleware, PyObject *dict)
+{
+    PyObject *live = middleware_attr(middleware, dict, live_name);
+    if (live == NULL) {
+        return -1;
+    }
+    int answer = attr_is_true(live, unset_name);
+    if (answer == 1) {
+        answer = providers_unset();
+        if (answer == 0) {
+            PyObject *done = PyObject_CallMethodNoArgs(live, refresh_name);
+            answer = done == NULL ? -1 : 0;
+            Py_XDECREF(done);
+        }
+        else if (answer == 1) {
+            answer = 0; /* refresh would change nothing */
+        }
+    }
+    if (answer == 0) {
+        answer = attr_is_true(live, tracing_name);
+    }
+    if (answer == 0) {
+        answer = attr_is_true(live, metrics_name);
+    }
+    Py_DECREF(live);
+    if (answer != 0) {
+        return answer;
+    }
+    PyObject *instrumented = middleware_attr(middleware, dict, instrumented_app_name);
+    if (instrumented == NULL) {
+        return -1;
+    }
+    if (instrumented != Py_None) {
+        PyObject *flag;
+        if (lookup_attr(instrumented, instrumented_flag, &flag) < 0) {
+            Py_DECREF(instrumented);
+            return -1;
+        }
+        answer = flag == Py_True;
+        Py_XDECREF(flag);
+    }
+    Py_DECREF(instrumented);
+    if (answer != 0) {
+        return answer;
+    }
+    PyObject *context = PyObject_CallNoArgs(get_context);
+    if (context == NULL) {
+        return -1;
+    }
+    int attached = context != empty_context;
+    Py_DECREF(context);
+    if (!attached) {
+        return 0;
+    }
+    PyObject *span = PyObject_CallNoArgs(has_current_span);
+    if (span == NULL) {
+        return -1;
+    }
+    answer = PyObject_IsTrue(span);
+    Py_DECREF(span);
+    return answer;
+}
+
+/* Collector(request_id, max_events) as Collector.__init__ makes it (its attributes set, the rest
+   left to the class's defaults), without the Python frame of __init__: half the cost of a healthy
+   request's collector. A max_events __init__ would refuse goes to the class, which raises.
+   tests/test_wsgi_recording.py compares the two collectors' attributes. */
+static PyObject *
+make_collector(PyObject *request_id, PyObject *max_events)
+{
+    PyTypeObject *type = (PyTypeObject *)collector_type;
+    int overflow = 0;
+    if (!PyLong_CheckExact(max_events) || PyLong_AsLongAndOverflow(max_events, &overflow) < 1 ||
+        overflow) {
+        PyErr_Clear();
+        PyObject *args[2] = {request_id, max_events};
+        return PyObject_Vectorcall(collector_type, args, 2, NULL);
+    }
+    PyObject *self = type->tp_new(type, empty_tuple, NULL);
+    if (self == NULL) {
+        return NULL;
+    }
+    PyObject *listeners = PyList_New(0);
+    if (listeners == NULL ||
+        (request_id != Py_None && PyObject_SetAttr(self, c_request_id_name, request_id) < 0) ||
+        PyObject_SetAttr(self, c_max_events_name, max_events) < 0 ||
+        PyObject_SetAttr(self, c_listeners_name, listeners) < 0) {
+        Py_XDECREF(listeners);
+        Py_DECREF(self);
+        return NULL;
+    }
+    Py_DECREF(listeners);
+    return self;
+}
+
+/* collector.close() of a Collector: finished, and whether the request left nothing to record.
+   1 quiet, 0 not, -1 with an error set. */
+static int
+quiet_close(PyObject *collector)
+{
+    if (collector_type == NULL || Py_TYPE(collector) != (PyTypeObject *)collector_type) {
+        PyObject *quiet = PyObject_CallMethodNoArgs(collector, close_name);
+        if (quiet == NULL) {
+            return -1;
+        }
+        int answer = PyObject_IsTrue(quiet);
+        Py_DECREF(quiet);
+        return answer;
+    }
+    if (PyObject_SetAttr(collector, c_finished_name, Py_True) < 0) {
+        return -1;
+    }
+    PyObject *truthy[] = {c_events_name, c_status_code_name, c_dropped_events_name};
+    for (size_t i = 0; i < sizeof(truthy) / sizeof(truthy[0]); i++) {
+        int set = attr_is_true(collector, truthy[i]);
+        if (set != 0) {
+            return set < 0 ? -1 : 0;
+        }
+    }
+    PyObject *given[] = {c_error_message_name, c_error_detail_name};
+    for (size_t i = 0; i < sizeof(given) / sizeof(given[0]); i++) {
+        PyObject *value = PyObject_GetAttr(collector, given[i]);
+        if (value == NULL) {
+            return -1;
+        }
+        int set = value != Py_None;
+        Py_DECREF(value);
+        if (set) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* The collector of a request: Collector(request id or None, recorder.max_events). */
+static PyObject *
+new_collector(PyObject *middleware, PyObject *dict, PyObject *environ)
+{
+    PyObject *recorder = middleware_attr(middleware, dict, recorder_name);
+    if (recorder == NULL) {
+        return NULL;
+    }
+    PyObject *request_id = Py_NewRef(Py_None);
+    PyObject *key = middleware_attr(middleware, dict, environ_key_name);
+    if (key == NULL) {
+        goto failed;
+    }
+    if (key != Py_None) {
+        PyObject *incoming = PyDict_GetItemWithError(environ, key);
+        if (incoming == NULL && PyErr_Occurred()) {
+            Py_DECREF(key);
+            goto failed;
+        }
+        if (incoming != NULL && incoming != Py_None) {
+            /* valid_request_id(incoming if isinstance(incoming, str) else None) */
+            Py_SETREF(request_id,
+                      PyObject_CallMethodOneArg(recorder, valid_request_id_name,
+                                                PyUnicode_Check(incoming) ? incoming : Py_None));
+            if (request_id == NULL) {
+                Py_DECREF(key);
+                goto failed;
+            }
+        }
+    }
+    Py_DECREF(key);
+    PyObject *max_events = PyObject_GetAttr(recorder, max_events_name);
+    if (max_events == NULL) {
+        goto failed;
+    }
+    PyObject *collector = make_collector(request_id, max_events);
+    Py_DECREF(max_events);
+    Py_DECREF(request_id);
+    Py_DECREF(recorder);
+    return collector;
+failed:
+    Py_XDECREF(request_id);
+    Py_DECREF(recorder);
+    return NULL;
+}
+
+/* The app raised: recording.fail(error), then the app's error goes on (a failing fail's error,
+   with the app's as its context, goes instead), as ``except BaseException: fail(); raise``. */
+static void
+app_raised(PyObject *recording)
+{
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (traceback != NULL && value != NULL) {
+        PyException_SetTraceback(value, traceback);
+    }
+    PyObject *done = PyObject_CallMethodOneArg(recording, fail_name, value != NULL ? value : Py_None);
+    if (done != NULL) {
+        Py_DECREF(done);
+        PyErr_Restore(type, value, traceback);
+        return;
+    }
+    PyObject *t2, *v2, *tb2;
+    PyErr_Fetch(&t2, &v2, &tb2);
+    PyErr_NormalizeException(&t2, &v2, &tb2);
+    if (v2 != NULL && value != NULL) {
+        PyException_SetContext(v2, Py_NewRef(value));
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(traceback);
+    PyErr_Restore(t2, v2, tb2);
+}
+
+PyDoc_STRVAR(call_doc,
+             "call(middleware, environ, start_response, /)\n--\n\n"
+             "UpstreamOpsWSGIMiddleware.__call__ in one call: a request OpenTelemetry does not want\n"
+             "is served here, any other by middleware._serve (before any step is taken here).");
+
+static PyObject *call_with(PyObject *middleware, PyObject *dict, PyObject *environ,
+                           PyObject *start_response, double started);
+
+static PyObject *
+serve_in_python(PyObject *middleware, PyObject *environ, PyObject *start_response)
+{
+    PyObject *args[3] = {middleware, environ, start_response};
+    return PyObject_VectorcallMethod(serve_name, args, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+}
+
+static PyObject *
+call(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "call expected 3 arguments, got %zd", nargs);
+        return NULL;
+    }
+    PyObject *middleware = args[0], *environ = args[1], *start_response = args[2];
+    if (recording_class == NULL || perf_counter == NULL || !PyDict_CheckExact(environ)) {
+        return serve_in_python(middleware, environ, start_response);
+    }
+    PyObject *dict = NULL;
+    if (Py_TYPE(middleware) == (PyTypeObject *)middleware_type) {
+        dict = PyObject_GenericGetDict(middleware, NULL);
+        if (dict == NULL) {
+            return NULL;
+        }
+    }
+    double started = now();
+    int telemetry = wants_telemetry(middleware, dict);
+    if (telemetry != 0) {
+        Py_XDECREF(dict);
+        return telemetry < 0 ? NULL : serve_in_python(middleware, environ, start_response);
+    }
+    PyObject *result = call_with(middleware, dict, environ, start_response, started);
+    Py_XDECREF(dict);
+    return result;
+}
+
+/* The request, with the middleware's instance dict (or NULL) and the time it started. */
+static PyObject *
+call_with(PyObject *middleware, PyObject *dict, PyObject *environ, PyObject *start_response,
+          double started)
+{
+    /* Everything the request's object needs, read before the first step that changes anything. */
+    PyObject *app = NULL, *route_key = NULL, *collector = NULL, *token = NULL, *recording = NULL;
+    PyObject *result = NULL;
+    int no_echo, default_rule;
+    PyObject *echo_header = middleware_attr(middleware, dict, echo_header_name);
+    if (echo_header == NULL) {
+        return NULL;
+    }
+    no_echo = echo_header == Py_None;
+    Py_DECREF(echo_header);
+    PyObject *rule = middleware_attr(middleware, dict, default_rule_name);
+    if (rule == NULL) {
+        return NULL;
+    }
+    default_rule = PyObject_IsTrue(rule);
+    Py_DECREF(rule);
+    if (default_rule < 0) {
+        return NULL;
+    }
+    app = middleware_attr(middleware, dict, app_name);
+    if (app == NULL) {
+        return NULL;
+    }
+    route_key = middleware_attr(middleware, dict, route_key_name);
+    if (route_key == NULL) {
+        goto done;
+    }
+    collector = new_collector(middleware, dict, environ);
+    if (collector == NULL) {
+        goto done;
+    }
+    if (PyDict_SetItem(environ, environ_collector_key, collector) < 0) {
+        goto done;
+    }
+    token = PyContextVar_Set(current_var, collector);
+    if (token == NULL) {
+        goto done;
+    }
+    recording = make_recording((PyTypeObject *)recording_class, middleware, environ, start_response,
+                               collector, Py_None, started, current_var, token, route_key,
+                               (char)no_echo, (char)default_rule);
+    if (recording == NULL) {
+        /* as if the app had not been called: the collector is no longer current */
+        PyObject *type, *value, *traceback;
+        PyErr_Fetch(&type, &value, &traceback);
+        if (PyContextVar_Reset(current_var, token) < 0) {
+            PyErr_Clear();
+        }
+        PyErr_Restore(type, value, traceback);
+        goto done;
+    }
+    PyObject *bound = PyObject_GetAttr(recording, start_response_name);
+    if (bound == NULL) {
+        app_raised(recording);
+        goto done;
+    }
+    PyObject *app_args[2] = {environ, bound};
+    result = PyObject_Vectorcall(app, app_args, 2, NULL);
+    Py_DECREF(bound);
+    if (result == NULL) {
+        app_raised(recording);
+        goto done;
+    }
+    PyObject *file_wrapper = PyDict_GetItemWithError(environ, file_wrapper_key);
+    if (file_wrapper == NULL && PyErr_Occurred()) {
+        Py_CLEAR(result);
+        app_raised(recording);
+        goto done;
+    }
+    if (file_wrapper != NULL && PyType_Check(file_wrapper)) {
+        Py_INCREF(file_wrapper); /* an __instancecheck__ may change the environ */
+        int wrapped = PyObject_IsInstance(result, file_wrapper);
+        Py_DECREF(file_wrapper);
+        if (wrapped != 0) {
+            PyObject *answer =
+                wrapped < 0 ? NULL
+                            : PyObject_CallMethodOneArg(recording, wrap_close_of_name, result);
+            Py_SETREF(result, answer);
+            goto done;
+        }
+    }
+    set_field(&((Recording *)recording)->result, result);
+    Py_SETREF(result, Py_NewRef(recording));
+done:
+    Py_XDECREF(recording);
+    Py_XDECREF(token);
+    Py_XDECREF(collector);
+    Py_XDECREF(route_key);
+    Py_DECREF(app);
+    return result;
+}
+
+PyDoc_STRVAR(setup_call_doc,
+             "setup_call(middleware_type, recording_class, collector_type, context_var, get_context,\n"
+             "           empty_context, has_current_span, instrumented_flag, environ_collector_key,\n"
+             "           provider_globals, /)\n--\n\n"
+             "What call() reads from upstream_ops.wsgi; before it, call() hands every request to\n"
+             "the Python code. provider_globals: the namespaces of the API's global tracer and\n"
+             "meter providers, or None.");
+
+static PyObject *
+setup_call(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 10) {
+        PyErr_Format(PyExc_TypeError, "setup_call expected 10 arguments, got %zd", nargs);
+        return NULL;
+    }
+    if (!PyType_Check(args[0]) || !PyType_Check(args[1]) ||
+        !PyType_IsSubtype((PyTypeObject *)args[1], &RecordingType)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "setup_call expects a class and a subclass of Recording first");
+        return NULL;
+    }
+    if (!PyType_Check(args[2]) || !PyContextVar_CheckExact(args[3]) ||
+        !PyCallable_Check(args[4]) || !PyCallable_Check(args[6]) || !PyUnicode_Check(args[7]) ||
+        !PyUnicode_Check(args[8])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "setup_call expects classes, a ContextVar, a callable, any object, a "
+                        "callable and two str");
+        return NULL;
+    }
+    PyObject *tracer = NULL, *meter = NULL;
+    if (args[9] != Py_None) {
+        if (!PyTuple_Check(args[9]) || PyTuple_GET_SIZE(args[9]) != 2 ||
+            !PyDict_Check(PyTuple_GET_ITEM(args[9], 0)) ||
+            !PyDict_Check(PyTuple_GET_ITEM(args[9], 1))) {
+            PyErr_SetString(PyExc_TypeError, "setup_call expects two dicts or None last");
+            return NULL;
+        }
+        tracer = PyTuple_GET_ITEM(args[9], 0);
+        meter = PyTuple_GET_ITEM(args[9], 1);
+    }
+    PyObject **fields[9] = {&middleware_type,  &recording_class, &collector_type,
+                            &current_var,      &get_context,     &empty_context,
+                            &has_current_span, &instrumented_flag, &environ_collector_key};
+    for (int i = 0; i < 9; i++) {
+        Py_XSETREF(*fields[i], Py_NewRef(args[i]));
+    }
+    Py_XSETREF(tracer_globals, Py_XNewRef(tracer));
+    Py_XSETREF(meter_globals, Py_XNewRef(meter));
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(setup_doc,
              "setup(perf_counter, environ_error_key, /)\n--\n\n"
              "The clock of the request's timestamps and the environ key of an app's error.");
@@ -499,6 +986,8 @@ static PyMethodDef module_methods[] = {
     {"new_recording", (PyCFunction)(void (*)(void))new_recording, METH_FASTCALL,
      new_recording_doc},
     {"setup", (PyCFunction)(void (*)(void))setup, METH_FASTCALL, setup_doc},
+    {"call", (PyCFunction)(void (*)(void))call, METH_FASTCALL, call_doc},
+    {"setup_call", (PyCFunction)(void (*)(void))setup_call, METH_FASTCALL, setup_call_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -512,6 +1001,36 @@ module_exec(PyObject *module)
         {&close_name, "close"},
         {&finish_slow_name, "_finish_slow"},
         {&start_response_slow_name, "_start_response_slow"},
+        {&app_name, "app"},
+        {&tracer_provider_name, "_TRACER_PROVIDER"},
+        {&meter_provider_name, "_METER_PROVIDER"},
+        {&serve_name, "_serve"},
+        {&c_dropped_events_name, "dropped_events"},
+        {&c_events_name, "_events"},
+        {&c_finished_name, "_finished"},
+        {&c_listeners_name, "listeners"},
+        {&c_max_events_name, "_max_events"},
+        {&c_request_id_name, "_request_id"},
+        {&c_status_code_name, "upstream_status_code"},
+        {&c_error_message_name, "upstream_error_message"},
+        {&c_error_detail_name, "upstream_error_detail"},
+        {&default_rule_name, "_default_rule"},
+        {&echo_header_name, "_echo_header"},
+        {&environ_key_name, "_environ_key"},
+        {&fail_name, "fail"},
+        {&file_wrapper_key, "wsgi.file_wrapper"},
+        {&instrumented_app_name, "_instrumented_app"},
+        {&live_name, "_live"},
+        {&max_events_name, "max_events"},
+        {&metrics_name, "metrics"},
+        {&recorder_name, "recorder"},
+        {&refresh_name, "refresh"},
+        {&route_key_name, "_route_key"},
+        {&start_response_name, "start_response"},
+        {&tracing_name, "tracing"},
+        {&unset_name, "unset"},
+        {&valid_request_id_name, "valid_request_id"},
+        {&wrap_close_of_name, "wrap_close_of"},
     };
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
         if (*names[i].name == NULL) {
@@ -519,6 +1038,12 @@ module_exec(PyObject *module)
             if (*names[i].name == NULL) {
                 return -1;
             }
+        }
+    }
+    if (empty_tuple == NULL) {
+        empty_tuple = PyTuple_New(0);
+        if (empty_tuple == NULL) {
+            return -1;
         }
     }
     if (PyType_Ready(&RecordingType) < 0) {

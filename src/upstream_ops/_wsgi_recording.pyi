@@ -44,3 +44,22 @@ def new_recording(
     /,
 ) -> _R: ...
 def setup(perf_counter: Callable[[], float], environ_error_key: str, /) -> None: ...
+def call(
+    middleware: Any,
+    environ: dict[str, Any],
+    start_response: Callable[..., Callable[[bytes], object]],
+    /,
+) -> Iterable[bytes]: ...
+def setup_call(
+    middleware_type: type,
+    recording_class: type[Recording],
+    collector_type: type,
+    context_var: Any,
+    get_context: Callable[[], object],
+    empty_context: object,
+    has_current_span: Callable[[], bool],
+    instrumented_flag: str,
+    environ_collector_key: str,
+    provider_globals: tuple[dict[str, Any], dict[str, Any]] | None,
+    /,
+) -> None: ...

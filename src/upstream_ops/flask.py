@@ -43,9 +43,9 @@ class UpstreamOps:
         if EXTENSION_KEY in app.extensions:
             raise ValueError("UpstreamOps is already initialised on this Flask app")
         middleware = UpstreamOpsWSGIMiddleware(app.wsgi_app, **{**self.options, **options})
-        # Its bound __call__ rather than the object: Flask calls wsgi_app for every request, and
-        # CPython calls a bound method of a Python function for less than an object's __call__.
-        app.wsgi_app = middleware.__call__  # type: ignore[method-assign]
+        # Not the object: Flask calls wsgi_app for every request, and CPython calls the C call
+        # bound to the middleware (or its bound __call__) for less than an object's __call__.
+        app.wsgi_app = middleware.wsgi_callable()  # type: ignore[method-assign,assignment]
         # FlaskInstrumentor sets a flag on an app it instrumented (by instrument_app or
         # instrument()), read on every request. Without it the middleware starts the SERVER span
         # and Flask's becomes an INTERNAL child.

@@ -31,7 +31,12 @@ from upstream_ops.recorder import (
     now_ms,
 )
 from upstream_ops.sinks.base import Sink
-from upstream_ops.telemetry._providers import EMPTY_CONTEXT, get_context, has_current_span
+from upstream_ops.telemetry._providers import (
+    EMPTY_CONTEXT,
+    get_context,
+    has_current_span,
+    provider_globals,
+)
 from upstream_ops.telemetry._server import IncomingRequest, RequestTelemetry, ServerTelemetry
 
 __all__ = ["UpstreamOpsWSGIMiddleware"]
@@ -120,9 +125,26 @@ class UpstreamOpsWSGIMiddleware:
         return self.recorder.dispatcher
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        # The happy path runs for every request: each step is kept to a few bytecodes, and what a
-        # record needs (the route, the status as a number, timestamps in ms) is worked out in
-        # ``finish`` only for a request that gets one.
+        if _c_call is not None:
+            return _c_call(self, environ, start_response)
+        return self._serve(environ, start_response)
+
+    def wsgi_callable(self) -> WSGIApplication:
+        """The cheapest callable that serves a request through this middleware, for an integration
+        that installs it in a framework (Flask's ``app.wsgi_app``): the C call bound to it where
+        the extension was built (no Python frame at all), else the bound ``__call__``."""
+        if _c_call is not None:
+            return functools.partial(_c_call, self)
+        return self.__call__
+
+    def _serve(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        """A request, in Python. With the C extension, ``_wsgi_recording.call`` serves a request
+        OpenTelemetry does not want (the same steps, in C) and hands any other to this method
+        before it has done anything.
+
+        The happy path runs for every request: each step is kept to a few bytecodes, and what a
+        record needs (the route, the status as a number, timestamps in ms) is worked out in
+        ``finish`` only for a request that gets one."""
         started = _perf_counter()
         key = self._environ_key
         incoming = None if key is None else environ.get(key)
@@ -410,8 +432,12 @@ class _PyWSGIRequestRecording(_RecordingSteps):
 
 # The same object in C where a compiler built upstream_ops._wsgi_recording: its start_response,
 # iteration, close and finish run the steps every request takes without a Python call, and leave
-# the others to the methods above. ``_new_c_recording`` makes and fills one in one call.
+# the others to the methods above. ``_new_c_recording`` makes and fills one in one call, and
+# ``_c_call`` serves a whole request without telemetry (it hands any other to ``_serve``).
 _new_c_recording: Callable[..., _RecordingSteps] | None = None
+_c_call: (
+    Callable[[UpstreamOpsWSGIMiddleware, WSGIEnvironment, StartResponse], Iterable[bytes]] | None
+) = None
 _WSGIRequestRecording: type[_RecordingSteps] = _PyWSGIRequestRecording
 try:
     from upstream_ops import _wsgi_recording
@@ -425,8 +451,21 @@ else:
         __slots__ = ()
 
     _wsgi_recording.setup(_perf_counter, ENVIRON_ERROR)
+    _wsgi_recording.setup_call(
+        UpstreamOpsWSGIMiddleware,
+        _CWSGIRequestRecording,
+        Collector,
+        _current,
+        get_context,
+        EMPTY_CONTEXT,
+        has_current_span,
+        INSTRUMENTED_FLAG,
+        ENVIRON_COLLECTOR,
+        provider_globals(),
+    )
     _WSGIRequestRecording = _CWSGIRequestRecording
     _new_c_recording = _wsgi_recording.new_recording
+    _c_call = _wsgi_recording.call
 
 
 def _status_code(status: str) -> int:

@@ -40,6 +40,13 @@ def is_noop_meter_provider(provider: metrics.MeterProvider) -> bool:
 _READ_GLOBALS = hasattr(trace, "_TRACER_PROVIDER") and hasattr(_metrics_api, "_METER_PROVIDER")
 
 
+def provider_globals() -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The namespaces of the API's two global providers (``_TRACER_PROVIDER``,
+    ``_METER_PROVIDER``), for code in C that makes :meth:`ProviderLiveness.refresh`'s first test
+    without calling it; ``None`` where this API keeps them elsewhere."""
+    return (vars(trace), vars(_metrics_api)) if _READ_GLOBALS else None
+
+
 def global_tracer_provider_set() -> bool:
     """Whether a real (SDK or vendor) global tracer provider is set."""
     provider = trace._TRACER_PROVIDER if _READ_GLOBALS else trace.get_tracer_provider()
