@@ -31,6 +31,7 @@ SETTINGS = {
     "full": {
         "in_process_rounds": 15,
         "in_process_seconds": 0.25,
+        "in_process_slices": 10,
         "server_rounds": 9,
         "server_seconds": 4,
         "connections": 32,
@@ -42,6 +43,7 @@ SETTINGS = {
     "quick": {
         "in_process_rounds": 5,
         "in_process_seconds": 0.1,
+        "in_process_slices": 4,
         "server_rounds": 1,
         "server_seconds": 3,
         "connections": 32,
@@ -99,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             rounds=settings["in_process_rounds"],
             seconds_per_run=settings["in_process_seconds"],
             progress=progress,
+            slices=settings["in_process_slices"],
         )
         result["in_process"] = report.summarize_in_process(raw)
     if "server" in parts:

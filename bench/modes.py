@@ -8,7 +8,10 @@
 Machine drift (another process, a CPU frequency change) then hits every variant alike instead of
 whichever happened to run at the time. Within a family the bare app runs next to upstream-ops'
 variants, the peers after them, and every other round runs in the reverse order (see
-``round_order``).
+``round_order``). In-process, a bare app and the variants of its family that do no work outside
+their requests run their round's requests in slices that alternate (A B A B ...; see
+``measurement_groups``), so that the machine's slow spells, mostly a few to a hundred
+milliseconds long on the shared machines this runs on, fall on both alike.
 """
 
 from __future__ import annotations
@@ -46,6 +49,33 @@ def round_order(variants: Sequence[Variant], round_no: int) -> list[Variant]:
     return ordered
 
 
+def measurement_groups(order: Sequence[Variant]) -> list[list[Variant]]:
+    """The round's order cut into what is timed together: each run of consecutive variants of one
+    family with no work outside their requests (``Variant.background`` false; the bare app first
+    or last) is one group, timed in alternating slices; any other variant is a group of its own.
+
+    A slice is a tenth of a run (``SETTINGS``): about 25 ms, which is longer than most slow spells
+    seen here and long enough that a worker's first requests after the other's, on cold caches,
+    weigh little. Each variant's figure for the round is still its whole run's time over its
+    requests; the slices only interleave it with its bare app's. A variant with work outside its
+    requests (an exporter, a dispatcher's writes) cannot be sliced: that work would fall in the
+    other variant's slices, so it keeps a run of its own, after the wait for quiet.
+    """
+    groups: list[list[Variant]] = []
+    for variant in order:
+        last = groups[-1] if groups else None
+        if (
+            last is not None
+            and not variant.background
+            and not last[-1].background
+            and last[-1].family == variant.family
+        ):
+            last.append(variant)
+        else:
+            groups.append([variant])
+    return groups
+
+
 def _check_facts(variant: Variant, facts: dict[str, Any], requests: int) -> dict[str, bool]:
     checks: dict[str, bool] = {}
     for name, holds in variant.expect.items():
@@ -62,8 +92,10 @@ def run_in_process(
     rounds: int,
     seconds_per_run: float,
     progress: Progress,
+    slices: int = 1,
 ) -> dict[str, dict[str, Any]]:
-    """Microseconds per request of each variant, one sample per round."""
+    """Microseconds per request of each variant, one sample per round; the variants of a
+    ``measurement_groups`` group run in ``slices`` alternating slices."""
     variants = [v for v in variants if IN_PROCESS in v.modes]
     workers: dict[str, Worker] = {}
     results: dict[str, dict[str, Any]] = {}
@@ -86,19 +118,38 @@ def run_in_process(
             }
         for round_no in range(rounds):
             progress(f"in-process round {round_no + 1}/{rounds}")
-            for variant in round_order(variants, round_no):
-                result = results[variant.name]
-                result.setdefault("waited_s", []).append(wait_until_quiet(workers.values()))
-                answer = workers[variant.name].ask({"run": result["requests_per_run"]})
-                result["samples_us"].append(answer["elapsed_ns"] / answer["requests"] / 1000)
-                result["requests"] += answer["requests"]
-                result["bad"] += answer["bad"]
-                result["first_bad"] = result["first_bad"] or answer["first_bad"]
+            for group in measurement_groups(round_order(variants, round_no)):
+                waited = wait_until_quiet(workers.values())
+                parts = slices if len(group) > 1 else 1
+                elapsed_ns = dict.fromkeys((v.name for v in group), 0)
+                served = dict.fromkeys((v.name for v in group), 0)
+                for part in range(parts):
+                    for variant in group if part % 2 == 0 else group[::-1]:
+                        result = results[variant.name]
+                        count = max(1, result["requests_per_run"] // parts)
+                        answer = workers[variant.name].ask({"run": count})
+                        elapsed_ns[variant.name] += answer["elapsed_ns"]
+                        served[variant.name] += answer["requests"]
+                        result["bad"] += answer["bad"]
+                        result["first_bad"] = result["first_bad"] or answer["first_bad"]
+                for variant in group:
+                    result = results[variant.name]
+                    result.setdefault("waited_s", []).append(waited)
+                    result["slices"] = parts
+                    result["samples_us"].append(
+                        elapsed_ns[variant.name] / served[variant.name] / 1000
+                    )
+                    result["requests"] += served[variant.name]
         for variant in variants:
             result = results[variant.name]
             facts = workers[variant.name].ask({"facts": True})["facts"]
             result["facts"] = facts
             result["checks"] = _check_facts(variant, facts, result["requests"])
+            if result.get("slices", 1) > 1:
+                # Sliced: nothing of it may run between its slices, in the other variant's time.
+                result["checks"]["no thread besides the main one (timed in slices)"] = (
+                    facts.get("threads") == 1
+                )
     finally:
         for worker in workers.values():
             worker.stop()

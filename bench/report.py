@@ -272,9 +272,16 @@ def table(result: dict[str, Any]) -> str:
         lines += ["Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".", ""]
     inproc = result.get("in_process")
     if inproc:
+        slices = result["settings"].get("in_process_slices", 1)
+        sliced = (
+            f"; each bare app and the variants without background work (marked *) timed in "
+            f"{slices} alternating slices a round"
+            if slices > 1
+            else ""
+        )
         lines += [
             "**In-process** (the ASGI/WSGI callable driven directly; µs per request, median "
-            f"(min-max) over {result['settings']['in_process_rounds']} interleaved rounds)",
+            f"(min-max) over {result['settings']['in_process_rounds']} interleaved rounds{sliced})",
             "",
             "| variant | µs per request | added µs | ratio to bare | checks |",
             "| --- | ---: | ---: | ---: | --- |",
@@ -286,8 +293,9 @@ def table(result: dict[str, Any]) -> str:
                 else ""
             )
             ratio = f"{row['ratio']:.2f}" if "ratio" in row else ""
+            mark = "*" if row.get("slices", 1) > 1 else ""
             lines.append(
-                f"| {name}: {row['title']} | {_fmt_range(row['us'])} | {added} | {ratio} | "
+                f"| {name}{mark}: {row['title']} | {_fmt_range(row['us'])} | {added} | {ratio} | "
                 f"{_checks(row)} |"
             )
         lines.append("")

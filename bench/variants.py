@@ -48,6 +48,11 @@ class Variant:
     requires: tuple[str, ...] = ()
     #: Facts that must hold after a run: name -> check of (facts, requests served).
     expect: Mapping[str, Callable[[dict[str, Any], int], bool]] = field(default_factory=dict)
+    #: Works outside its requests (an SDK's exporter, a dispatcher writing records): in-process it
+    #: is timed in a run of its own after the wait for quiet. A variant without such work is timed
+    #: in slices that alternate with its bare app's (``modes.measurement_groups``), and its worker
+    #: must have no thread besides the main one (checked after the run).
+    background: bool = False
 
     @property
     def family(self) -> str:
@@ -278,15 +283,28 @@ _NOT_RECORDED = {"no record for a healthy request": _no_request_recorded}
 
 VARIANTS: tuple[Variant, ...] = (
     Variant("asgi.bare", "Starlette, bare", _asgi_bare),
-    Variant("asgi.otel", "+ OpenTelemetry ASGI middleware, SDK", _asgi_otel, requires=_OTEL_ASGI),
+    Variant(
+        "asgi.otel",
+        "+ OpenTelemetry ASGI middleware, SDK",
+        _asgi_otel,
+        requires=_OTEL_ASGI,
+        background=True,
+    ),
     Variant(
         "asgi.otel_lean",
         "+ OpenTelemetry ASGI middleware, SDK, no send/receive spans",
         _asgi_otel_lean,
         modes=(IN_PROCESS,),
         requires=_OTEL_ASGI,
+        background=True,
     ),
-    Variant("asgi.sentry", "+ sentry-sdk, tracing every request", _asgi_sentry, requires=_SENTRY),
+    Variant(
+        "asgi.sentry",
+        "+ sentry-sdk, tracing every request",
+        _asgi_sentry,
+        requires=_SENTRY,
+        background=True,
+    ),
     Variant(
         "asgi.ours",
         "+ upstream-ops, no upstream error",
@@ -304,12 +322,14 @@ VARIANTS: tuple[Variant, ...] = (
         "+ upstream-ops, 3 upstream errors, SQLite sink",
         lambda: _asgi_ours(apps.upstream_errors_probe(), _sqlite_sink()),
         expect=_RECORDED,
+        background=True,
     ),
     Variant(
         "asgi.ours_errors_memory",
         "+ upstream-ops, 3 upstream errors, memory sink",
         lambda: _asgi_ours(apps.upstream_errors_probe(), CountingSink()),
         expect=_RECORDED,
+        background=True,
     ),
     Variant(
         "asgi.ours_errors_slow_sink",
@@ -317,6 +337,7 @@ VARIANTS: tuple[Variant, ...] = (
         lambda: _asgi_ours(apps.upstream_errors_probe(), CountingSink(sleep=SLOW_SINK_SECONDS)),
         modes=(SERVER,),
         expect=_RECORDED,
+        background=True,
     ),
     Variant(
         "asgi.ours_otel",
@@ -324,10 +345,23 @@ VARIANTS: tuple[Variant, ...] = (
         _asgi_ours_otel,
         requires=_OWN_SPAN,
         expect=_NOT_RECORDED,
+        background=True,
     ),
     Variant("wsgi.bare", "Flask, bare", _wsgi_bare),
-    Variant("wsgi.otel", "+ OpenTelemetry WSGI middleware, SDK", _wsgi_otel, requires=_OTEL_WSGI),
-    Variant("wsgi.sentry", "+ sentry-sdk, tracing every request", _wsgi_sentry, requires=_SENTRY),
+    Variant(
+        "wsgi.otel",
+        "+ OpenTelemetry WSGI middleware, SDK",
+        _wsgi_otel,
+        requires=_OTEL_WSGI,
+        background=True,
+    ),
+    Variant(
+        "wsgi.sentry",
+        "+ sentry-sdk, tracing every request",
+        _wsgi_sentry,
+        requires=_SENTRY,
+        background=True,
+    ),
     Variant(
         "wsgi.ours",
         "+ upstream-ops, no upstream error",
@@ -339,6 +373,7 @@ VARIANTS: tuple[Variant, ...] = (
         "+ upstream-ops, 3 upstream errors, SQLite sink",
         lambda: _wsgi_ours(apps.upstream_errors_probe(), _sqlite_sink()),
         expect=_RECORDED,
+        background=True,
     ),
     Variant(
         "wsgi.ours_otel",
@@ -346,6 +381,7 @@ VARIANTS: tuple[Variant, ...] = (
         _wsgi_ours_otel,
         requires=_OWN_SPAN,
         expect=_NOT_RECORDED,
+        background=True,
     ),
     # The middleware around a WSGI callable with no framework: the same instructions as in Flask
     # (about 20,000 a request), at the rate they run without Flask's working set around them.

@@ -57,7 +57,7 @@ def in_process(name: str) -> None:
                 }
             )
         elif "facts" in command:
-            _reply({"facts": _facts(built)})
+            _reply({"facts": {**_facts(built), "threads": threading.active_count()}})
         else:
             break
     driver.close()

@@ -17,7 +17,13 @@ import pytest
 from bench import apps, report
 from bench.drive import ASGIDriver, WSGIDriver
 from bench.loadgen import run_python
-from bench.modes import _get_once, round_order
+from bench.modes import (
+    WARMUP_AND_PROBE,
+    _get_once,
+    measurement_groups,
+    round_order,
+    run_in_process,
+)
 from bench.procs import Worker
 from bench.variants import BY_NAME, IN_PROCESS, SERVER, VARIANTS, bare_of, build
 from tests.conftest import serve_asgi
@@ -77,6 +83,46 @@ def test_a_round_runs_each_bare_app_next_to_our_variants_and_reverses_every_othe
         assert names[1 : 1 + len(ours)] == ours  # the peers after them
         assert [v.name for v in odd if v.family == family] == names[::-1]
     assert [v.family for v in odd] == [v.family for v in even]  # families keep their order
+
+
+def test_variants_without_background_work_are_timed_in_slices_with_their_bare_app() -> None:
+    even = measurement_groups(round_order(VARIANTS, 0))
+    odd = measurement_groups(round_order(VARIANTS, 1))
+    sliced = [[v.name for v in group] for group in even if len(group) > 1]
+    assert sliced == [
+        ["asgi.bare", "asgi.ours", "asgi.ours_echo"],
+        ["wsgi.bare", "wsgi.ours"],
+        ["wsgi_plain.bare", "wsgi_plain.ours"],
+    ]
+    assert [[v.name for v in group] for group in odd if len(group) > 1] == [
+        names[::-1] for names in sliced
+    ]
+    # Every variant with work outside its requests is timed alone; every variant is timed once.
+    for groups in (even, odd):
+        assert all(len(group) == 1 for group in groups if any(v.background for v in group))
+        assert sorted(v.name for group in groups for v in group) == sorted(v.name for v in VARIANTS)
+    # A background variant between two quiet ones of a family splits them.
+    bare, ours, errors = BY_NAME["asgi.bare"], BY_NAME["asgi.ours"], BY_NAME["asgi.ours_errors"]
+    assert measurement_groups([bare, errors, ours]) == [[bare], [errors], [ours]]
+    assert measurement_groups([bare, BY_NAME["wsgi.ours"]]) == [[bare], [BY_NAME["wsgi.ours"]]]
+
+
+def test_sliced_runs_time_every_request_and_check_for_threads() -> None:
+    variants = [BY_NAME["wsgi_plain.bare"], BY_NAME["wsgi_plain.ours"]]
+    messages: list[str] = []
+    raw = run_in_process(
+        variants, rounds=2, seconds_per_run=0.02, progress=messages.append, slices=4
+    )
+    for variant in variants:
+        result = raw[variant.name]
+        assert result["slices"] == 4 and len(result["samples_us"]) == 2
+        assert result["requests"] == WARMUP_AND_PROBE + 2 * 4 * max(
+            1, result["requests_per_run"] // 4
+        )
+        assert result["facts"]["threads"] == 1
+        assert result["checks"]["no thread besides the main one (timed in slices)"] is True
+        assert result["bad"] == 0
+    assert messages == ["in-process round 1/2", "in-process round 2/2"]
 
 
 @pytest.mark.parametrize(
