@@ -18,11 +18,13 @@ setup(
         Extension(
             "upstream_ops._wsgi_recording",
             sources=["src/upstream_ops/_wsgi_recording.c"],
+            depends=["src/upstream_ops/_collector_steps.h"],
             optional=True,
         ),
         Extension(
             "upstream_ops._asgi_recording",
             sources=["src/upstream_ops/_asgi_recording.c"],
+            depends=["src/upstream_ops/_collector_steps.h"],
             optional=True,
         ),
     ]

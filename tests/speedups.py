@@ -38,3 +38,21 @@ def with_and_without(module: ModuleType, *names: str) -> Callable[..., Any]:
             yield request.param
 
     return extension_step
+
+
+#: What a request's record says when its collector got only a summary (``set_summary``): the
+#: arguments given, and the record's (status code, message, detail). A collector with only a summary
+#: is not quiet (the C ``quiet_close`` and ``Collector.close`` must agree).
+SUMMARIES: dict[str, tuple[tuple[Any, ...], tuple[Any, ...]]] = {
+    "status": ((502,), (502, None, None)),
+    "message": ((0, "upstream said no"), (None, "upstream said no", None)),
+    "detail": ((0, "", "{}"), (None, None, "{}")),
+}
+
+
+def summary_of(record: Any) -> tuple[Any, ...]:
+    return (
+        record.upstream_status_code,
+        record.upstream_error_message,
+        record.upstream_error_detail,
+    )

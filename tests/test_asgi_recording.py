@@ -29,10 +29,11 @@ from starlette.types import Message
 import upstream_ops
 from upstream_ops import UpstreamOpsMiddleware, append_upstream_error, current_collector
 from upstream_ops import asgi as asgi_module
+from upstream_ops.collector import Collector, _current
 from upstream_ops.record import RequestRecord
 from upstream_ops.sinks import MemorySink
 
-from .speedups import require_extension, with_and_without
+from .speedups import SUMMARIES, require_extension, summary_of, with_and_without
 
 _asgi_recording: ModuleType | None
 try:
@@ -311,5 +312,91 @@ def test_the_extension_refuses_bad_arguments() -> None:
         _asgi_recording.new_call(object)
     with pytest.raises(TypeError, match="subclass of Call"):
         _asgi_recording.new_call(object, None, {}, None, None)
-    with pytest.raises(TypeError, match="7 arguments"):
+    with pytest.raises(TypeError, match="8 arguments"):
         _asgi_recording.setup(print)
+    good: list[Any] = [print, Collector, _current, print, object(), print, print, None]
+    for index, bad in [(1, print), (2, None), (7, ({},)), (7, ({}, []))]:
+        arguments = list(good)
+        arguments[index] = bad
+        with pytest.raises(TypeError, match="setup expects"):
+            _asgi_recording.setup(*arguments)
+
+
+# -- the collector's steps done in C (``_collector_steps.h``), against the Python code -----------
+
+
+def test_the_collector_is_made_as_its_init_makes_it() -> None:
+    seen: list[dict[str, Any]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        collector = current_collector()
+        assert type(collector) is Collector and scope["state"]["upstream_ops"] is collector
+        seen.append(dict(vars(collector)))
+        await send(START)
+        await send(BODY)
+
+    middleware = UpstreamOpsMiddleware(app, sink=MemorySink(), max_events=7)
+    for headers in ([], [(b"x-request-id", b"req-42")], [(b"x-request-id", b"bad id\n")]):
+        run(middleware({**SCOPE, "headers": headers}, nothing_received, ServerSend()))
+    python_made = [
+        vars(Collector(rid, 7))
+        for rid in (None, "req-42", middleware.recorder.valid_request_id("bad id\n"))
+    ]
+    assert seen == python_made
+    assert seen[1]["_request_id"] == "req-42" and "_request_id" not in seen[0]
+    middleware.dispatcher.close()
+
+
+@pytest.mark.parametrize("summary", ["status", "message", "detail"])
+def test_a_collector_with_only_a_summary_is_not_quiet(summary: str) -> None:
+    sink = MemorySink()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        collector = current_collector()
+        assert collector is not None
+        collector.set_summary(*SUMMARIES[summary][0])
+        await send(START)
+        await send(BODY)
+
+    run(UpstreamOpsMiddleware(app, sink=sink)(dict(SCOPE), nothing_received, ServerSend()))
+    [record] = records(sink)
+    assert summary_of(record) == SUMMARIES[summary][1]
+
+
+def test_global_providers_set_after_the_middleware_was_made_are_picked_up() -> None:
+    # In a process of its own: the API's global providers can be set only once.
+    from .test_telemetry import run_python
+
+    out = run_python(
+        f"""
+        import asyncio
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        from upstream_ops import UpstreamOpsMiddleware, asgi
+        from upstream_ops.sinks import MemorySink
+
+        if {asgi_module._new_c_call is None!r}:  # the Python code alone, as this module runs
+            asgi._new_c_call = None
+
+        async def app(scope, receive, send):
+            await send({{"type": "http.response.start", "status": 200, "headers": []}})
+            await send({{"type": "http.response.body", "body": b"ok"}})
+
+        async def send(message):
+            pass
+
+        middleware = UpstreamOpsMiddleware(app, sink=MemorySink())
+        exporter = InMemorySpanExporter()
+        scope = {{"type": "http", "method": "GET", "path": "/x", "headers": []}}
+        asyncio.run(middleware(dict(scope), None, send))
+        before = len(exporter.get_finished_spans())
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        trace.set_tracer_provider(provider)
+        asyncio.run(middleware(dict(scope), None, send))
+        print(before, [s.name for s in exporter.get_finished_spans()])
+        """
+    )
+    assert out.strip() == "0 ['GET']"

@@ -22,7 +22,7 @@ from upstream_ops import wsgi as wsgi_module
 from upstream_ops.record import RequestRecord
 from upstream_ops.sinks import MemorySink
 
-from .speedups import require_extension, with_and_without
+from .speedups import SUMMARIES, require_extension, summary_of, with_and_without
 
 _wsgi_recording: ModuleType | None
 try:
@@ -275,12 +275,11 @@ def test_the_collector_is_made_as_its_init_makes_it() -> None:
 @pytest.mark.parametrize("summary", ["status", "message", "detail"])
 def test_a_collector_with_only_a_summary_is_not_quiet(summary: str) -> None:
     sink = MemorySink()
-    given = {"status": (502,), "message": (0, "upstream said no"), "detail": (0, "", "{}")}
 
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
         collector = current_collector()
         assert collector is not None
-        collector.set_summary(*given[summary])
+        collector.set_summary(*SUMMARIES[summary][0])
         start_response("200 OK", [])
         return [b"ok"]
 
@@ -289,19 +288,7 @@ def test_a_collector_with_only_a_summary_is_not_quiet(summary: str) -> None:
     body.close()
     [record] = records(sink)
     assert record.upstream_errors == []
-    summary_fields = (
-        record.upstream_status_code,
-        record.upstream_error_message,
-        record.upstream_error_detail,
-    )
-    assert (
-        summary_fields
-        == {
-            "status": (502, None, None),
-            "message": (None, "upstream said no", None),
-            "detail": (None, None, "{}"),
-        }[summary]
-    )
+    assert summary_of(record) == SUMMARIES[summary][1]
 
 
 class _DictEnviron(dict[str, Any]):

@@ -22,10 +22,11 @@
 #include <Python.h>
 #include <structmember.h>
 
+#include "_collector_steps.h"
+
 /* --- names and the objects setup() gives ------------------------------------------------------ */
 
 static PyObject *perf_counter = NULL;
-static PyObject *collector_class = NULL;
 static PyObject *current_var = NULL; /* upstream_ops.collector._current */
 static PyObject *get_context = NULL;
 static PyObject *empty_context = NULL;
@@ -321,12 +322,7 @@ call_end(Call *self, PyObject *error)
     int known_unhealthy = 0;
     if (self->response_complete && error == NULL && self->telemetry == Py_None) {
         /* Recorder.finish_if_healthy without its call; the collector is closed either way. */
-        PyObject *quiet = PyObject_CallMethodNoArgs(self->collector, s_close);
-        if (quiet == NULL) {
-            return -1;
-        }
-        int is_quiet = PyObject_IsTrue(quiet);
-        Py_DECREF(quiet);
+        int is_quiet = quiet_close(self->collector);
         if (is_quiet < 0) {
             return -1;
         }
@@ -945,11 +941,17 @@ telemetry_wanted(PyObject *middleware)
         goto done;
     }
     if (unset) {
-        PyObject *answer = PyObject_CallMethodNoArgs(live, s_refresh);
-        if (answer == NULL) {
+        int nothing_set = providers_unset();
+        if (nothing_set < 0) {
             goto done;
         }
-        Py_DECREF(answer);
+        if (!nothing_set) { /* refresh would change nothing while no global provider is set */
+            PyObject *answer = PyObject_CallMethodNoArgs(live, s_refresh);
+            if (answer == NULL) {
+                goto done;
+            }
+            Py_DECREF(answer);
+        }
     }
     PyObject *names[2] = {s_tracing, s_metrics};
     for (int i = 0; i < 2; i++) {
@@ -1005,8 +1007,7 @@ call_begin(Call *self)
         Py_DECREF(request_id);
         return -1;
     }
-    PyObject *collector_args[2] = {request_id, max_events};
-    PyObject *collector = PyObject_Vectorcall(collector_class, collector_args, 2, NULL);
+    PyObject *collector = make_collector(request_id, max_events);
     Py_DECREF(request_id);
     Py_DECREF(max_events);
     if (collector == NULL) {
@@ -1253,30 +1254,34 @@ static PyTypeObject CallType = {
 
 PyDoc_STRVAR(setup_doc,
              "setup(perf_counter, collector_class, current_var, get_context, empty_context, "
-             "has_current_span, with_header, /)\n--\n\n"
+             "has_current_span, with_header, provider_globals, /)\n--\n\n"
              "What a request needs from the Python modules: the clock, the Collector and its "
-             "ContextVar, OpenTelemetry's context test and the echoed header's helper.");
+             "ContextVar, OpenTelemetry's context test, the echoed header's helper and the "
+             "namespaces of the API's global providers (or None).");
 
 static PyObject *
 setup(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 7) {
-        PyErr_Format(PyExc_TypeError, "setup expected 7 arguments, got %zd", nargs);
+    if (nargs != 8) {
+        PyErr_Format(PyExc_TypeError, "setup expected 8 arguments, got %zd", nargs);
         return NULL;
     }
-    if (!PyCallable_Check(args[0]) || !PyCallable_Check(args[1]) ||
+    if (!PyCallable_Check(args[0]) || !PyType_Check(args[1]) ||
         !PyContextVar_CheckExact(args[2]) || !PyCallable_Check(args[3]) ||
-        !PyCallable_Check(args[5]) || !PyCallable_Check(args[6])) {
+        !PyCallable_Check(args[5]) || !PyCallable_Check(args[6]) ||
+        !provider_globals_valid(args[7])) {
         PyErr_SetString(PyExc_TypeError,
-                        "setup expects callables, a ContextVar third and any object sixth");
+                        "setup expects callables (a class second), a ContextVar third, any object "
+                        "sixth and two dicts or None last");
         return NULL;
     }
-    PyObject **fields[7] = {&perf_counter, &collector_class, &current_var, &get_context,
+    PyObject **fields[7] = {&perf_counter, &collector_type, &current_var, &get_context,
                             &empty_context, &has_current_span, &with_header};
     for (int i = 0; i < 7; i++) {
         Py_XSETREF(*fields[i], Py_NewRef(args[i]));
     }
+    set_provider_globals(args[7]);
     Py_RETURN_NONE;
 }
 
@@ -1288,7 +1293,10 @@ static PyMethodDef module_methods[] = {
 
 static int
 module_exec(PyObject *module)
-{
+{    if (collector_steps_ready() < 0) {
+        return -1;
+    }
+
     struct {
         PyObject **name;
         const char *text;

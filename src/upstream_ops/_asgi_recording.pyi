@@ -40,5 +40,6 @@ def setup(
     empty_context: object,
     has_current_span: Callable[[], bool],
     with_header: Callable[[Any, tuple[bytes, bytes]], Any],
+    provider_globals: tuple[dict[str, Any], dict[str, Any]] | None,
     /,
 ) -> None: ...

@@ -17,6 +17,8 @@
 #include <Python.h>
 #include <structmember.h>
 
+#include "_collector_steps.h"
+
 typedef struct {
     PyObject_HEAD
     PyObject *middleware;
@@ -50,7 +52,6 @@ static PyObject *finish_slow_name = NULL;
 static PyObject *start_response_slow_name = NULL;
 
 static PyTypeObject RecordingType;
-static int quiet_close(PyObject *collector); /* collector.close(), in C for a Collector */
 
 static int
 Recording_traverse(Recording *self, visitproc visit, void *arg)
@@ -132,6 +133,34 @@ set_field(PyObject **field, PyObject *value)
 {
     Py_XINCREF(value);
     Py_XSETREF(*field, value);
+}
+
+/* The error being raised, fetched with its traceback attached (what ``except ... as e`` sees). */
+static void
+fetch_error(PyObject **type, PyObject **value, PyObject **traceback)
+{
+    PyErr_Fetch(type, value, traceback);
+    PyErr_NormalizeException(type, value, traceback);
+    if (*traceback != NULL && *value != NULL) {
+        PyException_SetTraceback(*value, *traceback);
+    }
+}
+
+/* The error now set goes on, with an earlier one (from fetch_error, released here) as its
+   context: what Python does for an error raised while another is handled. */
+static void
+raise_in_context_of(PyObject *type, PyObject *value, PyObject *traceback)
+{
+    PyObject *later_type, *later, *later_traceback;
+    PyErr_Fetch(&later_type, &later, &later_traceback);
+    PyErr_NormalizeException(&later_type, &later, &later_traceback);
+    if (later != NULL && value != NULL) {
+        PyException_SetContext(later, Py_NewRef(value));
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(traceback);
+    PyErr_Restore(later_type, later, later_traceback);
 }
 
 static PyObject *Recording_new(PyTypeObject *type, PyObject *args, PyObject *kwds);
@@ -415,16 +444,7 @@ Recording_close(Recording *self, PyObject *Py_UNUSED(ignored))
                 if (traceback != NULL && value != NULL) {
                     PyException_SetTraceback(value, traceback);
                 }
-                PyObject *t2, *v2, *tb2;
-                PyErr_Fetch(&t2, &v2, &tb2);
-                PyErr_NormalizeException(&t2, &v2, &tb2);
-                if (v2 != NULL && value != NULL) {
-                    PyException_SetContext(v2, Py_NewRef(value));
-                }
-                Py_XDECREF(type);
-                Py_XDECREF(value);
-                Py_XDECREF(traceback);
-                PyErr_Restore(t2, v2, tb2);
+                raise_in_context_of(type, value, traceback);
             }
             return NULL;
         }
@@ -487,7 +507,6 @@ static PyTypeObject RecordingType = {
 /* --- the middleware's call --------------------------------------------------------------------- */
 
 /* Set by setup_call() from upstream_ops.wsgi: what the middleware's __call__ reads from its module. */
-static PyObject *collector_type = NULL;    /* upstream_ops.collector.Collector */
 static PyObject *current_var = NULL;       /* upstream_ops.collector._current */
 static PyObject *get_context = NULL;       /* OpenTelemetry's context, read without a call chain */
 static PyObject *empty_context = NULL;     /* ... and its value when nothing is attached */
@@ -496,32 +515,12 @@ static PyObject *instrumented_flag = NULL; /* the attribute OpenTelemetry sets o
 static PyObject *environ_collector_key = NULL;
 static PyObject *recording_class = NULL;   /* upstream_ops.wsgi._CWSGIRequestRecording */
 static PyObject *middleware_type = NULL;   /* upstream_ops.wsgi.UpstreamOpsWSGIMiddleware */
-static PyObject *tracer_globals = NULL;    /* where the API keeps its global providers, or NULL */
-static PyObject *meter_globals = NULL;
-static PyObject *tracer_provider_name, *meter_provider_name, *serve_name;
-
-/* Collector's attributes, for the two of its steps done here (see make_collector, quiet_close). */
-static PyObject *c_dropped_events_name, *c_events_name, *c_finished_name, *c_listeners_name,
-    *c_max_events_name, *c_request_id_name, *c_status_code_name, *c_error_message_name,
-    *c_error_detail_name, *empty_tuple;
+static PyObject *serve_name;
 
 static PyObject *app_name, *default_rule_name, *echo_header_name, *environ_key_name,
     *fail_name, *file_wrapper_key, *instrumented_app_name, *live_name, *max_events_name,
     *metrics_name, *recorder_name, *refresh_name, *route_key_name, *start_response_name,
     *tracing_name, *unset_name, *valid_request_id_name, *wrap_close_of_name;
-
-/* getattr(obj, name) as a truth value: 1, 0, or -1 with an error set. */
-static int
-attr_is_true(PyObject *obj, PyObject *name)
-{
-    PyObject *value = PyObject_GetAttr(obj, name);
-    if (value == NULL) {
-        return -1;
-    }
-    int answer = PyObject_IsTrue(value);
-    Py_DECREF(value);
-    return answer;
-}
 
 /* An attribute of the middleware: from its instance dict when it is an UpstreamOpsWSGIMiddleware
    (whose class has no descriptor of these names; a subclass's may), else by getattr. New ref. */
@@ -538,25 +537,6 @@ middleware_attr(PyObject *middleware, PyObject *dict, PyObject *name)
         }
     }
     return PyObject_GetAttr(middleware, name);
-}
-
-/* ProviderLiveness.refresh's first test: 1 while neither global provider is set (refresh would
-   return at once), 0 otherwise, -1 with an error set. */
-static int
-providers_unset(void)
-{
-    if (tracer_globals == NULL || meter_globals == NULL) {
-        return 0;
-    }
-    PyObject *tracer = PyDict_GetItemWithError(tracer_globals, tracer_provider_name);
-    if (tracer == NULL && PyErr_Occurred()) {
-        return -1;
-    }
-    PyObject *meter = PyDict_GetItemWithError(meter_globals, meter_provider_name);
-    if (meter == NULL && PyErr_Occurred()) {
-        return -1;
-    }
-    return tracer == Py_None && meter == Py_None;
 }
 
 /* Whether OpenTelemetry wants this request (then the Python code starts its telemetry): the test
@@ -625,77 +605,6 @@ wants_telemetry(PyObject *middleware, PyObject *dict)
     return answer;
 }
 
-/* Collector(request_id, max_events) as Collector.__init__ makes it (its attributes set, the rest
-   left to the class's defaults), without the Python frame of __init__: half the cost of a healthy
-   request's collector. A max_events __init__ would refuse goes to the class, which raises.
-   tests/test_wsgi_recording.py compares the two collectors' attributes. */
-static PyObject *
-make_collector(PyObject *request_id, PyObject *max_events)
-{
-    PyTypeObject *type = (PyTypeObject *)collector_type;
-    int overflow = 0;
-    if (!PyLong_CheckExact(max_events) || PyLong_AsLongAndOverflow(max_events, &overflow) < 1 ||
-        overflow) {
-        PyErr_Clear();
-        PyObject *args[2] = {request_id, max_events};
-        return PyObject_Vectorcall(collector_type, args, 2, NULL);
-    }
-    PyObject *self = type->tp_new(type, empty_tuple, NULL);
-    if (self == NULL) {
-        return NULL;
-    }
-    PyObject *listeners = PyList_New(0);
-    if (listeners == NULL ||
-        (request_id != Py_None && PyObject_SetAttr(self, c_request_id_name, request_id) < 0) ||
-        PyObject_SetAttr(self, c_max_events_name, max_events) < 0 ||
-        PyObject_SetAttr(self, c_listeners_name, listeners) < 0) {
-        Py_XDECREF(listeners);
-        Py_DECREF(self);
-        return NULL;
-    }
-    Py_DECREF(listeners);
-    return self;
-}
-
-/* collector.close() of a Collector: finished, and whether the request left nothing to record.
-   1 quiet, 0 not, -1 with an error set. */
-static int
-quiet_close(PyObject *collector)
-{
-    if (collector_type == NULL || Py_TYPE(collector) != (PyTypeObject *)collector_type) {
-        PyObject *quiet = PyObject_CallMethodNoArgs(collector, close_name);
-        if (quiet == NULL) {
-            return -1;
-        }
-        int answer = PyObject_IsTrue(quiet);
-        Py_DECREF(quiet);
-        return answer;
-    }
-    if (PyObject_SetAttr(collector, c_finished_name, Py_True) < 0) {
-        return -1;
-    }
-    PyObject *truthy[] = {c_events_name, c_status_code_name, c_dropped_events_name};
-    for (size_t i = 0; i < sizeof(truthy) / sizeof(truthy[0]); i++) {
-        int set = attr_is_true(collector, truthy[i]);
-        if (set != 0) {
-            return set < 0 ? -1 : 0;
-        }
-    }
-    PyObject *given[] = {c_error_message_name, c_error_detail_name};
-    for (size_t i = 0; i < sizeof(given) / sizeof(given[0]); i++) {
-        PyObject *value = PyObject_GetAttr(collector, given[i]);
-        if (value == NULL) {
-            return -1;
-        }
-        int set = value != Py_None;
-        Py_DECREF(value);
-        if (set) {
-            return 0;
-        }
-    }
-    return 1;
-}
-
 /* The collector of a request: Collector(request id or None, recorder.max_events). */
 static PyObject *
 new_collector(PyObject *middleware, PyObject *dict, PyObject *environ)
@@ -748,27 +657,14 @@ static void
 app_raised(PyObject *recording)
 {
     PyObject *type, *value, *traceback;
-    PyErr_Fetch(&type, &value, &traceback);
-    PyErr_NormalizeException(&type, &value, &traceback);
-    if (traceback != NULL && value != NULL) {
-        PyException_SetTraceback(value, traceback);
-    }
+    fetch_error(&type, &value, &traceback);
     PyObject *done = PyObject_CallMethodOneArg(recording, fail_name, value != NULL ? value : Py_None);
     if (done != NULL) {
         Py_DECREF(done);
         PyErr_Restore(type, value, traceback);
         return;
     }
-    PyObject *t2, *v2, *tb2;
-    PyErr_Fetch(&t2, &v2, &tb2);
-    PyErr_NormalizeException(&t2, &v2, &tb2);
-    if (v2 != NULL && value != NULL) {
-        PyException_SetContext(v2, Py_NewRef(value));
-    }
-    Py_XDECREF(type);
-    Py_XDECREF(value);
-    Py_XDECREF(traceback);
-    PyErr_Restore(t2, v2, tb2);
+    raise_in_context_of(type, value, traceback);
 }
 
 PyDoc_STRVAR(call_doc,
@@ -943,16 +839,9 @@ setup_call(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                         "callable and two str");
         return NULL;
     }
-    PyObject *tracer = NULL, *meter = NULL;
-    if (args[9] != Py_None) {
-        if (!PyTuple_Check(args[9]) || PyTuple_GET_SIZE(args[9]) != 2 ||
-            !PyDict_Check(PyTuple_GET_ITEM(args[9], 0)) ||
-            !PyDict_Check(PyTuple_GET_ITEM(args[9], 1))) {
-            PyErr_SetString(PyExc_TypeError, "setup_call expects two dicts or None last");
-            return NULL;
-        }
-        tracer = PyTuple_GET_ITEM(args[9], 0);
-        meter = PyTuple_GET_ITEM(args[9], 1);
+    if (!provider_globals_valid(args[9])) {
+        PyErr_SetString(PyExc_TypeError, "setup_call expects two dicts or None last");
+        return NULL;
     }
     PyObject **fields[9] = {&middleware_type,  &recording_class, &collector_type,
                             &current_var,      &get_context,     &empty_context,
@@ -960,8 +849,7 @@ setup_call(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     for (int i = 0; i < 9; i++) {
         Py_XSETREF(*fields[i], Py_NewRef(args[i]));
     }
-    Py_XSETREF(tracer_globals, Py_XNewRef(tracer));
-    Py_XSETREF(meter_globals, Py_XNewRef(meter));
+    set_provider_globals(args[9]);
     Py_RETURN_NONE;
 }
 
@@ -1002,18 +890,7 @@ module_exec(PyObject *module)
         {&finish_slow_name, "_finish_slow"},
         {&start_response_slow_name, "_start_response_slow"},
         {&app_name, "app"},
-        {&tracer_provider_name, "_TRACER_PROVIDER"},
-        {&meter_provider_name, "_METER_PROVIDER"},
         {&serve_name, "_serve"},
-        {&c_dropped_events_name, "dropped_events"},
-        {&c_events_name, "_events"},
-        {&c_finished_name, "_finished"},
-        {&c_listeners_name, "listeners"},
-        {&c_max_events_name, "_max_events"},
-        {&c_request_id_name, "_request_id"},
-        {&c_status_code_name, "upstream_status_code"},
-        {&c_error_message_name, "upstream_error_message"},
-        {&c_error_detail_name, "upstream_error_detail"},
         {&default_rule_name, "_default_rule"},
         {&echo_header_name, "_echo_header"},
         {&environ_key_name, "_environ_key"},
@@ -1040,11 +917,8 @@ module_exec(PyObject *module)
             }
         }
     }
-    if (empty_tuple == NULL) {
-        empty_tuple = PyTuple_New(0);
-        if (empty_tuple == NULL) {
-            return -1;
-        }
+    if (collector_steps_ready() < 0) {
+        return -1;
     }
     if (PyType_Ready(&RecordingType) < 0) {
         return -1;

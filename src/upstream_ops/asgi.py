@@ -35,7 +35,12 @@ from upstream_ops.recorder import (
     now_ms,
 )
 from upstream_ops.sinks.base import Sink
-from upstream_ops.telemetry._providers import EMPTY_CONTEXT, get_context, has_current_span
+from upstream_ops.telemetry._providers import (
+    EMPTY_CONTEXT,
+    get_context,
+    has_current_span,
+    provider_globals,
+)
 from upstream_ops.telemetry._server import IncomingRequest, RequestTelemetry, ServerTelemetry
 
 __all__ = ["UpstreamOpsMiddleware"]
@@ -448,5 +453,6 @@ else:
         EMPTY_CONTEXT,
         has_current_span,
         _with_header,
+        provider_globals(),
     )
     _new_c_call = _asgi_recording.new_call
