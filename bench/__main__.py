@@ -34,6 +34,7 @@ SETTINGS = {
         "in_process_slices": 10,
         "server_rounds": 9,
         "server_seconds": 4,
+        "server_slices": 4,
         "connections": 32,
         "micro_samples": 9,
         "micro_seconds": 0.05,
@@ -46,6 +47,7 @@ SETTINGS = {
         "in_process_slices": 4,
         "server_rounds": 1,
         "server_seconds": 3,
+        "server_slices": 3,
         "connections": 32,
         "micro_samples": 5,
         "micro_seconds": 0.02,
@@ -113,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             connections=settings["connections"],
             tool=tool,
             progress=progress,
+            slices=settings["server_slices"],
         )
         result["server"] = report.summarize_server(raw)
     if "micro" in parts:

@@ -8,20 +8,22 @@
 Machine drift (another process, a CPU frequency change) then hits every variant alike instead of
 whichever happened to run at the time. Within a family the bare app runs next to upstream-ops'
 variants, the peers after them, and every other round runs in the reverse order (see
-``round_order``). In-process, a bare app and the variants of its family that do no work outside
-their requests run their round's requests in slices that alternate (A B A B ...; see
-``measurement_groups``), so that the machine's slow spells, mostly a few to a hundred
-milliseconds long on the shared machines this runs on, fall on both alike.
+``round_order``). A bare app and the variants of its family that do no work outside their
+requests run their round's share in slices that alternate (A B A B ...; see
+``measurement_groups``), so that the machine's slow spells (mostly a few to a hundred
+milliseconds long on the shared machines this runs on) and its drift over seconds fall on both
+alike.
 """
 
 from __future__ import annotations
 
 import http.client
+import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from bench.apps import EXPECTED_BODY, EXPECTED_STATUS, PATH
-from bench.loadgen import run_load
+from bench.loadgen import LoadResult, run_load
 from bench.procs import Worker, WorkerError, wait_until_quiet
 from bench.variants import IN_PROCESS, SERVER, Variant
 
@@ -54,12 +56,14 @@ def measurement_groups(order: Sequence[Variant]) -> list[list[Variant]]:
     family with no work outside their requests (``Variant.background`` false; the bare app first
     or last) is one group, timed in alternating slices; any other variant is a group of its own.
 
-    A slice is a tenth of a run (``SETTINGS``): about 25 ms, which is longer than most slow spells
-    seen here and long enough that a worker's first requests after the other's, on cold caches,
-    weigh little. Each variant's figure for the round is still its whole run's time over its
-    requests; the slices only interleave it with its bare app's. A variant with work outside its
-    requests (an exporter, a dispatcher's writes) cannot be sliced: that work would fall in the
-    other variant's slices, so it keeps a run of its own, after the wait for quiet.
+    In-process a slice is a tenth of a run (``bench.__main__.SETTINGS``): about 25 ms, longer than
+    most slow spells seen here and long enough that a worker's first requests after the other's,
+    on cold caches, weigh little. Under a server it is a quarter of a run (1 s of wrk), which pairs
+    the variants against the drift over seconds that a server's throughput follows. Each
+    variant's figure for the round is still its whole run's requests over its whole run's time;
+    the slices only interleave it with its bare app's. A variant with work outside its requests
+    (an exporter, a dispatcher's writes) cannot be sliced: that work would fall in the other
+    variant's slices, so it keeps a run of its own, after the wait for quiet.
     """
     groups: list[list[Variant]] = []
     for variant in order:
@@ -178,8 +182,11 @@ def run_server(
     connections: int,
     tool: str,
     progress: Progress,
+    slices: int = 1,
 ) -> dict[str, dict[str, Any]]:
-    """Requests per second and latency of each variant under a real server, one sample per round."""
+    """Requests per second and latency of each variant under a real server, one sample per round;
+    the variants of a ``measurement_groups`` group are loaded in ``slices`` alternating slices
+    (their round's p50 and p99 are then the medians of the slices')."""
     variants = [v for v in variants if SERVER in v.modes]
     workers: dict[str, Worker] = {}
     ports: dict[str, int] = {}
@@ -207,17 +214,28 @@ def run_server(
             }
         for round_no in range(rounds):
             progress(f"server round {round_no + 1}/{rounds}")
-            for variant in round_order(variants, round_no):
-                url = f"http://127.0.0.1:{ports[variant.name]}{PATH}"
-                result = results[variant.name]
-                result.setdefault("waited_s", []).append(wait_until_quiet(workers.values()))
-                load = run_load(url, seconds_per_run, connections, tool)
-                result["samples_rps"].append(load.requests_per_s)
-                result["samples_p50_us"].append(load.p50_us)
-                result["samples_p99_us"].append(load.p99_us)
-                result["requests"] += load.requests
-                result["bad"] += load.bad
-                result["errors"] += load.errors
+            for group in measurement_groups(round_order(variants, round_no)):
+                waited = wait_until_quiet(workers.values())
+                parts = slices if len(group) > 1 else 1
+                loads: dict[str, list[LoadResult]] = {v.name: [] for v in group}
+                for part in range(parts):
+                    for variant in group if part % 2 == 0 else group[::-1]:
+                        url = f"http://127.0.0.1:{ports[variant.name]}{PATH}"
+                        loads[variant.name].append(
+                            run_load(url, seconds_per_run / parts, connections, tool)
+                        )
+                for variant in group:
+                    result = results[variant.name]
+                    done = loads[variant.name]
+                    served = sum(load.requests for load in done)
+                    result.setdefault("waited_s", []).append(waited)
+                    result["slices"] = parts
+                    result["samples_rps"].append(served / sum(load.seconds for load in done))
+                    result["samples_p50_us"].append(statistics.median(x.p50_us for x in done))
+                    result["samples_p99_us"].append(statistics.median(x.p99_us for x in done))
+                    result["requests"] += served
+                    result["bad"] += sum(load.bad for load in done)
+                    result["errors"] += sum(load.errors for load in done)
         for variant in variants:
             result = results[variant.name]
             facts = workers[variant.name].ask({"facts": True})["facts"]

@@ -1,8 +1,10 @@
 """Turning raw samples into the result file, the printed table and the budget verdicts.
 
-Figures are medians over rounds with their min-max. "added" is the median over rounds of (variant -
-bare app of its family) measured in the same round; "ratio" is the variant's median over the bare
-app's median.
+Figures are medians over rounds with their min-max. "added" (in-process) is the median over rounds
+of (variant - bare app of its family) measured in the same round, and "ratio" under a server the
+median over rounds of (variant / bare app) in the same round: the rounds pair each variant with
+its bare app, and the machine's drift between rounds cancels in the pair. The in-process "ratio"
+is the variant's median over the bare app's median (a rough scale; no budget reads it).
 """
 
 from __future__ import annotations
@@ -113,7 +115,10 @@ def summarize_server(raw: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]
             "p99_us": _spread(result["samples_p99_us"]),
         }
         if bare is not None:
-            row["ratio"] = row["rps"]["median"] / statistics.median(bare["samples_rps"])
+            row["ratio"] = statistics.median(
+                v / b for v, b in zip(result["samples_rps"], bare["samples_rps"], strict=True)
+            )
+            row["ratio_of_medians"] = row["rps"]["median"] / statistics.median(bare["samples_rps"])
         row["ok"] = (
             result["bad"] == 0 and result["errors"] == 0 and all(result.get("checks", {}).values())
         )
@@ -256,6 +261,16 @@ def _fmt_range(spread: dict[str, float], digits: int = 1, scale: float = 1.0) ->
     return f"{m:,.{digits}f} ({lo:,.{digits}f}-{hi:,.{digits}f})"
 
 
+def _sliced_note(slices: int, done: str, more: str = "") -> str:
+    """The table title's words on the sliced variants (``modes.measurement_groups``)."""
+    if slices <= 1:
+        return ""
+    return (
+        f"; each bare app and the variants without background work (marked *) {done} in "
+        f"{slices} alternating slices a round{more}"
+    )
+
+
 def table(result: dict[str, Any]) -> str:
     """The results as Markdown tables (printed, and written into docs/performance.md)."""
     lines: list[str] = []
@@ -272,13 +287,7 @@ def table(result: dict[str, Any]) -> str:
         lines += ["Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".", ""]
     inproc = result.get("in_process")
     if inproc:
-        slices = result["settings"].get("in_process_slices", 1)
-        sliced = (
-            f"; each bare app and the variants without background work (marked *) timed in "
-            f"{slices} alternating slices a round"
-            if slices > 1
-            else ""
-        )
+        sliced = _sliced_note(result["settings"].get("in_process_slices", 1), "timed")
         lines += [
             "**In-process** (the ASGI/WSGI callable driven directly; µs per request, median "
             f"(min-max) over {result['settings']['in_process_rounds']} interleaved rounds{sliced})",
@@ -302,19 +311,26 @@ def table(result: dict[str, Any]) -> str:
     server = result.get("server")
     if server:
         tool = next(iter(server.values()))["tool"]
+        server_sliced = _sliced_note(
+            result["settings"].get("server_slices", 1),
+            "loaded",
+            ", p50 and p99 the medians of the slices'",
+        )
         lines += [
             f"**Server** (on 127.0.0.1: uvicorn in one process; gunicorn with one worker of 4 threads; "
             f"{tool}, "
             f"{result['settings']['connections']} connections, {result['settings']['server_seconds']} s "
-            f"per run, median (min-max) over {result['settings']['server_rounds']} interleaved rounds)",
+            f"per run, median (min-max) over {result['settings']['server_rounds']} interleaved rounds"
+            f"{server_sliced}; ratio: median over rounds of the round's ratio)",
             "",
             "| variant | req/s | ratio to bare | p50 ms | p99 ms | checks |",
             "| --- | ---: | ---: | ---: | ---: | --- |",
         ]
         for name, row in server.items():
             ratio = f"{row['ratio']:.2f}" if "ratio" in row else ""
+            mark = "*" if row.get("slices", 1) > 1 else ""
             lines.append(
-                f"| {name}: {row['title']} | {_fmt_range(row['rps'], 0)} | {ratio} | "
+                f"| {name}{mark}: {row['title']} | {_fmt_range(row['rps'], 0)} | {ratio} | "
                 f"{_fmt_range(row['p50_us'], 2, 1e-3)} | {_fmt_range(row['p99_us'], 2, 1e-3)} | "
                 f"{_checks(row)} |"
             )
