@@ -372,14 +372,16 @@ def test_flask_installs_the_c_call_bound_to_the_middleware() -> None:
     middleware.dispatcher.close()
 
 
-def test_call_and_setup_call_refuse_bad_arguments() -> None:
+def test_call_and_setup_refuse_bad_arguments() -> None:
     require_extension(_wsgi_recording)
     assert _wsgi_recording is not None
     with pytest.raises(TypeError, match="3 arguments"):
         _wsgi_recording.call(None)  # type: ignore[call-arg]
-    with pytest.raises(TypeError, match="10 arguments"):
-        _wsgi_recording.setup_call()  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="12 arguments"):
+        _wsgi_recording.setup()  # type: ignore[call-arg]
     good: list[Any] = [
+        lambda: 0.0,
+        "upstream_ops.error",
         UpstreamOpsWSGIMiddleware,
         wsgi_module._WSGIRequestRecording,
         upstream_ops.Collector,
@@ -391,8 +393,10 @@ def test_call_and_setup_call_refuse_bad_arguments() -> None:
         "key",
         None,
     ]
-    for index, bad in [(1, object), (2, len), (3, None), (7, 1), (9, ({}, {}, {}))]:
+    for index, bad in [(0, 1), (1, b"key"), (3, object), (4, len), (5, None), (9, 1)]:
         arguments = list(good)
         arguments[index] = bad
-        with pytest.raises(TypeError, match="setup_call expects"):
-            _wsgi_recording.setup_call(*arguments)
+        with pytest.raises(TypeError, match="setup expects"):
+            _wsgi_recording.setup(*arguments)
+    with pytest.raises(TypeError, match="setup expects"):
+        _wsgi_recording.setup(*good[:11], ({}, {}, {}))

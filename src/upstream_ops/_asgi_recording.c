@@ -28,15 +28,12 @@
 
 static PyObject *perf_counter = NULL;
 static PyObject *current_var = NULL; /* upstream_ops.collector._current */
-static PyObject *get_context = NULL;
-static PyObject *empty_context = NULL;
-static PyObject *has_current_span = NULL;
 static PyObject *with_header = NULL;
 
 static PyObject *s_type, *s_status, *s_more_body, *s_headers, *s_state, *s_upstream_ops,
     *s_root_path, *s_empty, *s_start, *s_body, *s_pathsend, *s_zerocopysend, *s_disconnect,
     *s_app, *s_recorder, *s_max_events, *s_default_rule, *s_incoming_header_name, *s_header_name,
-    *s_live, *s_unset, *s_refresh, *s_tracing, *s_metrics, *s_close, *s_throw, *s_response_ready,
+    *s_live, *s_close, *s_throw, *s_response_ready,
     *s_begin_slow, *s_request_id_from, *s_finish_slow, *s_value, *s_zero, *s_five_hundred;
 
 static PyTypeObject CallType;
@@ -930,61 +927,9 @@ telemetry_wanted(PyObject *middleware)
     if (live == NULL) {
         return -1;
     }
-    int wanted = -1;
-    PyObject *flag = PyObject_GetAttr(live, s_unset);
-    if (flag == NULL) {
-        goto done;
-    }
-    int unset = PyObject_IsTrue(flag);
-    Py_DECREF(flag);
-    if (unset < 0) {
-        goto done;
-    }
-    if (unset) {
-        int nothing_set = providers_unset();
-        if (nothing_set < 0) {
-            goto done;
-        }
-        if (!nothing_set) { /* refresh would change nothing while no global provider is set */
-            PyObject *answer = PyObject_CallMethodNoArgs(live, s_refresh);
-            if (answer == NULL) {
-                goto done;
-            }
-            Py_DECREF(answer);
-        }
-    }
-    PyObject *names[2] = {s_tracing, s_metrics};
-    for (int i = 0; i < 2; i++) {
-        flag = PyObject_GetAttr(live, names[i]);
-        if (flag == NULL) {
-            goto done;
-        }
-        int on = PyObject_IsTrue(flag);
-        Py_DECREF(flag);
-        if (on != 0) {
-            wanted = on;
-            goto done;
-        }
-    }
-    PyObject *context = PyObject_CallNoArgs(get_context);
-    if (context == NULL) {
-        goto done;
-    }
-    int empty = context == empty_context;
-    Py_DECREF(context);
-    if (empty) {
-        wanted = 0;
-        goto done;
-    }
-    PyObject *span = PyObject_CallNoArgs(has_current_span);
-    if (span == NULL) {
-        goto done;
-    }
-    wanted = PyObject_IsTrue(span);
-    Py_DECREF(span);
-done:
+    int wanted = live_wants(live);
     Py_DECREF(live);
-    return wanted;
+    return wanted != 0 ? wanted : span_is_current();
 }
 
 /* The beginning of the request, up to the app's awaitable; -1 with an error (after the request's
@@ -1321,10 +1266,6 @@ module_exec(PyObject *module)
         {&s_incoming_header_name, "_incoming_header_name"},
         {&s_header_name, "_header_name"},
         {&s_live, "_live"},
-        {&s_unset, "unset"},
-        {&s_refresh, "refresh"},
-        {&s_tracing, "tracing"},
-        {&s_metrics, "metrics"},
         {&s_close, "close"},
         {&s_throw, "throw"},
         {&s_response_ready, "response_ready"},

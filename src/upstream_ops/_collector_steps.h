@@ -1,11 +1,13 @@
-/* Steps on a request's Collector and on OpenTelemetry's global providers, in C, shared by
+/* Steps on a request's Collector and OpenTelemetry's first test of a request, in C, shared by
    _wsgi_recording.c and _asgi_recording.c (each includes this file and so has its own copy of the
    state below, which its setup function fills in).
 
    make_collector and quiet_close do what Collector.__init__ and Collector.close do, without their
-   Python frames: for a healthy request that is most of what its collector costs. providers_unset is
-   ProviderLiveness.refresh's first test, which holds on every request while no global provider has
-   been set. The tests of both middlewares compare each with the Python code. */
+   Python frames: for a healthy request that is most of what its collector costs. live_wants and
+   span_is_current are the test both middlewares make before starting telemetry (ServerTelemetry.
+   start's own first test), with ProviderLiveness.refresh skipped while no global provider has
+   been set (it would change nothing). The tests of both middlewares compare each with the Python
+   code. */
 
 #ifndef UPSTREAM_OPS_COLLECTOR_STEPS_H
 #define UPSTREAM_OPS_COLLECTOR_STEPS_H
@@ -13,11 +15,14 @@
 static PyObject *collector_type = NULL; /* upstream_ops.collector.Collector */
 static PyObject *tracer_globals = NULL; /* where the API keeps its global providers, or NULL */
 static PyObject *meter_globals = NULL;
+static PyObject *get_context = NULL;      /* OpenTelemetry's context, read without a call chain */
+static PyObject *empty_context = NULL;    /* ... and its value when nothing is attached */
+static PyObject *has_current_span = NULL;
 
 static PyObject *c_close_name, *c_dropped_events_name, *c_events_name, *c_finished_name,
     *c_listeners_name, *c_max_events_name, *c_request_id_name, *c_status_code_name,
     *c_error_message_name, *c_error_detail_name, *c_tracer_provider_name, *c_meter_provider_name,
-    *c_empty_tuple;
+    *c_unset_name, *c_refresh_name, *c_tracing_name, *c_metrics_name, *c_empty_tuple;
 
 /* The names above, interned once; 0, or -1 with an error set. */
 static int
@@ -39,6 +44,10 @@ collector_steps_ready(void)
         {&c_error_detail_name, "upstream_error_detail"},
         {&c_tracer_provider_name, "_TRACER_PROVIDER"},
         {&c_meter_provider_name, "_METER_PROVIDER"},
+        {&c_unset_name, "unset"},
+        {&c_refresh_name, "refresh"},
+        {&c_tracing_name, "tracing"},
+        {&c_metrics_name, "metrics"},
     };
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
         if (*names[i].name == NULL) {
@@ -175,6 +184,55 @@ quiet_close(PyObject *collector)
         }
     }
     return 1;
+}
+
+/* Whether a ProviderLiveness says spans or measurements would be recorded, refreshed first while
+   it is unset (the middlewares' ``if live.unset: live.refresh()``). 1, 0, or -1 with an error. */
+static int
+live_wants(PyObject *live)
+{
+    int answer = attr_is_true(live, c_unset_name);
+    if (answer == 1) {
+        answer = providers_unset();
+        if (answer == 0) {
+            PyObject *done = PyObject_CallMethodNoArgs(live, c_refresh_name);
+            answer = done == NULL ? -1 : 0;
+            Py_XDECREF(done);
+        }
+        else if (answer == 1) {
+            answer = 0; /* refresh would change nothing */
+        }
+    }
+    if (answer == 0) {
+        answer = attr_is_true(live, c_tracing_name);
+    }
+    if (answer == 0) {
+        answer = attr_is_true(live, c_metrics_name);
+    }
+    return answer;
+}
+
+/* Whether a span, recording or not, is current: the context's variable read, and has_current_span
+   asked only when something is attached. 1, 0, or -1 with an error. */
+static int
+span_is_current(void)
+{
+    PyObject *context = PyObject_CallNoArgs(get_context);
+    if (context == NULL) {
+        return -1;
+    }
+    int attached = context != empty_context;
+    Py_DECREF(context);
+    if (!attached) {
+        return 0;
+    }
+    PyObject *span = PyObject_CallNoArgs(has_current_span);
+    if (span == NULL) {
+        return -1;
+    }
+    int answer = PyObject_IsTrue(span);
+    Py_DECREF(span);
+    return answer;
 }
 
 #endif /* UPSTREAM_OPS_COLLECTOR_STEPS_H */

@@ -506,11 +506,8 @@ static PyTypeObject RecordingType = {
 
 /* --- the middleware's call --------------------------------------------------------------------- */
 
-/* Set by setup_call() from upstream_ops.wsgi: what the middleware's __call__ reads from its module. */
+/* Set by setup() from upstream_ops.wsgi: what the middleware's __call__ reads from its module. */
 static PyObject *current_var = NULL;       /* upstream_ops.collector._current */
-static PyObject *get_context = NULL;       /* OpenTelemetry's context, read without a call chain */
-static PyObject *empty_context = NULL;     /* ... and its value when nothing is attached */
-static PyObject *has_current_span = NULL;
 static PyObject *instrumented_flag = NULL; /* the attribute OpenTelemetry sets on an app */
 static PyObject *environ_collector_key = NULL;
 static PyObject *recording_class = NULL;   /* upstream_ops.wsgi._CWSGIRequestRecording */
@@ -519,8 +516,8 @@ static PyObject *serve_name;
 
 static PyObject *app_name, *default_rule_name, *echo_header_name, *environ_key_name,
     *fail_name, *file_wrapper_key, *instrumented_app_name, *live_name, *max_events_name,
-    *metrics_name, *recorder_name, *refresh_name, *route_key_name, *start_response_name,
-    *tracing_name, *unset_name, *valid_request_id_name, *wrap_close_of_name;
+    *recorder_name, *route_key_name, *start_response_name, *valid_request_id_name,
+    *wrap_close_of_name;
 
 /* An attribute of the middleware: from its instance dict when it is an UpstreamOpsWSGIMiddleware
    (whose class has no descriptor of these names; a subclass's may), else by getattr. New ref. */
@@ -548,24 +545,7 @@ wants_telemetry(PyObject *middleware, PyObject *dict)
     if (live == NULL) {
         return -1;
     }
-    int answer = attr_is_true(live, unset_name);
-    if (answer == 1) {
-        answer = providers_unset();
-        if (answer == 0) {
-            PyObject *done = PyObject_CallMethodNoArgs(live, refresh_name);
-            answer = done == NULL ? -1 : 0;
-            Py_XDECREF(done);
-        }
-        else if (answer == 1) {
-            answer = 0; /* refresh would change nothing */
-        }
-    }
-    if (answer == 0) {
-        answer = attr_is_true(live, tracing_name);
-    }
-    if (answer == 0) {
-        answer = attr_is_true(live, metrics_name);
-    }
+    int answer = live_wants(live);
     Py_DECREF(live);
     if (answer != 0) {
         return answer;
@@ -584,25 +564,7 @@ wants_telemetry(PyObject *middleware, PyObject *dict)
         Py_XDECREF(flag);
     }
     Py_DECREF(instrumented);
-    if (answer != 0) {
-        return answer;
-    }
-    PyObject *context = PyObject_CallNoArgs(get_context);
-    if (context == NULL) {
-        return -1;
-    }
-    int attached = context != empty_context;
-    Py_DECREF(context);
-    if (!attached) {
-        return 0;
-    }
-    PyObject *span = PyObject_CallNoArgs(has_current_span);
-    if (span == NULL) {
-        return -1;
-    }
-    answer = PyObject_IsTrue(span);
-    Py_DECREF(span);
-    return answer;
+    return answer != 0 ? answer : span_is_current();
 }
 
 /* The collector of a request: Collector(request id or None, recorder.max_events). */
@@ -809,64 +771,42 @@ done:
     return result;
 }
 
-PyDoc_STRVAR(setup_call_doc,
-             "setup_call(middleware_type, recording_class, collector_type, context_var, get_context,\n"
-             "           empty_context, has_current_span, instrumented_flag, environ_collector_key,\n"
-             "           provider_globals, /)\n--\n\n"
-             "What call() reads from upstream_ops.wsgi; before it, call() hands every request to\n"
-             "the Python code. provider_globals: the namespaces of the API's global tracer and\n"
-             "meter providers, or None.");
-
-static PyObject *
-setup_call(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
-{
-    (void)module;
-    if (nargs != 10) {
-        PyErr_Format(PyExc_TypeError, "setup_call expected 10 arguments, got %zd", nargs);
-        return NULL;
-    }
-    if (!PyType_Check(args[0]) || !PyType_Check(args[1]) ||
-        !PyType_IsSubtype((PyTypeObject *)args[1], &RecordingType)) {
-        PyErr_SetString(PyExc_TypeError,
-                        "setup_call expects a class and a subclass of Recording first");
-        return NULL;
-    }
-    if (!PyType_Check(args[2]) || !PyContextVar_CheckExact(args[3]) ||
-        !PyCallable_Check(args[4]) || !PyCallable_Check(args[6]) || !PyUnicode_Check(args[7]) ||
-        !PyUnicode_Check(args[8])) {
-        PyErr_SetString(PyExc_TypeError,
-                        "setup_call expects classes, a ContextVar, a callable, any object, a "
-                        "callable and two str");
-        return NULL;
-    }
-    if (!provider_globals_valid(args[9])) {
-        PyErr_SetString(PyExc_TypeError, "setup_call expects two dicts or None last");
-        return NULL;
-    }
-    PyObject **fields[9] = {&middleware_type,  &recording_class, &collector_type,
-                            &current_var,      &get_context,     &empty_context,
-                            &has_current_span, &instrumented_flag, &environ_collector_key};
-    for (int i = 0; i < 9; i++) {
-        Py_XSETREF(*fields[i], Py_NewRef(args[i]));
-    }
-    set_provider_globals(args[9]);
-    Py_RETURN_NONE;
-}
-
 PyDoc_STRVAR(setup_doc,
-             "setup(perf_counter, environ_error_key, /)\n--\n\n"
-             "The clock of the request's timestamps and the environ key of an app's error.");
+             "setup(perf_counter, environ_error_key, middleware_type, recording_class,\n"
+             "      collector_type, context_var, get_context, empty_context, has_current_span,\n"
+             "      instrumented_flag, environ_collector_key, provider_globals, /)\n--\n\n"
+             "What a request needs from upstream_ops.wsgi: the clock of its timestamps, the environ\n"
+             "key of an app's error, the classes, the Collector's ContextVar, OpenTelemetry's\n"
+             "context test, and the namespaces of the API's global providers (or None). Before it,\n"
+             "call() hands every request to the Python code.");
 
 static PyObject *
 setup(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 2 || !PyCallable_Check(args[0]) || !PyUnicode_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "setup expects a clock and a str");
+    if (nargs != 12) {
+        PyErr_Format(PyExc_TypeError, "setup expected 12 arguments, got %zd", nargs);
         return NULL;
     }
-    Py_XSETREF(perf_counter, Py_NewRef(args[0]));
-    Py_XSETREF(environ_error_key, Py_NewRef(args[1]));
+    if (!PyCallable_Check(args[0]) || !PyUnicode_Check(args[1]) || !PyType_Check(args[2]) ||
+        !PyType_Check(args[3]) || !PyType_IsSubtype((PyTypeObject *)args[3], &RecordingType) ||
+        !PyType_Check(args[4]) || !PyContextVar_CheckExact(args[5]) ||
+        !PyCallable_Check(args[6]) || !PyCallable_Check(args[8]) || !PyUnicode_Check(args[9]) ||
+        !PyUnicode_Check(args[10]) || !provider_globals_valid(args[11])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "setup expects a clock, a str, two classes (the second a subclass of "
+                        "Recording), a class, a ContextVar, a callable, any object, a callable, "
+                        "two str, and two dicts or None");
+        return NULL;
+    }
+    PyObject **fields[11] = {&perf_counter,     &environ_error_key, &middleware_type,
+                             &recording_class,  &collector_type,    &current_var,
+                             &get_context,      &empty_context,     &has_current_span,
+                             &instrumented_flag, &environ_collector_key};
+    for (int i = 0; i < 11; i++) {
+        Py_XSETREF(*fields[i], Py_NewRef(args[i]));
+    }
+    set_provider_globals(args[11]);
     Py_RETURN_NONE;
 }
 
@@ -875,7 +815,6 @@ static PyMethodDef module_methods[] = {
      new_recording_doc},
     {"setup", (PyCFunction)(void (*)(void))setup, METH_FASTCALL, setup_doc},
     {"call", (PyCFunction)(void (*)(void))call, METH_FASTCALL, call_doc},
-    {"setup_call", (PyCFunction)(void (*)(void))setup_call, METH_FASTCALL, setup_call_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -899,13 +838,9 @@ module_exec(PyObject *module)
         {&instrumented_app_name, "_instrumented_app"},
         {&live_name, "_live"},
         {&max_events_name, "max_events"},
-        {&metrics_name, "metrics"},
         {&recorder_name, "recorder"},
-        {&refresh_name, "refresh"},
         {&route_key_name, "_route_key"},
         {&start_response_name, "start_response"},
-        {&tracing_name, "tracing"},
-        {&unset_name, "unset"},
         {&valid_request_id_name, "valid_request_id"},
         {&wrap_close_of_name, "wrap_close_of"},
     };

@@ -43,14 +43,15 @@ def new_recording(
     default_rule: bool,
     /,
 ) -> _R: ...
-def setup(perf_counter: Callable[[], float], environ_error_key: str, /) -> None: ...
 def call(
     middleware: Any,
     environ: dict[str, Any],
     start_response: Callable[..., Callable[[bytes], object]],
     /,
 ) -> Iterable[bytes]: ...
-def setup_call(
+def setup(
+    perf_counter: Callable[[], float],
+    environ_error_key: str,
     middleware_type: type,
     recording_class: type[Recording],
     collector_type: type,

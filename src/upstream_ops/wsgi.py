@@ -450,8 +450,9 @@ else:
 
         __slots__ = ()
 
-    _wsgi_recording.setup(_perf_counter, ENVIRON_ERROR)
-    _wsgi_recording.setup_call(
+    _wsgi_recording.setup(
+        _perf_counter,
+        ENVIRON_ERROR,
         UpstreamOpsWSGIMiddleware,
         _CWSGIRequestRecording,
         Collector,
