@@ -35,6 +35,7 @@ SETTINGS = {
         "server_rounds": 9,
         "server_seconds": 4,
         "server_slices": 4,
+        "server_turn_seconds": 2,
         "connections": 32,
         "micro_samples": 9,
         "micro_seconds": 0.05,
@@ -48,6 +49,7 @@ SETTINGS = {
         "server_rounds": 1,
         "server_seconds": 3,
         "server_slices": 3,
+        "server_turn_seconds": 1,
         "connections": 32,
         "micro_samples": 5,
         "micro_seconds": 0.02,
@@ -116,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             tool=tool,
             progress=progress,
             slices=settings["server_slices"],
+            turn_seconds=settings["server_turn_seconds"],
         )
         result["server"] = report.summarize_server(raw)
     if "micro" in parts:

@@ -18,8 +18,12 @@ alike.
 from __future__ import annotations
 
 import http.client
+import math
 import statistics
+import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from bench.apps import EXPECTED_BODY, EXPECTED_STATUS, PATH
@@ -174,6 +178,83 @@ def _get_once(port: int) -> tuple[int, bytes]:
         connection.close()
 
 
+#: How long one server of a group runs before the next one takes its turn (``run_in_turns``).
+TURN_SECONDS = 0.05
+#: Before the first turn: the load generators open their connections (the kernel accepts them
+#: while the servers are paused).
+_CONNECT_SECONDS = 0.3
+
+
+@dataclass
+class TurnsResult:
+    """One server's share of a run in turns: what it answered in the time it ran."""
+
+    load: LoadResult  # the load generator's totals (its latencies include the other turns: unused)
+    seconds_run: float
+    cpu_ns: int
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.load.requests / self.seconds_run
+
+
+def run_in_turns(
+    group: Sequence[Variant],
+    workers: dict[str, Worker],
+    ports: dict[str, int],
+    *,
+    seconds_each: float,
+    connections: int,
+    tool: str,
+) -> dict[str, TurnsResult]:
+    """Load every server of ``group`` at once, each with its own load generator, and let only one
+    of them run at a time, in turns of ``TURN_SECONDS`` (the others paused with SIGSTOP), until
+    each has run ``seconds_each``.
+
+    The servers take turns on the same cores in the same seconds, so the machine's slow spells,
+    mostly shorter than a second, fall on each alike; one after the other, even in 1 s slices, a
+    bare app's req/s moved by ±15% from one slice to the next. A server answers only while it runs,
+    so its rate is its requests over the time it ran.
+    """
+    names = [variant.name for variant in group]
+    # Whole seconds (wrk's unit), long enough for every turn and the pauses between them.
+    load_seconds = math.ceil(_CONNECT_SECONDS + seconds_each * len(group) * 1.15) + 1
+    ran = dict.fromkeys(names, 0.0)
+    cpu = dict.fromkeys(names, 0)
+    for name in names:
+        workers[name].pause()
+    try:
+        with ThreadPoolExecutor(len(names)) as pool:
+            loads = {
+                name: pool.submit(
+                    run_load,
+                    f"http://127.0.0.1:{ports[name]}{PATH}",
+                    load_seconds,
+                    connections,
+                    tool,
+                )
+                for name in names
+            }
+            started = time.monotonic()
+            time.sleep(_CONNECT_SECONDS)
+            last_turn_start = started + load_seconds - 1.0 - TURN_SECONDS
+            while min(ran.values()) < seconds_each and time.monotonic() < last_turn_start:
+                for name in names:
+                    worker = workers[name]
+                    before = worker.cpu_ns()
+                    turn_started = time.monotonic()
+                    worker.resume()
+                    time.sleep(TURN_SECONDS)
+                    worker.pause()
+                    ran[name] += time.monotonic() - turn_started
+                    cpu[name] += worker.cpu_ns() - before
+            done = {name: future.result() for name, future in loads.items()}
+    finally:
+        for name in names:
+            workers[name].resume()
+    return {name: TurnsResult(done[name], ran[name], cpu[name]) for name in names}
+
+
 def run_server(
     variants: Sequence[Variant],
     *,
@@ -183,10 +264,12 @@ def run_server(
     tool: str,
     progress: Progress,
     slices: int = 1,
+    turn_seconds: float = 0.0,
 ) -> dict[str, dict[str, Any]]:
     """Requests per second and latency of each variant under a real server, one sample per round;
     the variants of a ``measurement_groups`` group are loaded in ``slices`` alternating slices
-    (their round's p50 and p99 are then the medians of the slices')."""
+    (their round's p50 and p99 are then the medians of the slices'), and then, with
+    ``turn_seconds``, once more ``run_in_turns`` for each one's ``samples_turn_rps``."""
     variants = [v for v in variants if SERVER in v.modes]
     workers: dict[str, Worker] = {}
     ports: dict[str, int] = {}
@@ -236,6 +319,25 @@ def run_server(
                     result["requests"] += served
                     result["bad"] += sum(load.bad for load in done)
                     result["errors"] += sum(load.errors for load in done)
+                if parts > 1 and turn_seconds > 0:
+                    turns = run_in_turns(
+                        group,
+                        workers,
+                        ports,
+                        seconds_each=turn_seconds,
+                        connections=connections,
+                        tool=tool,
+                    )
+                    for variant in group:
+                        result = results[variant.name]
+                        turn = turns[variant.name]
+                        result.setdefault("samples_turn_rps", []).append(turn.requests_per_s)
+                        result.setdefault("samples_turn_cpu_us", []).append(
+                            turn.cpu_ns / 1000 / max(1, turn.load.requests)
+                        )
+                        result["requests"] += turn.load.requests
+                        result["bad"] += turn.load.bad
+                        result["errors"] += turn.load.errors
         for variant in variants:
             result = results[variant.name]
             facts = workers[variant.name].ask({"facts": True})["facts"]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -76,25 +78,49 @@ class Worker:
         self.proc.stdin.flush()
         return self.receive(timeout)
 
+    def pids(self) -> list[int]:
+        """The worker's process and its descendants (gunicorn's worker), as far as /proc tells."""
+        found: list[int] = []
+        pending = [self.proc.pid]
+        while pending:
+            pid = pending.pop()
+            found.append(pid)
+            try:
+                for task in os.scandir(f"/proc/{pid}/task"):
+                    with open(f"{task.path}/children") as children:
+                        pending += map(int, children.read().split())
+            except (OSError, ValueError):
+                pass  # not Linux, or the process or thread ended while being read
+        return found
+
     def cpu_ns(self) -> int:
         """CPU time the worker's threads, and those of its child processes (gunicorn's worker),
         have used so far, in ns (0 where /proc cannot tell)."""
         total = 0
-        pids = [self.proc.pid]
-        while pids:
-            pid = pids.pop()
+        for pid in self.pids():
             try:
                 for task in os.scandir(f"/proc/{pid}/task"):
                     with open(f"{task.path}/schedstat") as stat:
                         total += int(stat.read().split()[0])
-                    with open(f"{task.path}/children") as children:
-                        pids += map(int, children.read().split())
             except (OSError, ValueError, IndexError):
-                pass  # not Linux, or the process or thread ended while being read
+                pass  # as in ``pids``
         return total
+
+    def pause(self) -> None:
+        """Stop the worker's processes where they are (SIGSTOP), until ``resume``."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def _signal(self, number: signal.Signals) -> None:
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):  # ended: the next answer says so
+                os.kill(pid, number)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
+            self.resume()  # a paused worker would not read its quit
             try:
                 assert self.proc.stdin is not None
                 self.proc.stdin.write(json.dumps({"quit": True}) + "\n")

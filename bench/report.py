@@ -3,7 +3,9 @@
 Figures are medians over rounds with their min-max. "added" (in-process) is the median over rounds
 of (variant - bare app of its family) measured in the same round, and "ratio" under a server the
 median over rounds of (variant / bare app) in the same round: the rounds pair each variant with
-its bare app, and the machine's drift between rounds cancels in the pair. The in-process "ratio"
+its bare app, and the machine's drift between rounds cancels in the pair. For the variants loaded
+in slices the server ratio's rates come from the round's run in turns (``modes.run_in_turns``),
+where the pair shares the same seconds. The in-process "ratio"
 is the variant's median over the bare app's median (a rough scale; no budget reads it).
 """
 
@@ -19,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench import modes
 from bench.sinks import BUSY_APP_RECORDS
 from bench.variants import BY_NAME, bare_of
 
@@ -114,16 +117,30 @@ def summarize_server(raw: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]
             "p50_us": _spread(result["samples_p50_us"]),
             "p99_us": _spread(result["samples_p99_us"]),
         }
+        if "samples_turn_rps" in result:
+            row["turn_rps"] = _spread(result["samples_turn_rps"])
+            row["turn_cpu_us"] = _spread(result["samples_turn_cpu_us"])
         if bare is not None:
-            row["ratio"] = statistics.median(
-                v / b for v, b in zip(result["samples_rps"], bare["samples_rps"], strict=True)
-            )
+            row["ratio_sequential"] = _paired_ratio(result["samples_rps"], bare["samples_rps"])
             row["ratio_of_medians"] = row["rps"]["median"] / statistics.median(bare["samples_rps"])
+            # From the run in turns where there is one (``modes.run_in_turns``): the pair ran in
+            # the same seconds, where one after the other met different spells of the machine.
+            turns, bare_turns = result.get("samples_turn_rps"), bare.get("samples_turn_rps")
+            row["ratio"] = (
+                _paired_ratio(turns, bare_turns)
+                if turns and bare_turns
+                else row["ratio_sequential"]
+            )
         row["ok"] = (
             result["bad"] == 0 and result["errors"] == 0 and all(result.get("checks", {}).values())
         )
         out[name] = row
     return out
+
+
+def _paired_ratio(samples: list[float], bare_samples: list[float]) -> float:
+    """The median over rounds of the round's ratio to the bare app."""
+    return statistics.median(v / b for v, b in zip(samples, bare_samples, strict=True))
 
 
 def _verdict(
@@ -316,23 +333,37 @@ def table(result: dict[str, Any]) -> str:
             "loaded",
             ", p50 and p99 the medians of the slices'",
         )
+        turn_seconds = result["settings"].get("server_turn_seconds", 0)
+        turns_note = (
+            f"; for the * variants, of their rates in a run in turns: the pair loaded at once, "
+            f"each server running {modes.TURN_SECONDS * 1000:.0f} ms at a time while the other "
+            f"is paused, {turn_seconds} s each a round"
+            if turn_seconds and any("turn_rps" in row for row in server.values())
+            else ""
+        )
         lines += [
             f"**Server** (on 127.0.0.1: uvicorn in one process; gunicorn with one worker of 4 threads; "
             f"{tool}, "
             f"{result['settings']['connections']} connections, {result['settings']['server_seconds']} s "
             f"per run, median (min-max) over {result['settings']['server_rounds']} interleaved rounds"
-            f"{server_sliced}; ratio: median over rounds of the round's ratio)",
+            f"{server_sliced}; ratio: median over rounds of the round's ratio{turns_note})",
             "",
-            "| variant | req/s | ratio to bare | p50 ms | p99 ms | checks |",
-            "| --- | ---: | ---: | ---: | ---: | --- |",
+            "| variant | req/s | ratio to bare | p50 ms | p99 ms | req/s in turns | "
+            "server CPU µs per request in turns | checks |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
         ]
         for name, row in server.items():
             ratio = f"{row['ratio']:.2f}" if "ratio" in row else ""
             mark = "*" if row.get("slices", 1) > 1 else ""
+            in_turns = (
+                f"{_fmt_range(row['turn_rps'], 0)} | {_fmt_range(row['turn_cpu_us'])}"
+                if "turn_rps" in row
+                else " |"
+            )
             lines.append(
                 f"| {name}{mark}: {row['title']} | {_fmt_range(row['rps'], 0)} | {ratio} | "
                 f"{_fmt_range(row['p50_us'], 2, 1e-3)} | {_fmt_range(row['p99_us'], 2, 1e-3)} | "
-                f"{_checks(row)} |"
+                f"{in_turns} | {_checks(row)} |"
             )
         lines.append("")
     micro = result.get("micro")

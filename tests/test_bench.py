@@ -6,8 +6,10 @@ needed, a few seconds in all); ``make bench`` runs the real comparison.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,11 +20,13 @@ from bench import apps, report
 from bench.drive import ASGIDriver, WSGIDriver
 from bench.loadgen import run_python
 from bench.modes import (
+    TURN_SECONDS,
     WARMUP_AND_PROBE,
     _get_once,
     measurement_groups,
     round_order,
     run_in_process,
+    run_in_turns,
 )
 from bench.procs import Worker
 from bench.variants import BY_NAME, IN_PROCESS, SERVER, VARIANTS, bare_of, build
@@ -214,6 +218,78 @@ def test_a_wsgi_variant_serves_under_gunicorn_and_stops_with_its_worker() -> Non
         os.kill(forked, 0)
 
 
+def _state(pid: int) -> str:
+    """The process's state letter in /proc (T: stopped)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_a_paused_worker_answers_nothing_until_resumed_and_stops_paused() -> None:
+    # gunicorn: the master and its forked worker are both paused, or the worker would answer.
+    worker = Worker(SERVER, "wsgi.ours")
+    try:
+        port = int(worker.receive(60)["port"])
+        assert _get_once(port) == (apps.EXPECTED_STATUS, apps.EXPECTED_BODY)
+        pids = worker.pids()
+        assert len(pids) == 2  # the master and its worker
+        worker.pause()
+        assert {_state(pid) for pid in pids} == {"T"}
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=0.5)
+        connection.request("GET", apps.PATH)
+        with pytest.raises(TimeoutError):
+            connection.getresponse()
+        worker.resume()
+        connection.sock.settimeout(10)
+        response = connection.getresponse()  # the request sent while paused
+        assert (response.status, response.read()) == (apps.EXPECTED_STATUS, apps.EXPECTED_BODY)
+        connection.close()
+        worker.pause()
+    finally:
+        worker.stop()  # a paused worker is resumed to read its quit
+    assert worker.proc.returncode == 0
+
+
+def test_servers_in_turns_run_one_at_a_time_and_are_resumed_after() -> None:
+    group = [BY_NAME["asgi.bare"], BY_NAME["asgi.ours"]]
+    workers = {v.name: Worker(SERVER, v.name) for v in group}
+    try:
+        ports = {name: int(worker.receive(60)["port"]) for name, worker in workers.items()}
+        busy = dict.fromkeys(workers, 0)  # times seen running, from /proc, while the other was not
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                running = [n for n, w in workers.items() if _state(w.proc.pid) != "T"]
+                if len(running) == 1:
+                    busy[running[0]] += 1
+                time.sleep(0.005)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            turns = run_in_turns(
+                group, workers, ports, seconds_each=0.5, connections=4, tool="python"
+            )
+        finally:
+            stop.set()
+            watcher.join()
+        for name, turn in turns.items():
+            assert turn.load.requests > 0 and turn.load.bad == 0 and turn.load.errors == 0
+            # Each ran its share, in turns of TURN_SECONDS, and only while it ran did it use CPU.
+            assert 0.5 <= turn.seconds_run < 0.5 + 3 * TURN_SECONDS
+            assert turn.cpu_ns > 0
+            assert turn.requests_per_s == turn.load.requests / turn.seconds_run
+            assert busy[name] > 10  # seen running alone, the other paused
+        for worker in workers.values():
+            assert _state(worker.proc.pid) != "T"
+        assert workers["asgi.ours"].ask({"facts": True})["facts"]["records_enqueued"] == 0
+        for port in ports.values():
+            assert _get_once(port) == (apps.EXPECTED_STATUS, apps.EXPECTED_BODY)
+    finally:
+        for worker in workers.values():
+            worker.stop()
+
+
 def _raw_in_process(bad: int = 0) -> dict[str, dict[str, Any]]:
     return {
         "asgi.bare": {"title": "bare", "samples_us": [10.0, 12.0, 11.0], "bad": 0},
@@ -262,6 +338,37 @@ def test_summaries_budgets_table_and_result_file(tmp_path: Path) -> None:
     assert "| asgi.ours: ours | 14.0 (13.0-15.0) | 3.0 (2.0-4.0) | 1.27 | ok |" in table
     path = report.write(result, tmp_path)
     assert json.loads(path.read_text()) == json.loads((tmp_path / "latest.json").read_text())
+
+
+def test_the_server_ratio_comes_from_the_run_in_turns_where_there_is_one() -> None:
+    raw = _raw_server()
+    for name, rates, cpu in (
+        ("asgi.bare", [5000.0, 4000.0], 100.0),
+        ("asgi.ours", [4600.0, 3900.0], 105.0),
+    ):
+        raw[name].update(
+            samples_rps=[r * 1.1 for r in rates][::-1],  # the sequential runs: another story
+            samples_p50_us=[900.0] * 2,
+            samples_p99_us=[2e3] * 2,
+            samples_turn_rps=rates,
+            samples_turn_cpu_us=[cpu, cpu + 2],
+            slices=4,
+        )
+    summary = report.summarize_server(raw)
+    ours = summary["asgi.ours"]
+    assert ours["ratio"] == pytest.approx((0.92 + 0.975) / 2)  # paired by round, in turns
+    assert ours["ratio_sequential"] == pytest.approx((3900 / 4000 + 4600 / 5000) / 2)
+    assert ours["turn_cpu_us"] == {"median": 106.0, "min": 105.0, "max": 107.0}
+    settings = {"mode": "full", "server_rounds": 2, "connections": 32, "server_seconds": 4}
+    table = report.table(
+        {
+            "machine": report.machine(),
+            "settings": {**settings, "server_slices": 4, "server_turn_seconds": 2},
+            "server": summary,
+        }
+    )
+    assert "each server running 50 ms at a time while the other is paused, 2 s each" in table
+    assert "| 0.95 | 0.90 (0.90-0.90) | 2.00 (2.00-2.00) | 4,250 (3,900-4,600) | 106.0" in table
 
 
 def test_a_sink_behind_a_busy_app_thread_writes_every_queued_record(tmp_path: Path) -> None:
