@@ -25,7 +25,7 @@ from bench.variants import VARIANTS
 
 PARTS = ("inprocess", "server", "micro", "sinks")
 
-#: Full and quick settings: about 12 and 3 minutes on 2 cores. Nine server rounds: with five, one
+#: Full and quick settings: about 14 and 3 minutes on 2 cores. Nine server rounds: with five, one
 #: round's drift (±10% of a bare app's rate on a shared machine) moved the medians' ratios by as much.
 SETTINGS = {
     "full": {
