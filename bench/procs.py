@@ -107,8 +107,13 @@ class Worker:
         return total
 
     def pause(self) -> None:
-        """Stop the worker's processes where they are (SIGSTOP), until ``resume``."""
+        """Stop the worker's processes where they are (SIGSTOP), until ``resume``; returns once
+        /proc shows each one stopped (a signal to a process running on the other core takes effect
+        a moment later), or after a second."""
         self._signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 1.0
+        while not all(_stopped(pid) for pid in self.pids()) and time.monotonic() < deadline:
+            time.sleep(0.0001)
 
     def resume(self) -> None:
         self._signal(signal.SIGCONT)
@@ -129,6 +134,15 @@ class Worker:
             except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
                 self.proc.wait(5)
+
+
+def _stopped(pid: int) -> bool:
+    """Whether /proc shows the process stopped by a signal (or gone, or no /proc to tell)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("T", "t", "Z", "X")
+    except (OSError, IndexError):
+        return True
 
 
 #: A worker process whose threads use less CPU than this share of one core is quiet.
