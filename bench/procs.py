@@ -110,18 +110,20 @@ class Worker:
         """Stop the worker's processes where they are (SIGSTOP), until ``resume``; returns once
         /proc shows each one stopped (a signal to a process running on the other core takes effect
         a moment later), or after a second."""
-        self._signal(signal.SIGSTOP)
+        pids = self._signal(signal.SIGSTOP)
         deadline = time.monotonic() + 1.0
-        while not all(_stopped(pid) for pid in self.pids()) and time.monotonic() < deadline:
+        while not all(_stopped(pid) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.0001)
 
     def resume(self) -> None:
         self._signal(signal.SIGCONT)
 
-    def _signal(self, number: signal.Signals) -> None:
-        for pid in self.pids():
+    def _signal(self, number: signal.Signals) -> list[int]:
+        pids = self.pids()
+        for pid in pids:
             with contextlib.suppress(ProcessLookupError):  # ended: the next answer says so
                 os.kill(pid, number)
+        return pids
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -5,7 +5,7 @@ of (variant - bare app of its family) measured in the same round, and "ratio" un
 median over rounds of (variant / bare app) in the same round: the rounds pair each variant with
 its bare app, and the machine's drift between rounds cancels in the pair. For the variants loaded
 in slices the server ratio's rates come from the round's run in turns (``modes.run_in_turns``),
-where the pair shares the same seconds. The in-process "ratio"
+where the group shares the same seconds. The in-process "ratio"
 is the variant's median over the bare app's median (a rough scale; no budget reads it).
 """
 
@@ -123,7 +123,7 @@ def summarize_server(raw: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]
         if bare is not None:
             row["ratio_sequential"] = _paired_ratio(result["samples_rps"], bare["samples_rps"])
             row["ratio_of_medians"] = row["rps"]["median"] / statistics.median(bare["samples_rps"])
-            # From the run in turns where there is one (``modes.run_in_turns``): the pair ran in
+            # From the run in turns where there is one (``modes.run_in_turns``): the group ran in
             # the same seconds, where one after the other met different spells of the machine.
             turns, bare_turns = result.get("samples_turn_rps"), bare.get("samples_turn_rps")
             row["ratio"] = (
@@ -335,9 +335,9 @@ def table(result: dict[str, Any]) -> str:
         )
         turn_seconds = result["settings"].get("server_turn_seconds", 0)
         turns_note = (
-            f"; for the * variants, of their rates in a run in turns: the pair loaded at once, "
-            f"each server running {modes.TURN_SECONDS * 1000:.0f} ms at a time while the other "
-            f"is paused, {turn_seconds} s each a round"
+            f"; for the * variants, of their rates in a run in turns: a family's * servers loaded at "
+            f"once, each running {modes.TURN_SECONDS * 1000:.0f} ms at a time while the others are "
+            f"paused, {turn_seconds} s each a round"
             if turn_seconds and any("turn_rps" in row for row in server.values())
             else ""
         )

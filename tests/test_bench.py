@@ -367,7 +367,7 @@ def test_the_server_ratio_comes_from_the_run_in_turns_where_there_is_one() -> No
             "server": summary,
         }
     )
-    assert "each server running 50 ms at a time while the other is paused, 2 s each" in table
+    assert "each running 50 ms at a time while the others are paused, 2 s each" in table
     assert "| 0.95 | 0.90 (0.90-0.90) | 2.00 (2.00-2.00) | 4,250 (3,900-4,600) | 106.0" in table
 
 
