@@ -448,3 +448,52 @@ def test_instruction_counts_refuse_a_bad_request_count(capsys: pytest.CaptureFix
         instructions.main(["asgi.bare", "--requests", "0"])
     assert exited.value.code == 2
     assert "--requests must be at least 1" in capsys.readouterr().err
+
+
+def test_cold_requests_are_timed_in_turns_after_the_caches_are_written_over(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from bench import cold
+
+    samples = cold.measure(["asgi.bare", "asgi.ours"], 20, 1 << 20)
+    assert {name: len(times) for name, times in samples.items()} == {
+        "asgi.bare": 20,
+        "asgi.ours": 20,
+    }
+    assert all(t > 0 for times in samples.values() for t in times)
+    cold.main(["wsgi_plain.bare", "wsgi_plain.ours", "--requests", "10", "--evict-mib", "0"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("µs per request, caches evicted")
+    assert lines[1].split()[0::3] == ["wsgi_plain.bare", "wsgi_plain.bare"]  # its own bare app
+    assert lines[1].split()[2] == "+0.0"
+    assert lines[2].split()[0] == "wsgi_plain.ours" and lines[2].split()[3] == "wsgi_plain.bare"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["asgi.bare", "asgi.otel"], "invalid choice: 'asgi.otel'"),  # patches the process
+        (["asgi.bare", "asgi.bare"], "name each variant once"),
+        (["asgi.bare", "--requests", "0"], "--requests must be at least 1"),
+        (["asgi.bare", "--evict-mib", "-1"], "--evict-mib must not be negative"),
+    ],
+)
+def test_cold_refuses_what_it_cannot_measure(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bench import cold
+
+    with pytest.raises(SystemExit) as exit_info:
+        cold.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cold_stops_at_a_response_that_fails_its_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import cold
+    from bench.variants import Built
+
+    # The endpoint answers 500 when its probe says the instrumentation is not active.
+    monkeypatch.setattr(cold, "build", lambda name: Built(apps.starlette_app(lambda: False)))
+    with pytest.raises(SystemExit, match=r"asgi\.ours: a warm-up response failed its check"):
+        cold.main(["asgi.ours", "--requests", "5", "--evict-mib", "0"])
