@@ -56,3 +56,22 @@ def summary_of(record: Any) -> tuple[Any, ...]:
         record.upstream_error_message,
         record.upstream_error_detail,
     )
+
+
+#: The incoming request ids both middlewares' collector tests send: none, a valid one, a bad one.
+INCOMING_IDS = (None, "req-42", "bad id\n")
+
+
+def assert_made_as_init_makes_it(
+    seen: list[dict[str, Any]], recorder: Any, max_events: int
+) -> None:
+    """The collectors a middleware made for ``INCOMING_IDS`` (their ``vars``) equal what
+    ``Collector(request_id, max_events)`` makes, the request id checked by ``recorder``."""
+    from upstream_ops import Collector
+
+    python_made = [
+        vars(Collector(None if rid is None else recorder.valid_request_id(rid), max_events))
+        for rid in INCOMING_IDS
+    ]
+    assert seen == python_made
+    assert seen[1]["_request_id"] == "req-42" and "_request_id" not in seen[0]

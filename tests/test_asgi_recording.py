@@ -33,7 +33,14 @@ from upstream_ops.collector import Collector, _current
 from upstream_ops.record import RequestRecord
 from upstream_ops.sinks import MemorySink
 
-from .speedups import SUMMARIES, require_extension, summary_of, with_and_without
+from .speedups import (
+    INCOMING_IDS,
+    SUMMARIES,
+    assert_made_as_init_makes_it,
+    require_extension,
+    summary_of,
+    with_and_without,
+)
 
 _asgi_recording: ModuleType | None
 try:
@@ -336,14 +343,10 @@ def test_the_collector_is_made_as_its_init_makes_it() -> None:
         await send(BODY)
 
     middleware = UpstreamOpsMiddleware(app, sink=MemorySink(), max_events=7)
-    for headers in ([], [(b"x-request-id", b"req-42")], [(b"x-request-id", b"bad id\n")]):
+    for rid in INCOMING_IDS:
+        headers = [] if rid is None else [(b"x-request-id", rid.encode())]
         run(middleware({**SCOPE, "headers": headers}, nothing_received, ServerSend()))
-    python_made = [
-        vars(Collector(rid, 7))
-        for rid in (None, "req-42", middleware.recorder.valid_request_id("bad id\n"))
-    ]
-    assert seen == python_made
-    assert seen[1]["_request_id"] == "req-42" and "_request_id" not in seen[0]
+    assert_made_as_init_makes_it(seen, middleware.recorder, 7)
     middleware.dispatcher.close()
 
 

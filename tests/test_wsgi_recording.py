@@ -22,7 +22,14 @@ from upstream_ops import wsgi as wsgi_module
 from upstream_ops.record import RequestRecord
 from upstream_ops.sinks import MemorySink
 
-from .speedups import SUMMARIES, require_extension, summary_of, with_and_without
+from .speedups import (
+    INCOMING_IDS,
+    SUMMARIES,
+    assert_made_as_init_makes_it,
+    require_extension,
+    summary_of,
+    with_and_without,
+)
 
 _wsgi_recording: ModuleType | None
 try:
@@ -259,16 +266,12 @@ def test_the_collector_is_made_as_its_init_makes_it() -> None:
         return [b"ok"]
 
     middleware = UpstreamOpsWSGIMiddleware(app, sink=MemorySink(), max_events=7)
-    for incoming in ({}, {"HTTP_X_REQUEST_ID": "req-42"}, {"HTTP_X_REQUEST_ID": "bad id\n"}):
+    for rid in INCOMING_IDS:
+        incoming = {} if rid is None else {"HTTP_X_REQUEST_ID": rid}
         body = middleware({**ENVIRON, **incoming}, ServerStartResponse())
         assert b"".join(body) == b"ok"
         body.close()  # type: ignore[attr-defined]
-    python_made = [
-        vars(upstream_ops.Collector(rid, 7))
-        for rid in (None, "req-42", middleware.recorder.valid_request_id("bad id\n"))
-    ]
-    assert seen == python_made
-    assert seen[1]["_request_id"] == "req-42" and "_request_id" not in seen[0]
+    assert_made_as_init_makes_it(seen, middleware.recorder, 7)
     middleware.dispatcher.close()
 
 

@@ -328,13 +328,8 @@ call_end(Call *self, PyObject *error)
             if (recorder == NULL) {
                 return -1;
             }
-            PyObject *rule = PyObject_GetAttr(recorder, s_default_rule);
+            int default_rule = attr_is_true(recorder, s_default_rule);
             Py_DECREF(recorder);
-            if (rule == NULL) {
-                return -1;
-            }
-            int default_rule = PyObject_IsTrue(rule);
-            Py_DECREF(rule);
             if (default_rule < 0) {
                 return -1;
             }

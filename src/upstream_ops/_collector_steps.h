@@ -83,17 +83,23 @@ set_provider_globals(PyObject *globals)
     Py_XSETREF(meter_globals, given ? Py_NewRef(PyTuple_GET_ITEM(globals, 1)) : NULL);
 }
 
-/* getattr(obj, name) as a truth value: 1, 0, or -1 with an error set. */
+/* A new reference (or NULL with an error set) as a truth value: 1, 0, or -1 with an error set. */
 static int
-attr_is_true(PyObject *obj, PyObject *name)
+truth_of(PyObject *value)
 {
-    PyObject *value = PyObject_GetAttr(obj, name);
     if (value == NULL) {
         return -1;
     }
     int answer = PyObject_IsTrue(value);
     Py_DECREF(value);
     return answer;
+}
+
+/* getattr(obj, name) as a truth value: 1, 0, or -1 with an error set. */
+static int
+attr_is_true(PyObject *obj, PyObject *name)
+{
+    return truth_of(PyObject_GetAttr(obj, name));
 }
 
 /* ProviderLiveness.refresh's first test: 1 while neither global provider is set (refresh would
@@ -153,13 +159,7 @@ static int
 quiet_close(PyObject *collector)
 {
     if (collector_type == NULL || Py_TYPE(collector) != (PyTypeObject *)collector_type) {
-        PyObject *quiet = PyObject_CallMethodNoArgs(collector, c_close_name);
-        if (quiet == NULL) {
-            return -1;
-        }
-        int answer = PyObject_IsTrue(quiet);
-        Py_DECREF(quiet);
-        return answer;
+        return truth_of(PyObject_CallMethodNoArgs(collector, c_close_name));
     }
     if (PyObject_SetAttr(collector, c_finished_name, Py_True) < 0) {
         return -1;
@@ -226,13 +226,7 @@ span_is_current(void)
     if (!attached) {
         return 0;
     }
-    PyObject *span = PyObject_CallNoArgs(has_current_span);
-    if (span == NULL) {
-        return -1;
-    }
-    int answer = PyObject_IsTrue(span);
-    Py_DECREF(span);
-    return answer;
+    return truth_of(PyObject_CallNoArgs(has_current_span));
 }
 
 #endif /* UPSTREAM_OPS_COLLECTOR_STEPS_H */

@@ -689,12 +689,7 @@ call_with(PyObject *middleware, PyObject *dict, PyObject *environ, PyObject *sta
     }
     no_echo = echo_header == Py_None;
     Py_DECREF(echo_header);
-    PyObject *rule = middleware_attr(middleware, dict, default_rule_name);
-    if (rule == NULL) {
-        return NULL;
-    }
-    default_rule = PyObject_IsTrue(rule);
-    Py_DECREF(rule);
+    default_rule = truth_of(middleware_attr(middleware, dict, default_rule_name));
     if (default_rule < 0) {
         return NULL;
     }
